@@ -1,0 +1,130 @@
+"""The index manifest of a timeline: which layers make it up, and its gc state.
+
+Manifests are immutable and numbered; see ``storage.manifest_store`` for how the next one is
+written. Every field crossing the wire is validated here.
+"""
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from storage.errors import InvalidInput
+from storage.ids import HexId
+from storage.keys import KeyRange, parse_key
+from storage.layer_name import LayerName
+from storage.lsn import LSN_MAX
+
+FORMAT_VERSION = 1
+
+Lsn = Annotated[int, Field(ge=0, le=LSN_MAX)]
+
+
+def _valid_layer_name(value: str) -> str:
+    try:
+        LayerName.parse(value)
+    except InvalidInput as err:
+        raise ValueError(str(err)) from None
+    return value
+
+
+def _valid_key_hex(value: str) -> str:
+    try:
+        return parse_key(value).hex().upper()
+    except InvalidInput as err:
+        raise ValueError(str(err)) from None
+
+
+LayerNameStr = Annotated[str, AfterValidator(_valid_layer_name)]
+KeyHex = Annotated[str, AfterValidator(_valid_key_hex)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LayerEntry(Strict):
+    name: LayerNameStr
+    object_key: str
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @property
+    def layer(self) -> LayerName:
+        return LayerName.parse(self.name)
+
+
+class GcInfo(Strict):
+    cutoff: Lsn = 0
+    retain_lsns: list[Lsn] = Field(default_factory=list)
+    leases: list[Lsn] = Field(default_factory=list)
+
+    def retained_below(self, horizon: int) -> list[int]:
+        """Branch points and leases below ``horizon``, sorted: the LSNs whose reads must survive."""
+        return sorted(lsn for lsn in (*self.retain_lsns, *self.leases) if lsn < horizon)
+
+
+class Ancestor(Strict):
+    timeline_id: HexId
+    lsn: Lsn
+
+
+class TimelineSettings(Strict):
+    """Per-timeline gc-compaction settings; defaults are the seed's."""
+
+    gc_compaction_enabled: bool = True
+    gc_compaction_initial_threshold_kb: int = Field(default=5 * 1024 * 1024, ge=0)
+    gc_compaction_ratio_percent: int = Field(default=100, ge=0)
+    gc_compaction_verification: bool = True
+
+
+class GcCompactionState(Strict):
+    last_completed_lsn: Lsn = 0
+
+
+class Manifest(Strict):
+    format_version: int = FORMAT_VERSION
+    tenant_id: HexId
+    timeline_id: HexId
+    number: int = Field(ge=0, description="sequence number; the newest manifest has the highest")
+    ancestor: Ancestor | None = None
+    gc: GcInfo = Field(default_factory=GcInfo)
+    keyspace: list[tuple[KeyHex, KeyHex]] | None = None
+    settings: TimelineSettings = Field(default_factory=TimelineSettings)
+    gc_compaction: GcCompactionState = Field(default_factory=GcCompactionState)
+    layers: dict[LayerNameStr, LayerEntry] = Field(default_factory=dict)
+    written_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    written_by: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> "Manifest":
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(f"unsupported manifest format version {self.format_version}")
+        for name, entry in self.layers.items():
+            if entry.name != name:
+                raise ValueError(f"layer entry {entry.name} filed under {name}")
+        for start, end in self.keyspace or []:
+            if start >= end:
+                raise ValueError(f"empty keyspace range {start}-{end}")
+        return self
+
+    @property
+    def top_lsn(self) -> int:
+        """Highest LSN covered by any layer (exclusive end): the disk-consistent LSN."""
+        return max((entry.layer.lsn_end for entry in self.layers.values()), default=0)
+
+    def layer_names(self) -> list[LayerName]:
+        return [entry.layer for entry in self.layers.values()]
+
+    def live_ranges(self) -> list[KeyRange] | None:
+        if self.keyspace is None:
+            return None
+        return [KeyRange(parse_key(s), parse_key(e)) for s, e in self.keyspace]
+
+    def successor(self, **changes: object) -> "Manifest":
+        """The next manifest in the chain with ``changes`` applied, validated again."""
+        data = self.model_dump()
+        data.update(changes)
+        data["number"] = self.number + 1
+        data["written_at"] = datetime.now(UTC)
+        return Manifest.model_validate(data)

@@ -1,0 +1,33 @@
+"""Configuration from ``COMPACTOR_`` environment variables (or an env file)."""
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COMPACTOR_", extra="ignore")
+
+    # object store
+    s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint; unset means AWS")
+    s3_bucket: str = "compactor"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_path_style: bool = True
+    s3_connect_timeout_s: float = 5.0
+    s3_read_timeout_s: float = 60.0
+    s3_max_attempts: int = Field(default=5, ge=1)
+    multipart_threshold_bytes: int = Field(default=64 * 1024 * 1024, ge=5 * 1024 * 1024)
+    multipart_chunk_bytes: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
+
+    # local working space
+    cache_dir: Path = Path("/tmp/compactor-cache")
+
+    # redis: broker, job records, node lock
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # compaction
+    target_layer_bytes: int = Field(default=128 * 1024 * 1024, ge=1)
+    node_id: str | None = None
