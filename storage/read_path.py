@@ -10,6 +10,7 @@ import heapq
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
+from storage.errors import RedoError
 from storage.keys import KeyRange, key_next
 from storage.layer_name import LayerName
 from storage.manifest import LayerEntry, Manifest
@@ -57,7 +58,10 @@ def merged_versions(
         if ancestors is None:
             raise ValueError("reading a branch needs a way to find its ancestor's manifest")
         parent = ancestors(manifest.ancestor.timeline_id)
-        streams.append(merged_versions(parent, source, key_range, min(lsn, manifest.ancestor.lsn), ancestors))
+        # Versions the parent declares dead (outside its keyspace) do not exist for its children
+        # either: the parent's gc-compaction drops them.
+        inherited = merged_versions(parent, source, key_range, min(lsn, manifest.ancestor.lsn), ancestors)
+        streams.append(live_filter(inherited, parent.live_ranges()))
     if len(streams) == 1:
         return streams[0]
     return heapq.merge(*streams)
@@ -94,14 +98,24 @@ def read_range(
     key_range: KeyRange,
     lsn: int,
     ancestors: ManifestLookup | None = None,
+    exclude: Iterable[str] = (),
+    skip_unreadable: bool = False,
 ) -> Iterator[tuple[bytes, bytes]]:
     """``(key, value)`` of every live key in ``key_range`` that exists at ``lsn``, in key order.
 
-    Raises ``RedoError`` naming the key and LSN when a key's history below ``lsn`` lacks its base.
+    Raises ``RedoError`` naming the key and LSN when a key's history below ``lsn`` lacks its base
+    or cannot be replayed, unless ``skip_unreadable``: then such keys are left out.
     """
-    stream = live_filter(merged_versions(manifest, source, key_range, lsn, ancestors), manifest.live_ranges())
+    stream = live_filter(
+        merged_versions(manifest, source, key_range, lsn, ancestors, exclude=exclude), manifest.live_ranges()
+    )
     for key, versions in group_by_key(stream):
-        value = reconstruct(key, lsn, versions)
+        try:
+            value = reconstruct(key, lsn, versions)
+        except RedoError:
+            if skip_unreadable:
+                continue
+            raise
         if value is not None:
             yield key, value
 

@@ -31,3 +31,20 @@ class Settings(BaseSettings):
     # compaction
     target_layer_bytes: int = Field(default=128 * 1024 * 1024, ge=1)
     node_id: str | None = None
+
+    # distributed jobs (worker.celery_app, coordinator.scheduler); durations in seconds
+    task_hard_time_limit_s: float = Field(default=4 * 3600.0, gt=0)
+    task_soft_time_limit_s: float = Field(default=4 * 3600.0 - 300.0, gt=0)
+    heartbeat_interval_s: float = Field(default=10.0, gt=0)
+    heartbeat_timeout_s: float = Field(default=90.0, gt=0)
+    no_progress_timeout_s: float = Field(default=1800.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    max_replans: int = Field(default=3, ge=0)
+    lock_ttl_s: float = Field(default=60.0, gt=0)
+    lock_retry_delay_s: float = Field(default=5.0, gt=0)
+    max_job_bytes: int = Field(default=4 * 1024**3, ge=1)
+    breaker_failures: int = Field(default=3, ge=1, description="consecutive failed meta jobs that open the breaker")
+    breaker_cooldown_s: float = Field(default=3600.0, ge=0)
+    coordinator_interval_s: float = Field(default=10.0, gt=0)
+    redis_timeout_s: float = Field(default=5.0, gt=0)
+    faults_enabled: bool = Field(default=False, description="honour fault points set in Redis (tests only)")

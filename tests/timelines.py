@@ -117,7 +117,10 @@ def _history(timelines: dict[str, Timeline], timeline_id: str, lsn: int) -> dict
     merged: dict[int, dict[int, Value]] = {}
     if tl.ancestor is not None:
         parent, branch = tl.ancestor
+        parent_keyspace = timelines[parent].keyspace
         for key, values in _history(timelines, parent, min(lsn, branch)).items():
+            if parent_keyspace is not None and not any(a <= key < b for a, b in parent_keyspace):
+                continue  # dead in the parent, so not inherited
             merged.setdefault(key, {}).update({v.lsn: v for v in values})
     for layer in tl.layers:
         for key, values in layer.values.items():

@@ -1,0 +1,64 @@
+"""A local cache of layer objects, keyed by object key, holding only verified files.
+
+A file appears under its final name only after its size and sha256 matched the manifest, so
+presence means verified. Downloads go to a unique temporary name and are renamed into place
+(``ObjectStore.download_file``), which keeps several worker processes on one node safe sharing
+the directory.
+"""
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from storage.errors import CorruptLayer, NotFound
+from storage.keys import KeyRange
+from storage.layer_file import LayerReader
+from storage.manifest import LayerEntry
+from storage.object_store import ObjectStore
+from storage.values import Version
+
+log = logging.getLogger(__name__)
+
+
+class LayerCache:
+    def __init__(self, store: ObjectStore, root: Path) -> None:
+        self.store = store
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, entry: LayerEntry) -> Path:
+        # Object keys outgrow file-name limits; their digest names the cached copy uniquely.
+        return self.root / f"{hashlib.sha256(entry.object_key.encode()).hexdigest()[:40]}.parquet"
+
+    def fetch(self, entry: LayerEntry) -> Path:
+        """The local path of a verified copy of the layer, downloading it if needed."""
+        path = self.path_for(entry)
+        if path.exists():
+            if path.stat().st_size == entry.size:
+                return path
+            path.unlink(missing_ok=True)
+        try:
+            self.store.download_file(entry.object_key, path, expected_size=entry.size, expected_sha256=entry.sha256)
+        except NotFound:
+            raise CorruptLayer(f"missing layer {entry.name} (object {entry.object_key}): not in the bucket") from None
+        except CorruptLayer as err:
+            raise CorruptLayer(f"corrupt layer {entry.name}: {err}") from None
+        log.debug("layer cached name=%s object=%s size=%d", entry.name, entry.object_key, entry.size)
+        return path
+
+    def versions(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[Version]:
+        return self.reader(entry).iter_versions(key_range)
+
+    def reader(self, entry: LayerEntry) -> LayerReader:
+        return LayerReader(self.fetch(entry), name=entry.layer, object_key=entry.object_key)
+
+    def evict(self, keep: set[str] | None = None) -> int:
+        """Delete cached files whose object keys are not in ``keep``; returns bytes freed."""
+        freed = 0
+        wanted = {f"{hashlib.sha256(k.encode()).hexdigest()[:40]}.parquet" for k in keep or set()}
+        for path in self.root.glob("*.parquet"):
+            if path.name not in wanted:
+                freed += path.stat().st_size
+                path.unlink(missing_ok=True)
+        return freed

@@ -1,0 +1,736 @@
+"""The S3 client: one bucket, plain string keys, one retry policy per call.
+
+Every call goes through :meth:`ObjectStore._call`, which retries transient failures (5xx,
+throttling, connection errors and timeouts) with full-jitter exponential backoff, and nothing
+else: botocore's own retries are switched off because layered retries multiply. Errors leave
+this module as :mod:`storage.errors` types with a one-line message naming the operation,
+bucket and key; credentials never appear in messages or logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import logging
+import math
+import os
+import re
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import boto3
+import botocore.exceptions as bexc
+from botocore.config import Config
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+from urllib3.exceptions import ProtocolError
+
+from storage.errors import CompactorError, CorruptLayer, InvalidInput, NotFound, StoreError
+from storage.settings import Settings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+    from mypy_boto3_s3.type_defs import (
+        CompletedPartTypeDef,
+        ListObjectsV2OutputTypeDef,
+        ListObjectsV2RequestTypeDef,
+        ObjectIdentifierTypeDef,
+        PutObjectRequestTypeDef,
+    )
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# S3 caps DeleteObjects at 1000 keys and multipart uploads at 10000 parts.
+DELETE_BATCH = 1000
+MAX_PARTS = 10_000
+_DOWNLOAD_CHUNK = 1024 * 1024
+# A user-metadata entry put on conditional writes so that an ambiguous outcome (the request
+# landed but its response was lost, and the retry then hit 412) can be resolved exactly.
+WRITE_TOKEN_META = "compactor-write-token"
+
+_TRANSIENT_CODES = frozenset(
+    {
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "BandwidthLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "503",
+        "500",
+        "502",
+        "504",
+    }
+)
+# 501 NotImplemented is a permanent answer (e.g. a server without conditional writes).
+_TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+_TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    bexc.EndpointConnectionError,
+    bexc.ConnectTimeoutError,
+    bexc.ReadTimeoutError,
+    bexc.ConnectionClosedError,
+    bexc.ResponseStreamingError,
+    bexc.IncompleteReadError,
+    bexc.ProxyConnectionError,
+    ProtocolError,
+    ConnectionError,  # builtin: reset/aborted sockets that slipped past botocore's wrapping
+)
+# Celery's time limits must end the task, never be swallowed by a retry loop. Checked by name
+# so that storage/ does not import Celery.
+_NEVER_RETRY_NAMES = frozenset({"SoftTimeLimitExceeded", "TimeLimitExceeded", "Terminated", "WorkerLostError"})
+
+
+_SESSION_LOCK = threading.Lock()
+_SESSION: boto3.session.Session | None = None
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at fork() time would stay locked forever in the child.
+    global _SESSION_LOCK
+    _SESSION_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _shared_session() -> boto3.session.Session:
+    # One session per process: a fresh one re-parses the S3 service model (~0.15 s per client).
+    # Sessions are not thread-safe, hence the lock around client creation; clients are.
+    global _SESSION
+    if _SESSION is None:
+        _SESSION = boto3.session.Session()
+    return _SESSION
+
+
+class AlreadyExists(StoreError):
+    """A create-only write found the object already there (HTTP 412, or 409 on a concurrent
+    conditional write)."""
+
+
+class PreconditionFailed(StoreError):
+    """An ``If-Match`` write found a different version of the object (or none)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    """As the server returns it, quotes included: pass it back unchanged to ``if_match``."""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """User metadata; empty in listings, which do not carry it."""
+    last_modified: datetime | None = None
+
+
+def _error_code(err: bexc.ClientError) -> str:
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+def _error_status(err: bexc.ClientError) -> int:
+    return int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether retrying ``err`` can help: 5xx, throttling, connection errors, timeouts."""
+    if any(cls.__name__ in _NEVER_RETRY_NAMES for cls in type(err).__mro__):
+        return False
+    if isinstance(err, bexc.ClientError):
+        return _error_status(err) in _TRANSIENT_STATUS or _error_code(err) in _TRANSIENT_CODES
+    return isinstance(err, _TRANSIENT_EXCEPTIONS)
+
+
+def _is_not_found(err: bexc.ClientError) -> bool:
+    return _error_code(err) in {"NoSuchKey", "404", "NotFound"}
+
+
+def _is_precondition_failed(err: bexc.ClientError) -> bool:
+    return _error_status(err) == 412 or _error_code(err) in {"PreconditionFailed", "ConditionalRequestConflict"}
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, bexc.ClientError):
+        message = err.response.get("Error", {}).get("Message", "")
+        text = f"{_error_code(err) or 'error'} (HTTP {_error_status(err)})"
+        return f"{text}: {message}" if message else text
+    return f"{type(err).__name__}: {err}"
+
+
+def _b64_md5(data: bytes) -> str:
+    # Content-MD5 makes the server reject a body damaged in transit, even where checksums are
+    # otherwise "when_required" (off AWS).
+    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode("ascii")
+
+
+_URL_USERINFO = re.compile(r"://[^/@\s]+@")
+
+
+class ObjectStore:
+    """A bucket in an S3-compatible store. Thread-safe; create one per process (never share a
+    client across ``fork``)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        backoff_base_s: float = 0.25,
+        backoff_max_s: float = 10.0,
+    ) -> None:
+        self._settings = settings
+        self._bucket = settings.s3_bucket
+        self._max_attempts = settings.s3_max_attempts
+        self._backoff_base_s = backoff_base_s
+        self._backoff_max_s = backoff_max_s
+        self._secrets = [
+            s
+            for s in (
+                settings.s3_access_key_id,
+                settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None,
+            )
+            if s and len(s) >= 4
+        ]
+        self._client: S3Client = self._make_client(settings)
+
+    @staticmethod
+    def _make_client(settings: Settings) -> S3Client:
+        access_key = settings.s3_access_key_id or None
+        secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
+        if bool(access_key) != bool(secret):
+            raise InvalidInput("COMPACTOR_S3_ACCESS_KEY_ID and COMPACTOR_S3_SECRET_ACCESS_KEY must be set together")
+        config_args: dict[str, Any] = {
+            "connect_timeout": settings.s3_connect_timeout_s,
+            "read_timeout": settings.s3_read_timeout_s,
+            # One attempt: the retry policy is ours (tenacity), not botocore's as well. Note that
+            # botocore's "max_attempts" counts retries after the first try (1 would mean two
+            # sends); "total_max_attempts" counts every send.
+            "retries": {"total_max_attempts": 1, "mode": "standard"},
+            "s3": {"addressing_style": "path" if settings.s3_path_style else "auto"},
+            "max_pool_connections": 32,
+        }
+        if settings.s3_endpoint_url:
+            # boto3 >= 1.36 adds CRC checksums to every request, which some S3-compatible
+            # servers reject.
+            config_args["request_checksum_calculation"] = "when_required"
+            config_args["response_checksum_validation"] = "when_required"
+        with _SESSION_LOCK:
+            client: S3Client = _shared_session().client(
+                "s3",
+                endpoint_url=settings.s3_endpoint_url or None,
+                region_name=settings.s3_region or None,
+                aws_access_key_id=access_key,
+                aws_secret_access_key=secret,
+                config=Config(**config_args),
+            )
+        return client
+
+    @property
+    def bucket(self) -> str:
+        return self._bucket
+
+    @property
+    def client(self) -> S3Client:
+        """The underlying boto3 client (for event hooks in tests and diagnostics)."""
+        return self._client
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        text = _URL_USERINFO.sub("://***@", text)
+        text = " ".join(text.split())
+        return text if len(text) <= 400 else text[:397] + "..."
+
+    def _where(self, key: str) -> str:
+        return f"s3://{self._bucket}/{key}"
+
+    def _fail(self, op: str, key: str, err: BaseException, attempts: int | None = None) -> StoreError:
+        tries = f" after {attempts} attempt{'s' if attempts != 1 else ''}" if attempts else ""
+        return StoreError(self._redact(f"s3 {op} {self._where(key)} failed{tries}: {_describe(err)}"))
+
+    def _log_retry(self, op: str, key: str) -> Callable[[RetryCallState], None]:
+        def log(state: RetryCallState) -> None:
+            err = state.outcome.exception() if state.outcome else None
+            wait = state.next_action.sleep if state.next_action else 0.0
+            logger.warning(
+                "s3 retry op=%s bucket=%s key=%s attempt=%d/%d wait_s=%.3f error=%s",
+                op,
+                self._bucket,
+                key,
+                state.attempt_number,
+                self._max_attempts,
+                wait,
+                self._redact(_describe(err)) if err else "?",
+                extra={"s3_op": op, "s3_bucket": self._bucket, "s3_key": key, "s3_attempt": state.attempt_number},
+            )
+
+        return log
+
+    def _call(self, op: str, key: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` under the retry policy. Non-transient ``ClientError``s are re-raised as is
+        for the caller to map (404, 412, ...); everything else that is the store's fault becomes
+        a one-line StoreError. Our own errors and local OSErrors pass through."""
+        retrying = Retrying(
+            stop=stop_after_attempt(self._max_attempts),
+            wait=wait_random_exponential(multiplier=self._backoff_base_s, max=self._backoff_max_s),
+            retry=retry_if_exception(is_transient),
+            before_sleep=self._log_retry(op, key),
+            reraise=True,
+        )
+        try:
+            return retrying(fn)
+        except CompactorError:
+            raise
+        except bexc.ClientError as err:
+            if is_transient(err):
+                raise self._fail(op, key, err, retrying.statistics.get("attempt_number")) from err
+            raise
+        except Exception as err:
+            if is_transient(err):
+                raise self._fail(op, key, err, retrying.statistics.get("attempt_number")) from err
+            if isinstance(err, bexc.BotoCoreError):
+                raise self._fail(op, key, err) from err
+            raise
+
+    def _map_client_error(self, op: str, key: str, err: bexc.ClientError) -> CompactorError:
+        if _is_not_found(err):
+            return NotFound(f"object {self._where(key)} not found")
+        return self._fail(op, key, err)
+
+    # ------------------------------------------------------------------ bucket
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket unless it exists and is ours."""
+        try:
+            self._call("head-bucket", "", lambda: self._client.head_bucket(Bucket=self._bucket))
+            return
+        except bexc.ClientError as err:
+            if _error_status(err) != 404 and _error_code(err) not in {"404", "NoSuchBucket", "NotFound"}:
+                raise self._fail("head-bucket", "", err) from err
+
+        region = self._settings.s3_region
+        try:
+            if region and region != "us-east-1":
+                self._call(
+                    "create-bucket",
+                    "",
+                    lambda: self._client.create_bucket(
+                        Bucket=self._bucket,
+                        CreateBucketConfiguration={"LocationConstraint": region},  # type: ignore[typeddict-item]
+                    ),
+                )
+            else:
+                self._call("create-bucket", "", lambda: self._client.create_bucket(Bucket=self._bucket))
+            logger.info("s3 created bucket=%s", self._bucket)
+        except bexc.ClientError as err:
+            if _error_code(err) == "BucketAlreadyOwnedByYou":
+                return
+            raise self._fail("create-bucket", "", err) from err
+
+    def verify_conditional_writes(self) -> None:
+        """Check that the endpoint honours ``If-None-Match: *``. A server that silently ignores
+        it would let two manifest commits overwrite each other, so refuse to run on one."""
+        probe = f"_compactor/probe/{uuid.uuid4().hex}"
+        try:
+            self.put_bytes(probe, b"1", create_only=True)
+            try:
+                self.put_bytes(probe, b"2", create_only=True)
+            except AlreadyExists:
+                return
+            raise StoreError(
+                f"s3 endpoint {self._settings.s3_endpoint_url or 'AWS'} ignores If-None-Match on PUT: "
+                "conditional writes are required for safe manifest commits"
+            )
+        finally:
+            self.delete(probe)
+
+    # ------------------------------------------------------------------ writes
+
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        create_only: bool = False,
+        if_match: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        """Write ``data`` at ``key``.
+
+        ``create_only`` sends ``If-None-Match: *`` and raises :class:`AlreadyExists` if the
+        object exists; ``if_match`` (an ETag from :meth:`head` or :meth:`get_with_info`) raises
+        :class:`PreconditionFailed` if the object changed or vanished. Neither is retried.
+        """
+        if create_only and if_match is not None:
+            raise ValueError("create_only and if_match are exclusive")
+        conditional = create_only or if_match is not None
+        meta = dict(metadata or {})
+        token = uuid.uuid4().hex
+        if conditional:
+            meta[WRITE_TOKEN_META] = token
+        request: PutObjectRequestTypeDef = {
+            "Bucket": self._bucket,
+            "Key": key,
+            "Body": data,
+            "ContentMD5": _b64_md5(data),
+            "Metadata": meta,
+        }
+        if create_only:
+            request["IfNoneMatch"] = "*"
+        elif if_match is not None:
+            request["IfMatch"] = if_match
+
+        attempts = 0
+
+        def put() -> None:
+            nonlocal attempts
+            attempts += 1
+            self._client.put_object(**request)
+
+        try:
+            self._call("put", key, put)
+        except bexc.ClientError as err:
+            condition_failed = _is_precondition_failed(err) or (if_match is not None and _is_not_found(err))
+            if not (conditional and condition_failed):
+                raise self._map_client_error("put", key, err) from err
+            # After a retry, the 412 may be our own earlier attempt that landed unseen.
+            if attempts > 1 and self._written_by(key, token, data):
+                logger.info("s3 put op=put key=%s: retried conditional write had landed", key)
+                return
+            if create_only:
+                raise AlreadyExists(f"object {self._where(key)} already exists") from None
+            raise PreconditionFailed(f"object {self._where(key)} changed (If-Match {if_match} failed)") from None
+
+    def _written_by(self, key: str, token: str, data: bytes) -> bool:
+        info = self.head(key)
+        if info is None:
+            return False
+        if WRITE_TOKEN_META in info.metadata:
+            return info.metadata[WRITE_TOKEN_META] == token
+        # A server that drops user metadata: equal bytes are the best evidence we have.
+        try:
+            return info.size == len(data) and self.get_bytes(key) == data
+        except NotFound:
+            return False
+
+    def upload_file(self, path: str | os.PathLike[str], key: str, *, metadata: Mapping[str, str] | None = None) -> None:
+        """Upload a local file: one PUT below ``multipart_threshold_bytes``, else a multipart
+        upload read part by part (memory stays at one part), each part retried on its own and
+        the upload aborted on failure."""
+        size = os.path.getsize(path)
+        if size < self._settings.multipart_threshold_bytes:
+            self._put_file(path, key, size, metadata)
+        else:
+            self._multipart_upload(path, key, size, metadata)
+
+    def _put_file(self, path: str | os.PathLike[str], key: str, size: int, metadata: Mapping[str, str] | None) -> None:
+        md5 = hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as fh:
+            while chunk := fh.read(_DOWNLOAD_CHUNK):
+                md5.update(chunk)
+        content_md5 = base64.b64encode(md5.digest()).decode("ascii")
+
+        def put() -> None:
+            # Reopened per attempt so that a retry sends the file from its start.
+            with open(path, "rb") as fh:
+                self._client.put_object(
+                    Bucket=self._bucket,
+                    Key=key,
+                    Body=fh,
+                    ContentLength=size,
+                    ContentMD5=content_md5,
+                    Metadata=dict(metadata or {}),
+                )
+
+        try:
+            self._call("put", key, put)
+        except bexc.ClientError as err:
+            raise self._map_client_error("put", key, err) from err
+
+    def _multipart_upload(
+        self, path: str | os.PathLike[str], key: str, size: int, metadata: Mapping[str, str] | None
+    ) -> None:
+        chunk = self._settings.multipart_chunk_bytes
+        if math.ceil(size / chunk) > MAX_PARTS:
+            mib = 1024 * 1024
+            chunk = math.ceil(size / MAX_PARTS / mib) * mib
+        token = uuid.uuid4().hex
+        meta = {**(metadata or {}), WRITE_TOKEN_META: token}
+        try:
+            upload_id = self._call(
+                "create-multipart",
+                key,
+                lambda: self._client.create_multipart_upload(Bucket=self._bucket, Key=key, Metadata=meta)["UploadId"],
+            )
+        except bexc.ClientError as err:
+            raise self._map_client_error("create-multipart", key, err) from err
+
+        try:
+            parts: list[CompletedPartTypeDef] = []
+            sent = 0
+            with open(path, "rb") as fh:
+                while data := fh.read(chunk):
+                    number = len(parts) + 1
+                    upload_part = functools.partial(
+                        self._client.upload_part,
+                        Bucket=self._bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=data,
+                        ContentMD5=_b64_md5(data),
+                    )
+                    etag = self._call(f"upload-part {number}", key, upload_part)["ETag"]
+                    parts.append({"PartNumber": number, "ETag": etag})
+                    sent += len(data)
+            if sent != size:
+                raise StoreError(f"s3 upload {self._where(key)}: file {path} changed size during upload")
+            self._complete_multipart(key, upload_id, parts, token)
+        except BaseException as err:
+            self._abort_multipart(key, upload_id)
+            if isinstance(err, bexc.ClientError):
+                raise self._map_client_error("multipart-upload", key, err) from err
+            raise
+
+    def _complete_multipart(self, key: str, upload_id: str, parts: list[CompletedPartTypeDef], token: str) -> None:
+        attempts = 0
+
+        def complete() -> None:
+            nonlocal attempts
+            attempts += 1
+            self._client.complete_multipart_upload(
+                Bucket=self._bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+
+        try:
+            self._call("complete-multipart", key, complete)
+        except bexc.ClientError as err:
+            # A retried complete whose first attempt landed finds the upload gone.
+            if attempts > 1 and _error_code(err) == "NoSuchUpload":
+                info = self.head(key)
+                if info is not None and info.metadata.get(WRITE_TOKEN_META) == token:
+                    return
+            raise
+
+    def _abort_multipart(self, key: str, upload_id: str) -> None:
+        # One attempt only: this runs while failing (maybe under a time limit). A leftover upload
+        # is reclaimed by the bucket's AbortIncompleteMultipartUpload lifecycle rule.
+        try:
+            self._client.abort_multipart_upload(Bucket=self._bucket, Key=key, UploadId=upload_id)
+        except Exception as err:
+            logger.warning(
+                "s3 abort-multipart failed bucket=%s key=%s error=%s",
+                self._bucket,
+                key,
+                self._redact(_describe(err)),
+            )
+
+    # ------------------------------------------------------------------ reads
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.get_with_info(key)[0]
+
+    def get_with_info(self, key: str) -> tuple[bytes, ObjectInfo]:
+        """The object's bytes and its info (ETag for a later ``if_match``); NotFound on 404."""
+
+        def get() -> tuple[bytes, ObjectInfo]:
+            resp = self._client.get_object(Bucket=self._bucket, Key=key)
+            with resp["Body"] as body:
+                data = body.read()
+            info = ObjectInfo(
+                key=key,
+                size=len(data),
+                etag=resp.get("ETag", ""),
+                metadata=dict(resp.get("Metadata", {})),
+                last_modified=resp.get("LastModified"),
+            )
+            return data, info
+
+        try:
+            return self._call("get", key, get)
+        except bexc.ClientError as err:
+            raise self._map_client_error("get", key, err) from err
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes from offset ``start``; fewer only where the object ends first."""
+        if start < 0 or length < 0:
+            raise ValueError(f"bad range start={start} length={length}")
+        if length == 0:
+            return b""
+
+        def get() -> bytes:
+            resp = self._client.get_object(Bucket=self._bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
+            with resp["Body"] as body:
+                return body.read()
+
+        try:
+            return self._call("get-range", key, get)
+        except bexc.ClientError as err:
+            raise self._map_client_error("get-range", key, err) from err
+
+    def head(self, key: str) -> ObjectInfo | None:
+        """The object's info, or None if it does not exist."""
+        try:
+            resp = self._call("head", key, lambda: self._client.head_object(Bucket=self._bucket, Key=key))
+        except bexc.ClientError as err:
+            if _is_not_found(err):
+                return None
+            raise self._fail("head", key, err) from err
+        return ObjectInfo(
+            key=key,
+            size=resp.get("ContentLength", 0),
+            etag=resp.get("ETag", ""),
+            metadata=dict(resp.get("Metadata", {})),
+            last_modified=resp.get("LastModified"),
+        )
+
+    def download_file(
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        *,
+        expected_size: int | None = None,
+        expected_sha256: str | None = None,
+    ) -> str:
+        """Stream the object to ``path`` and return its sha256 (hex).
+
+        The bytes go to a temporary file beside ``path`` that is renamed into place only once
+        complete (and, if given, of the expected size and digest), so a partial download never
+        looks complete. A retry restarts the download. NotFound on 404; CorruptLayer if the
+        size or digest differs from what was expected.
+        """
+        dest = Path(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+
+        def download() -> str:
+            resp = self._client.get_object(Bucket=self._bucket, Key=key)
+            body = resp["Body"]
+            try:
+                length = resp.get("ContentLength")
+                if expected_size is not None and length is not None and length != expected_size:
+                    raise CorruptLayer(f"object {self._where(key)} has {length} bytes, expected {expected_size}")
+                fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+                try:
+                    digest = hashlib.sha256()
+                    received = 0
+                    with os.fdopen(fd, "wb") as out:
+                        for chunk in body.iter_chunks(_DOWNLOAD_CHUNK):
+                            digest.update(chunk)
+                            out.write(chunk)
+                            received += len(chunk)
+                        out.flush()
+                        os.fsync(out.fileno())
+                    if expected_size is not None and received != expected_size:
+                        raise CorruptLayer(f"object {self._where(key)} has {received} bytes, expected {expected_size}")
+                    hexdigest = digest.hexdigest()
+                    if expected_sha256 is not None and hexdigest != expected_sha256.lower():
+                        raise CorruptLayer(
+                            f"object {self._where(key)} has sha256 {hexdigest}, expected {expected_sha256}"
+                        )
+                    os.replace(tmp, dest)
+                    return hexdigest
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+            finally:
+                body.close()
+
+        try:
+            return self._call("download", key, download)
+        except bexc.ClientError as err:
+            raise self._map_client_error("download", key, err) from err
+
+    # ------------------------------------------------------------------ listing
+
+    def list_keys(self, prefix: str, *, start_after: str | None = None, page_size: int = 1000) -> Iterator[ObjectInfo]:
+        """Objects under ``prefix`` in key order, after ``start_after`` if given; one request per
+        page of ``page_size`` keys, each retried on its own."""
+        request: ListObjectsV2RequestTypeDef = {"Bucket": self._bucket, "Prefix": prefix, "MaxKeys": page_size}
+        if start_after is not None:
+            request["StartAfter"] = start_after
+        for page in self._pages("list", request):
+            for obj in page.get("Contents", []):
+                yield ObjectInfo(
+                    key=obj["Key"],
+                    size=obj.get("Size", 0),
+                    etag=obj.get("ETag", ""),
+                    last_modified=obj.get("LastModified"),
+                )
+
+    def list_prefixes(self, prefix: str, delimiter: str = "/") -> Iterator[str]:
+        """The "directories" right under ``prefix`` (each ending with ``delimiter``)."""
+        request: ListObjectsV2RequestTypeDef = {"Bucket": self._bucket, "Prefix": prefix, "Delimiter": delimiter}
+        for page in self._pages("list-prefixes", request):
+            for common in page.get("CommonPrefixes", []):
+                if "Prefix" in common:
+                    yield common["Prefix"]
+
+    def _pages(self, op: str, request: ListObjectsV2RequestTypeDef) -> Iterator[ListObjectsV2OutputTypeDef]:
+        while True:
+            prefix = request.get("Prefix", "")
+            try:
+                page = self._call(op, prefix, functools.partial(self._client.list_objects_v2, **request))
+            except bexc.ClientError as err:
+                raise self._fail(op, prefix, err) from err
+            yield page
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+            request = {**request, "ContinuationToken": token}
+
+    # ------------------------------------------------------------------ deletes
+
+    def delete(self, key: str) -> None:
+        """Delete ``key``; deleting a missing object is not an error."""
+        try:
+            self._call("delete", key, lambda: self._client.delete_object(Bucket=self._bucket, Key=key))
+        except bexc.ClientError as err:
+            if _is_not_found(err):
+                return
+            raise self._fail("delete", key, err) from err
+
+    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+        """Delete ``keys`` in batches of 1000. Returns the keys that could not be deleted, each
+        with the server's reason; an empty dict means every key is gone."""
+        failures: dict[str, str] = {}
+        batch: list[str] = []
+
+        def flush() -> None:
+            objects: list[ObjectIdentifierTypeDef] = [{"Key": k} for k in batch]
+            where = f"{batch[0]} (+{len(batch) - 1} more)"
+            try:
+                resp = self._call(
+                    "delete-many",
+                    where,
+                    lambda: self._client.delete_objects(
+                        Bucket=self._bucket, Delete={"Objects": objects, "Quiet": True}
+                    ),
+                )
+            except bexc.ClientError as err:
+                raise self._fail("delete-many", where, err) from err
+            for error in resp.get("Errors", []):
+                key = error.get("Key", "?")
+                failures[key] = f"{error.get('Code', 'error')}: {error.get('Message', '')}".rstrip(": ")
+                logger.warning("s3 delete failed bucket=%s key=%s error=%s", self._bucket, key, failures[key])
+            batch.clear()
+
+        for key in keys:
+            batch.append(key)
+            if len(batch) >= DELETE_BATCH:
+                flush()
+        if batch:
+            flush()
+        return failures

@@ -1,0 +1,208 @@
+"""Timelines as a whole: import, export, read, layer listing and gc settings.
+
+This is the storage facade the CLI and the workers use; it ties the object store, the
+manifest chain and the layer cache together.
+"""
+
+import logging
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from storage.errors import InvalidInput, NotFound
+from storage.ids import validate_id
+from storage.keys import FULL_KEY_RANGE, KeyRange
+from storage.layer_cache import LayerCache
+from storage.layer_file import LayerFileInfo, LayerWriter
+from storage.layer_name import LayerName
+from storage.layout import new_layer_key
+from storage.manifest import GcInfo, LayerEntry, Manifest
+from storage.manifest_store import ManifestStore
+from storage.object_store import ObjectStore
+from storage.read_path import read_range
+from storage.settings import Settings
+from storage.timeline_json import FORMAT, ParsedTimeline, parse_timeline, render_layer
+from storage.values import Version
+
+log = logging.getLogger(__name__)
+
+
+class Storage:
+    """Everything a process needs to work with timelines in one bucket."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.objects = ObjectStore(settings)
+        self.manifests = ManifestStore(self.objects)
+        self.cache = LayerCache(self.objects, settings.cache_dir)
+
+    # --- reading --------------------------------------------------------------------------
+
+    def manifest(self, tenant_id: str, timeline_id: str) -> Manifest:
+        validate_id(tenant_id, "tenant id")
+        validate_id(timeline_id, "timeline id")
+        manifest = self.manifests.latest(tenant_id, timeline_id)
+        if manifest is None:
+            raise NotFound(f"timeline {tenant_id}/{timeline_id} does not exist")
+        return manifest
+
+    def ancestor_lookup(self, tenant_id: str) -> Any:
+        return lambda timeline_id: self.manifest(tenant_id, timeline_id)
+
+    def read(self, manifest: Manifest, lsn: int, key_range: KeyRange = FULL_KEY_RANGE) -> Iterator[tuple[bytes, bytes]]:
+        return read_range(manifest, self.cache, key_range, lsn, self.ancestor_lookup(manifest.tenant_id))
+
+    def layer_versions(self, entry: LayerEntry) -> list[Version]:
+        return list(self.cache.versions(entry, FULL_KEY_RANGE))
+
+    # --- what the compaction engine needs (worker.engine.LayerIO) ----------------------------
+
+    def needs_download(self, entry: LayerEntry) -> bool:
+        return not self.cache.path_for(entry).exists()
+
+    def fetch(self, entry: LayerEntry) -> None:
+        self.cache.fetch(entry)
+
+    def versions(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[Version]:
+        return self.cache.versions(entry, key_range)
+
+    def read_below(
+        self, manifest: Manifest, key_range: KeyRange, lsn: int, exclude: set[str]
+    ) -> Iterator[tuple[bytes, bytes]]:
+        return read_range(
+            manifest,
+            self.cache,
+            key_range,
+            lsn,
+            self.ancestor_lookup(manifest.tenant_id),
+            exclude,
+            skip_unreadable=True,
+        )
+
+    def upload(self, manifest: Manifest, name: LayerName, file: LayerFileInfo) -> LayerEntry:
+        return self.upload_layer(manifest.tenant_id, manifest.timeline_id, name, file.path, file.sha256)
+
+    def delete_uploads(self, entries: list[LayerEntry]) -> None:
+        if entries:
+            self.objects.delete_many([entry.object_key for entry in entries])
+
+    # --- writing --------------------------------------------------------------------------
+
+    def upload_layer(self, tenant_id: str, timeline_id: str, name: LayerName, path: Path, sha256: str) -> LayerEntry:
+        """Upload a finished layer file under a fresh object key and describe it."""
+        key = new_layer_key(tenant_id, timeline_id, name)
+        self.objects.upload_file(path, key, metadata={"sha256": sha256, "layer": str(name)})
+        return LayerEntry(name=str(name), object_key=key, size=path.stat().st_size, sha256=sha256)
+
+    def write_layer(self, tenant_id: str, timeline_id: str, name: LayerName, versions: Iterable[Version]) -> LayerEntry:
+        with tempfile.TemporaryDirectory(dir=self._scratch()) as tmp:
+            path = Path(tmp) / "layer.parquet"
+            with LayerWriter(path) as writer:
+                for version in versions:
+                    writer.add(*version)
+                info = writer.finish(name)
+            return self.upload_layer(tenant_id, timeline_id, name, path, info.sha256)
+
+    def _scratch(self) -> Path:
+        scratch = self.settings.cache_dir / "scratch"
+        scratch.mkdir(parents=True, exist_ok=True)
+        return scratch
+
+    def import_timeline(self, text: str | bytes) -> Manifest:
+        """Validate a timeline document, upload its layers and write manifest 0.
+
+        Nothing is left behind on failure: uploaded layers are deleted again.
+        """
+        parsed = parse_timeline(text)
+        self.objects.ensure_bucket()
+        if self.manifests.latest(parsed.tenant_id, parsed.timeline_id) is not None:
+            raise InvalidInput(f"timeline {parsed.tenant_id}/{parsed.timeline_id} already exists")
+        if parsed.ancestor is not None:
+            parent = self.manifests.latest(parsed.tenant_id, parsed.ancestor.timeline_id)
+            if parent is None:
+                raise InvalidInput(f"ancestor timeline {parsed.ancestor.timeline_id} does not exist: import it first")
+        uploaded: list[LayerEntry] = []
+        try:
+            for name, versions in parsed.layers:
+                uploaded.append(self.write_layer(parsed.tenant_id, parsed.timeline_id, name, versions))
+            manifest = _initial_manifest(parsed, uploaded)
+            self.manifests.initialize(manifest)
+        except BaseException:
+            self.objects.delete_many([entry.object_key for entry in uploaded])
+            raise
+        log.info(
+            "timeline imported tenant=%s timeline=%s layers=%d",
+            parsed.tenant_id,
+            parsed.timeline_id,
+            len(uploaded),
+        )
+        return manifest
+
+    def export_timeline(self, tenant_id: str, timeline_id: str) -> dict[str, Any]:
+        manifest = self.manifest(tenant_id, timeline_id)
+        layers = sorted(
+            manifest.layers.values(), key=lambda e: (e.layer.lsn_start, e.layer.key_range, e.layer.is_delta)
+        )
+        return {
+            "format": FORMAT,
+            "tenant_id": manifest.tenant_id,
+            "timeline_id": manifest.timeline_id,
+            "ancestor": None if manifest.ancestor is None else manifest.ancestor.model_dump(),
+            "gc": manifest.gc.model_dump(),
+            "keyspace": None if manifest.keyspace is None else [list(r) for r in manifest.keyspace],
+            "settings": manifest.settings.model_dump(),
+            "layers": [render_layer(entry.layer, self.layer_versions(entry)) for entry in layers],
+        }
+
+    def set_gc(
+        self,
+        tenant_id: str,
+        timeline_id: str,
+        cutoff: int,
+        retain_lsns: list[int] | None = None,
+        leases: list[int] | None = None,
+    ) -> Manifest:
+        def update(current: Manifest) -> Manifest:
+            gc = GcInfo(
+                cutoff=cutoff,
+                retain_lsns=current.gc.retain_lsns if retain_lsns is None else retain_lsns,
+                leases=current.gc.leases if leases is None else leases,
+            )
+            return current.successor(gc=gc, written_by="set-gc")
+
+        self.manifest(tenant_id, timeline_id)
+        committed = self.manifests.commit(tenant_id, timeline_id, update)
+        assert committed is not None
+        return committed
+
+
+def _initial_manifest(parsed: ParsedTimeline, entries: list[LayerEntry]) -> Manifest:
+    return Manifest(
+        tenant_id=parsed.tenant_id,
+        timeline_id=parsed.timeline_id,
+        number=0,
+        ancestor=parsed.ancestor,
+        gc=parsed.gc,
+        keyspace=parsed.keyspace,
+        settings=parsed.settings,
+        layers={entry.name: entry for entry in entries},
+        written_by="import",
+    )
+
+
+def layer_listing(manifest: Manifest) -> list[dict[str, Any]]:
+    """``timeline layers --json``: name, kind, key range, LSN range (exclusive end), size."""
+    rows = []
+    for entry in sorted(manifest.layers.values(), key=lambda e: (e.layer.lsn_start, e.layer.key_range)):
+        layer = entry.layer
+        rows.append(
+            {
+                "name": entry.name,
+                "kind": "delta" if layer.is_delta else "image",
+                "key_range": [s for s in str(layer.key_range).split("-")],
+                "lsn_range": [layer.lsn_start, layer.lsn_end],
+                "file_size": entry.size,
+            }
+        )
+    return rows

@@ -1,0 +1,1 @@
+"""The gc-compaction engine (selection, k-merge, key retention, split writers, statistics)."""
