@@ -111,8 +111,12 @@ def check_guards(plan: JobPlan, io: LayerIO, settings: EngineSettings) -> None:
         estimate_mb += (3.0 if entry.layer.is_delta else 5.0) * (entry.size // (256 * 1024 * 1024))
     if estimate_mb > MAX_ESTIMATED_MEMORY_MB:
         raise CompactionFailed(f"estimated memory usage is too high: {estimate_mb} MB for {len(plan.selected)} layers")
-    if len(plan.selected) > 100 and len(plan.rewrite) >= len(plan.selected) * 0.7:
+    if _too_many_rewrites(len(plan.selected), len(plan.rewrite)):
         raise CompactionFailed(f"too many layers to rewrite: {len(plan.rewrite)} / {len(plan.selected)}")
+
+
+def _too_many_rewrites(selected: int, rewrite: int) -> bool:
+    return selected > 100 and rewrite >= selected * 0.7
 
 
 def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | None = None) -> Result:
