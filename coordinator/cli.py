@@ -183,11 +183,5 @@ def timeline_set_gc(
     click.echo(json.dumps({"manifest": manifest.number, "gc": manifest.gc.model_dump()}))
 
 
-# Job commands (compact, jobs, job, worker, coordinator) live in their own module.
-from coordinator.cli_jobs import register as _register_job_commands  # noqa: E402
-
-_register_job_commands(main)
-
-
 if __name__ == "__main__":
     main()
