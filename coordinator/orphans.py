@@ -1,0 +1,86 @@
+"""Orphan cleanup: layer objects no manifest will ever reference again, and old manifests.
+
+A layer object is deleted only when it is unreferenced by the newest manifest, older than a grace
+period, and older than every in-flight job on its timeline (whose uploads are not committed yet).
+Old manifests are pruned through the deletion boundary (``ManifestStore.prune``), so a number is
+never reused. Referenced objects are never touched: the newest manifest is read again right
+before deleting, and anything it references is spared.
+"""
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from storage.layout import layers_prefix
+from storage.manifest_store import ManifestStore
+from storage.object_store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+InflightSince = Callable[[str, str], float | None]
+"""Epoch seconds at which the oldest in-flight job on a timeline started, or None."""
+
+
+@dataclass
+class OrphanReport:
+    timelines: int = 0
+    orphans: list[str] = field(default_factory=list)  # deleted (or, in a dry run, to delete)
+    young: int = 0  # unreferenced but inside the grace period or newer than an in-flight job
+    manifests_pruned: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "timelines": self.timelines,
+            "orphans": len(self.orphans),
+            "young_unreferenced": self.young,
+            "manifests_pruned": self.manifests_pruned,
+            "errors": self.errors,
+        }
+
+
+def collect_orphans(
+    objects: ObjectStore,
+    manifests: ManifestStore,
+    *,
+    grace_s: float,
+    inflight_since: InflightSince = lambda tenant, timeline: None,
+    keep_manifests: int = 10,
+    dry_run: bool = False,
+    now: float | None = None,
+) -> OrphanReport:
+    report = OrphanReport()
+    now = time.time() if now is None else now
+    for tenant, timeline in manifests.list_timelines():
+        report.timelines += 1
+        newest = manifests.latest(tenant, timeline)
+        if newest is None:
+            continue  # an import that never committed: its objects are left for an operator
+        cutoff = now - grace_s
+        oldest_job = inflight_since(tenant, timeline)
+        if oldest_job is not None:
+            cutoff = min(cutoff, oldest_job)
+        referenced = {entry.object_key for entry in newest.layers.values()}
+        candidates = []
+        for info in objects.list_keys(layers_prefix(tenant, timeline)):
+            if info.key in referenced:
+                continue
+            if info.last_modified is None or info.last_modified.timestamp() >= cutoff:
+                report.young += 1
+                continue
+            candidates.append(info.key)
+        if candidates:
+            # A commit may have landed since we listed: never delete what the newest references.
+            fresh = manifests.latest(tenant, timeline)
+            still = {e.object_key for e in fresh.layers.values()} if fresh else referenced
+            candidates = [key for key in candidates if key not in still]
+        report.orphans += candidates
+        if dry_run:
+            continue
+        if candidates:
+            failed = objects.delete_many(candidates)
+            report.errors += [f"{key}: {why}" for key, why in failed.items()]
+            log.info("orphans deleted tenant=%s timeline=%s count=%d", tenant, timeline, len(candidates) - len(failed))
+        report.manifests_pruned += len(manifests.prune(tenant, timeline, keep=keep_manifests))
+    return report
