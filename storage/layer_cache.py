@@ -22,9 +22,10 @@ log = logging.getLogger(__name__)
 
 
 class LayerCache:
-    def __init__(self, store: ObjectStore, root: Path) -> None:
+    def __init__(self, store: ObjectStore, root: Path, max_bytes: int | None = None) -> None:
         self.store = store
         self.root = root
+        self.max_bytes = max_bytes
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, entry: LayerEntry) -> Path:
@@ -36,6 +37,7 @@ class LayerCache:
         path = self.path_for(entry)
         if path.exists():
             if path.stat().st_size == entry.size:
+                path.touch()  # recently used: evicted last
                 return path
             path.unlink(missing_ok=True)
         try:
@@ -45,20 +47,30 @@ class LayerCache:
         except CorruptLayer as err:
             raise CorruptLayer(f"corrupt layer {entry.name}: {err}") from None
         log.debug("layer cached name=%s object=%s size=%d", entry.name, entry.object_key, entry.size)
+        if self.max_bytes is not None:
+            self._trim(self.max_bytes, spare=path)
         return path
+
+    def _trim(self, max_bytes: int, spare: Path) -> None:
+        """Delete least recently used files until the cache fits ``max_bytes``. A reader that has
+        a file open keeps reading it; one that has not opened it yet downloads it again."""
+        files = []
+        for path in self.root.glob("*.parquet"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue  # another process trimmed it
+            files.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= max_bytes:
+                break
+            if path != spare:
+                path.unlink(missing_ok=True)
+                total -= size
 
     def versions(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[Version]:
         return self.reader(entry).iter_versions(key_range)
 
     def reader(self, entry: LayerEntry) -> LayerReader:
         return LayerReader(self.fetch(entry), name=entry.layer, object_key=entry.object_key)
-
-    def evict(self, keep: set[str] | None = None) -> int:
-        """Delete cached files whose object keys are not in ``keep``; returns bytes freed."""
-        freed = 0
-        wanted = {f"{hashlib.sha256(k.encode()).hexdigest()[:40]}.parquet" for k in keep or set()}
-        for path in self.root.glob("*.parquet"):
-            if path.name not in wanted:
-                freed += path.stat().st_size
-                path.unlink(missing_ok=True)
-        return freed

@@ -25,6 +25,13 @@ class Settings(BaseSettings):
     # local working space
     cache_dir: Path = Path("/tmp/compactor-cache")
 
+    # local layer cache: verified copies of layers; oldest files are evicted beyond this size
+    cache_max_bytes: int = Field(default=20 * 1024**3, ge=0)
+
+    # operations
+    log_level: str = Field(default="WARNING", description="logging level of every process")
+    metrics_port: int | None = Field(default=None, description="Prometheus exporter port; unset: no exporter")
+
     # redis: broker, job records, node lock
     redis_url: str = "redis://127.0.0.1:6379/0"
 

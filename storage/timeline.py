@@ -35,7 +35,7 @@ class Storage:
         self.settings = settings
         self.objects = ObjectStore(settings)
         self.manifests = ManifestStore(self.objects)
-        self.cache = LayerCache(self.objects, settings.cache_dir)
+        self.cache = LayerCache(self.objects, settings.cache_dir / "layers", settings.cache_max_bytes)
 
     # --- reading --------------------------------------------------------------------------
 

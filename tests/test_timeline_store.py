@@ -213,3 +213,15 @@ def test_cli_end_to_end(s3_settings: Settings, tmp_path: Path) -> None:
     res = runner.invoke(main, ["timeline", "import", str(bad)], env=env)
     assert res.exit_code == 1 and "malformed" in res.stderr
     assert copy.deepcopy(rows)
+
+
+def test_layer_cache_stays_within_its_size_limit(s3_endpoint: str, tmp_path: Path) -> None:
+    small = Storage(make_s3_settings(s3_endpoint, tmp_path, cache_max_bytes=1))
+    small.objects.ensure_bucket()
+    small.import_timeline(json.dumps(small_timeline()))
+    manifest = small.manifest(TENANT, PARENT)
+    expected = {key_to_int(k): v for k, v in small.read(manifest, 48)}
+    cached = list((tmp_path / "cache" / "layers").glob("*.parquet"))
+    assert len(cached) == 1, "only the most recent layer is kept over the limit"
+    # evicted layers come back on demand, verified
+    assert {key_to_int(k): v for k, v in small.read(manifest, 48)} == expected
