@@ -58,7 +58,7 @@ def layer_map_svg(manifest: Manifest, title: str = "") -> str:
             f'<text x="{LEFT + plot_w}" y="{HEIGHT - 30}" text-anchor="end">{format_key(bounds[-1])[-8:]}</text>'
         )
     out.append(f'<text x="{LEFT + plot_w / 2:.0f}" y="{HEIGHT - 12}" text-anchor="middle">key (by rank)</text>')
-    out += _legend(LEFT + plot_w + 6, TOP + 10)
+    out += _legend(LEFT + plot_w + 6, TOP + plot_h - 170)
     out.append("</svg>")
     return "\n".join(out) + "\n"
 

@@ -30,7 +30,19 @@ def split_job(
         return []
     request = job.key_range
     layers = [e for e in manifest.layers.values() if e.layer.lsn_start <= below]
-    bounds = sorted({k for e in layers for k in e.layer.key_range if request.start < k < request.end} | {request.end})
+    # Cutting through an image layer would leave it only partly covered by each sub-job, and the
+    # seed keeps such layers whole: they would survive the meta job as garbage. Cut only where no
+    # image layer is cut (deltas cut in two are rewritten into pieces, which is safe).
+    images = [e.layer.key_range for e in layers if not e.layer.is_delta]
+    bounds = sorted(
+        {
+            k
+            for e in layers
+            for k in e.layer.key_range
+            if request.start < k < request.end and not any(r.start < k < r.end for r in images)
+        }
+        | {request.end}
+    )
     jobs: list[CompactionJob] = []
     start = request.start
     for index, end in enumerate(bounds):

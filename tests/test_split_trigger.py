@@ -105,3 +105,15 @@ def test_trigger_rules() -> None:
 
     child = manifest([(d(0, 10, 10, 20), big)], cutoff=30, ancestor=Ancestor(timeline_id=CHILD, lsn=5))
     assert not should_trigger(child, job_in_flight=False).trigger
+
+
+def test_cuts_never_fall_inside_an_image_layer() -> None:
+    layers = [(d(i * 10, i * 10 + 10, 10, 20), 3 * MiB) for i in range(8)]
+    images = [
+        (LayerName.image(key_from_int(0), key_from_int(35), 5), 3 * MiB),
+        (LayerName.image(key_from_int(35), key_from_int(80), 5), 3 * MiB),
+    ]
+    m = manifest(layers + images)
+    got = ranges(split_job(m, CompactionJob(tenant_id=TENANT, timeline_id=PARENT), max_job_bytes=5 * MiB))
+    cuts = [start for start, _ in got[1:]]
+    assert cuts and all(not (0 < c < 35 or 35 < c < 80) for c in cuts), cuts
