@@ -4,81 +4,17 @@ Machine-readable output goes to stdout; logs and progress to stderr. Every failu
 one-line ``error: ...`` on stderr and a non-zero exit code.
 """
 
-import functools
 import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-from pydantic import ValidationError
 
 from coordinator import logs
+from coordinator.cli_common import KEY, LSN, SIZE, lsn_list, one_line_errors, settings_from, storage_from
 from storage.errors import CompactorError
-from storage.keys import FULL_KEY_RANGE, KeyRange, format_key, key_next, parse_key
-from storage.lsn import parse_lsn
-from storage.settings import Settings
+from storage.keys import FULL_KEY_RANGE, KeyRange, format_key, key_next
 from storage.timeline import Storage, layer_listing
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def fail(message: str, code: int = 1) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def one_line_errors(func: F) -> F:
-    """Turn every expected failure into ``error: <one line>`` and exit status 1."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except CompactorError as err:
-            fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
-        except ValidationError as err:
-            first = err.errors()[0]
-            fail(f"invalid configuration or input: {'.'.join(map(str, first['loc']))}: {first['msg']}")
-        except OSError as err:
-            fail(f"{type(err).__name__}: {err}")
-
-    return wrapper  # type: ignore[return-value]
-
-
-class LsnType(click.ParamType):  # type: ignore[type-arg]
-    name = "lsn"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_lsn(str(value))
-        except CompactorError as err:
-            self.fail(str(err), param, ctx)
-
-
-class KeyType(click.ParamType):  # type: ignore[type-arg]
-    name = "key"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> bytes:
-        if isinstance(value, bytes):
-            return value
-        try:
-            return parse_key(str(value))
-        except CompactorError as err:
-            self.fail(str(err), param, ctx)
-
-
-LSN = LsnType()
-KEY = KeyType()
-
-
-def lsn_list(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    return [parse_lsn(part) for part in text.split(",") if part.strip()]
 
 
 @click.group()
@@ -93,15 +29,87 @@ def main(ctx: click.Context, env_file: Path | None) -> None:
     ctx.obj["env_file"] = env_file
 
 
-def settings_from(ctx: click.Context) -> Settings:
-    env_file = ctx.obj.get("env_file") if ctx.obj else None
-    if env_file is not None and not env_file.is_file():
-        raise CompactorError(f"env file {env_file} does not exist")
-    return Settings(_env_file=env_file) if env_file else Settings()  # type: ignore[call-arg]
+@main.command("up")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True)
+@one_line_errors
+def up(directory: Path, workers: int) -> None:
+    """Run the embedded stack (Redis, S3 endpoint, workers, coordinator) until SIGINT/SIGTERM.
+
+    DIR/env is written once everything answers: `set -a; . DIR/env` configures another shell."""
+    import signal
+    import threading
+
+    from coordinator.embedded import EmbeddedStack
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    env_file = directory / "env"
+    env_file.unlink(missing_ok=True)
+    with EmbeddedStack(directory, workers=workers, coordinator=True) as stack:
+        stack.write_env(env_file)
+        click.echo(f"ready: {workers} workers; configure a shell with: set -a; . {env_file}", err=True)
+        while not stop.wait(1.0):
+            dead = [name for name, proc in stack.workers.items() if not proc.alive()]
+            if dead:
+                click.echo(f"worker {dead[0]} exited; stopping", err=True)
+                break
+        click.echo("stopping", err=True)
+    env_file.unlink(missing_ok=True)
 
 
-def storage_from(ctx: click.Context) -> Storage:
-    return Storage(settings_from(ctx))
+@main.command("demo")
+@click.option("--size", type=SIZE, default="200MiB", show_default=True, help="approximate layer bytes of the timeline")
+@click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True)
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+              help="where before.svg and after.svg go")  # fmt: skip
+@click.option("--max-job-size", type=SIZE, default="32MiB", show_default=True, help="sub-job size")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="keep the stack's files here (default: a temporary directory)")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON on stdout")
+@one_line_errors
+def demo(size: int, workers: int, out: Path, max_job_size: int, directory: Path | None, as_json: bool) -> None:
+    """Build a realistic timeline, compact it through the workers, verify every retained read."""
+    from rich.console import Console
+
+    from coordinator.demo import run_demo
+
+    summary = run_demo(size, workers, out, directory, max_job_size, Console(stderr=True))
+    if as_json:
+        click.echo(json.dumps(summary))
+
+
+@main.command("gc-orphans")
+@click.option("--grace", "grace_s", type=float, default=6 * 3600.0, show_default=True,
+              help="seconds an unreferenced layer object must have existed before it is deleted")  # fmt: skip
+@click.option("--keep-manifests", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--dry-run", is_flag=True, help="list what would be deleted, delete nothing")
+@click.pass_context
+@one_line_errors
+def gc_orphans(ctx: click.Context, grace_s: float, keep_manifests: int, dry_run: bool) -> None:
+    """Delete layer objects no manifest references (past the grace period and older than every
+    in-flight job) and prune old manifests; prints a JSON report."""
+    from coordinator.job_records import JobRecords, check_connectivity, connect
+    from coordinator.orphans import collect_orphans, inflight_from_records
+
+    settings = settings_from(ctx)
+    storage = Storage(settings)
+    check_connectivity(settings)
+    report = collect_orphans(
+        storage.objects,
+        storage.manifests,
+        grace_s=grace_s,
+        inflight_since=inflight_from_records(JobRecords(connect(settings))),
+        keep_manifests=keep_manifests,
+        dry_run=dry_run,
+    )
+    out = report.summary()
+    if dry_run:
+        out["would_delete"] = report.orphans
+    click.echo(json.dumps(out))
+    if report.errors:
+        raise CompactorError(f"{len(report.errors)} objects could not be deleted: {report.errors[0]}")
 
 
 @main.group()
@@ -167,6 +175,24 @@ def timeline_layers(ctx: click.Context, tenant: str, timeline_id: str, as_json: 
         click.echo(f"{row['kind']:5} {row['name']}  {row['file_size']} bytes")
 
 
+@timeline.command("draw")
+@click.argument("tenant")
+@click.argument("timeline_id", metavar="TIMELINE")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="SVG file (default stdout)")
+@click.option("--title", default="", help="picture title")
+@click.pass_context
+@one_line_errors
+def timeline_draw(ctx: click.Context, tenant: str, timeline_id: str, out: Path | None, title: str) -> None:
+    """Draw the layer map (key x LSN rectangles, horizon and retain LSNs marked) as SVG."""
+    from coordinator.draw import layer_map_svg
+
+    svg = layer_map_svg(storage_from(ctx).manifest(tenant, timeline_id), title)
+    if out is None:
+        click.echo(svg, nl=False)
+    else:
+        out.write_text(svg)
+
+
 @timeline.command("set-gc")
 @click.argument("tenant")
 @click.argument("timeline_id", metavar="TIMELINE")
@@ -181,6 +207,12 @@ def timeline_set_gc(
     """Update the gc info (cutoff, retain LSNs, leases) in a new manifest."""
     manifest = storage_from(ctx).set_gc(tenant, timeline_id, cutoff, lsn_list(retain_lsns), lsn_list(leases))
     click.echo(json.dumps({"manifest": manifest.number, "gc": manifest.gc.model_dump()}))
+
+
+# Job commands (compact, jobs, job, worker, coordinator) live in their own module.
+from coordinator.cli_jobs import register as _register_job_commands  # noqa: E402
+
+_register_job_commands(main)
 
 
 if __name__ == "__main__":

