@@ -2,6 +2,7 @@
 sizes) and loading settings from the environment or ``--env-file``."""
 
 import functools
+import logging
 import re
 import sys
 from collections.abc import Callable
@@ -110,7 +111,9 @@ def settings_from(ctx: click.Context) -> Settings:
     env_file = ctx.obj.get("env_file") if ctx.obj else None
     if env_file is not None and not env_file.is_file():
         raise CompactorError(f"env file {env_file} does not exist")
-    return Settings(_env_file=env_file) if env_file else Settings()  # type: ignore[call-arg]
+    settings = Settings(_env_file=env_file) if env_file else Settings()  # type: ignore[call-arg]
+    logging.getLogger().setLevel(settings.log_level.upper())  # also honours --env-file
+    return settings
 
 
 def storage_from(ctx: click.Context) -> Storage:
