@@ -75,7 +75,8 @@ def run_demo(
 def _demo(stack: EmbeddedStack, size_bytes: int, out_dir: Path, max_job_bytes: int, console: Console) -> dict[str, Any]:
     settings = stack.settings
     storage = Storage(settings)
-    spec = preset("pages", size_bytes, child=True, retain=[0.35], leases=[0.55], bands=4, layer_bytes=16 * 1024**2)
+    layer_bytes = max(size_bytes // 16, 1024**2)  # a few layers per band, so the job splits
+    spec = preset("pages", size_bytes, child=True, retain=[0.35], leases=[0.55], bands=4, layer_bytes=layer_bytes)
     started = time.monotonic()
     with console.status(f"building a {size_bytes / 1e6:.0f} MB timeline (8 KiB pages, WAL records, branch, lease)"):
         generate(storage, TENANT, TIMELINE, spec)

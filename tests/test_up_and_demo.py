@@ -1,0 +1,95 @@
+"""`compactor up` and `compactor demo` as a user runs them: real processes, nothing left behind."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process whose ancestry includes ``pid`` (by walking /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if fields[0] != "Z":
+                parents[int(entry.name)] = int(fields[1])
+    out: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - out
+        out |= frontier
+    return out
+
+
+def processes_in(directory: Path) -> list[str]:
+    """Command lines mentioning ``directory`` (redis-server daemonizes away from its parent)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(directory) in cmd:
+                found.append(cmd)
+    return found
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "coordinator.cli", *args]
+
+
+def test_up_writes_env_serves_and_stops_everything(tmp_path: Path) -> None:
+    stack_dir = tmp_path / "stack"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPACTOR_")}
+    proc = subprocess.Popen(cli("up", "--dir", str(stack_dir), "--workers", "2"), env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (stack_dir / "env").exists():
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "DIR/env never appeared"
+            time.sleep(0.5)
+        lines = (stack_dir / "env").read_text().splitlines()
+        values = dict(line.split("=", 1) for line in lines if line)
+        assert {"COMPACTOR_REDIS_URL", "COMPACTOR_S3_ENDPOINT_URL", "COMPACTOR_S3_BUCKET"} <= set(values)
+        shell = f"set -a; . {stack_dir / 'env'}; {sys.executable} -m coordinator.cli jobs --json"
+        out = subprocess.run(["bash", "-c", shell], env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["jobs"] == []
+        assert len(descendants(proc.pid)) >= 3  # workers and coordinator at least
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    time.sleep(0.5)
+    assert processes_in(stack_dir) == [], "compactor up left processes behind"
+    assert not (stack_dir / "env").exists()
+
+
+def test_demo_runs_end_to_end_and_leaves_nothing(tmp_path: Path) -> None:
+    out_dir = tmp_path / "pictures"
+    work = tmp_path / "work"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPACTOR_")}
+    res = subprocess.run(
+        cli("demo", "--size", "24MiB", "--max-job-size", "4MiB", "--out", str(out_dir), "--dir", str(work), "--json"),
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout)
+    assert summary["sub_jobs"] >= 2 and summary["keys_verified"] > 0
+    assert summary["layers_after"] <= summary["layers_before"]
+    assert (out_dir / "before.svg").read_text().startswith("<svg")
+    assert (out_dir / "after.svg").read_text().startswith("<svg")
+    assert processes_in(work) == [], "the demo left processes behind"
