@@ -510,12 +510,16 @@ class JobRecords:
     def update_meta(self, job_id: str, change: Callable[[MetaJobRecord], MetaJobRecord | None]) -> MetaJobRecord | None:
         """Apply ``change`` atomically; it returns the new record or None to leave it. Returns
         the record as stored afterwards (None if it does not exist)."""
-        key = _key_meta(job_id)
-        result: list[MetaJobRecord | None] = [None]
+        return self._update(_key_meta(job_id), MetaJobRecord, change, unchanged_result=True)
+
+    def _update(self, key: str, model: type[M], change: Callable[[M], M | None], *, unchanged_result: bool) -> M | None:
+        """Read-modify-write of one record under WATCH; ``unchanged_result`` picks what is
+        returned when ``change`` leaves the record: the record as it is, or None."""
+        result: list[M | None] = [None]
 
         def body(pipe: Any) -> Callable[[Any], None] | None:
-            current = self._load(MetaJobRecord, pipe.get(key))
-            result[0] = current
+            current = self._load(model, pipe.get(key))
+            result[0] = current if unchanged_result else None
             if current is None:
                 return None
             new = change(current.model_copy(deep=True))
@@ -596,22 +600,7 @@ class JobRecords:
     def update_sub(self, sub_id: str, change: Callable[[SubJobRecord], SubJobRecord | None]) -> SubJobRecord | None:
         """Apply ``change`` atomically (it returns None to leave the record); returns the record
         as written, or None if nothing was written."""
-        key = _key_sub(sub_id)
-        result: list[SubJobRecord | None] = [None]
-
-        def body(pipe: Any) -> Callable[[Any], None] | None:
-            current = self._load(SubJobRecord, pipe.get(key))
-            result[0] = None
-            if current is None:
-                return None
-            new = change(current.model_copy(deep=True))
-            if new is None:
-                return None
-            result[0] = new
-            return lambda p: p.set(key, new.model_dump_json(), keepttl=True)
-
-        self._transact([key], body)
-        return result[0]
+        return self._update(_key_sub(sub_id), SubJobRecord, change, unchanged_result=False)
 
     def report(self, sub_id: str, attempt: int, token: str, change: Callable[[SubJobRecord], None]) -> SubJobRecord:
         """A report of the attempt ``(attempt, token)``: applied only while it is the current,

@@ -6,11 +6,12 @@ import itertools
 import json
 from collections.abc import Iterator
 
-from storage.keys import KeyRange
+from storage.errors import RedoError
+from storage.keys import KeyRange, key_from_int
 from storage.layer_file import LayerFileInfo, LayerReader
 from storage.layer_name import LayerName
 from storage.manifest import LayerEntry, Manifest
-from storage.read_path import read_range
+from storage.read_path import read_key, read_range
 from storage.timeline_json import parse_timeline
 from storage.values import Version
 from tests.timelines import Timeline
@@ -42,6 +43,20 @@ class MemoryIO:
                 keyspace=parsed.keyspace,
                 layers=entries,
             )
+
+    def read_keys(self, manifest: Manifest, lsn: int, n_keys: int = 9) -> dict[int, bytes | type]:
+        """Each small key's value at ``lsn`` (``RedoError`` where it cannot be read), key by key
+        so that one unreadable key does not hide the others."""
+        out: dict[int, bytes | type] = {}
+        for k in range(n_keys):
+            try:
+                value = read_key(manifest, self, key_from_int(k), lsn, self.manifests.__getitem__)
+            except RedoError:
+                out[k] = RedoError
+                continue
+            if value is not None:
+                out[k] = value
+        return out
 
     # LayerIO
     def needs_download(self, entry: LayerEntry) -> bool:

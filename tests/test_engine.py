@@ -7,12 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storage.errors import RedoError
 from storage.keys import KEY_MAX, KEY_MIN, format_key, key_from_int
 from storage.layer_map import check_valid_layermap
 from storage.lsn import LSN_MAX
 from storage.manifest import GcInfo, Manifest
-from storage.read_path import read_key
 from tests.engine_memory import MemoryIO
 from tests.timelines import CHILD, PARENT, TENANT, Timeline, timelines
 from worker.commit import apply, validate
@@ -24,16 +22,7 @@ N_KEYS = 9
 
 
 def reads(io: MemoryIO, manifest: Manifest, lsn: int) -> dict[int, bytes | type]:
-    out: dict[int, bytes | type] = {}
-    for k in range(N_KEYS):
-        try:
-            value = read_key(manifest, io, key_from_int(k), lsn, io.manifests.__getitem__)
-        except RedoError:
-            out[k] = RedoError
-            continue
-        if value is not None:
-            out[k] = value
-    return out
+    return io.read_keys(manifest, lsn, N_KEYS)
 
 
 def must_survive(manifest: Manifest, horizon: int, top: int) -> list[int]:

@@ -4,68 +4,26 @@ Layers live in memory here (the read path only needs a LayerSource); the same pr
 through a real S3 endpoint in test_timeline_store.py.
 """
 
-import hashlib
-import json
-from collections.abc import Iterator
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from storage.errors import RedoError
-from storage.keys import FULL_KEY_RANGE, KeyRange, key_from_int, key_to_int
-from storage.manifest import LayerEntry, Manifest
+from storage.keys import FULL_KEY_RANGE, key_from_int, key_to_int
+from storage.manifest import Manifest
 from storage.read_path import read_key, read_range
-from storage.timeline_json import parse_timeline
-from storage.values import Version
+from tests.engine_memory import MemoryIO
 from tests.timelines import PARENT, Timeline, reference_read, timelines
 
 
-class MemorySource:
-    def __init__(self) -> None:
-        self.layers: dict[str, list[Version]] = {}
-
-    def versions(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[Version]:
-        return (v for v in self.layers[entry.object_key] if key_range.start <= v.key < key_range.end)
+def load(tls: dict[str, Timeline]) -> tuple[dict[str, Manifest], MemoryIO]:
+    io = MemoryIO()
+    io.load(tls)
+    return io.manifests, io
 
 
-def load(tls: dict[str, Timeline]) -> tuple[dict[str, Manifest], MemorySource]:
-    source = MemorySource()
-    manifests = {}
-    for tl_id, tl in tls.items():
-        parsed = parse_timeline(json.dumps(tl.to_json()))
-        entries = {}
-        for name, versions in parsed.layers:
-            key = f"{tl_id}/{name}"
-            source.layers[key] = versions
-            entries[str(name)] = LayerEntry(
-                name=str(name), object_key=key, size=1, sha256=hashlib.sha256(key.encode()).hexdigest()
-            )
-        manifests[tl_id] = Manifest(
-            tenant_id=parsed.tenant_id,
-            timeline_id=tl_id,
-            number=0,
-            ancestor=parsed.ancestor,
-            gc=parsed.gc,
-            keyspace=parsed.keyspace,
-            layers=entries,
-        )
-    return manifests, source
-
-
-def read_all(manifests: dict[str, Manifest], source: MemorySource, tl_id: str, lsn: int) -> dict[int, bytes | type]:
-    out: dict[int, bytes | type] = {}
-    manifest = manifests[tl_id]
-    # read key by key too, so that a failure on one key does not hide the others
-    for k in range(0, 9):
-        try:
-            value = read_key(manifest, source, key_from_int(k), lsn, manifests.__getitem__)
-        except RedoError:
-            out[k] = RedoError
-            continue
-        if value is not None:
-            out[k] = value
-    return out
+def read_all(manifests: dict[str, Manifest], io: MemoryIO, tl_id: str, lsn: int) -> dict[int, bytes | type]:
+    return io.read_keys(manifests[tl_id], lsn)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
