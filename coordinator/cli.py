@@ -81,13 +81,14 @@ def demo(size: int, workers: int, out: Path, max_job_size: int, directory: Path 
 
 
 @main.command("gc-orphans")
-@click.option("--grace", "grace_s", type=float, default=6 * 3600.0, show_default=True,
-              help="seconds an unreferenced layer object must have existed before it is deleted")  # fmt: skip
+@click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=None,
+              help="seconds an unreferenced layer object must have existed before it is deleted "
+                   "[default: COMPACTOR_ORPHAN_GRACE_S, 6 hours]")  # fmt: skip
 @click.option("--keep-manifests", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--dry-run", is_flag=True, help="list what would be deleted, delete nothing")
 @click.pass_context
 @one_line_errors
-def gc_orphans(ctx: click.Context, grace_s: float, keep_manifests: int, dry_run: bool) -> None:
+def gc_orphans(ctx: click.Context, grace_s: float | None, keep_manifests: int, dry_run: bool) -> None:
     """Delete layer objects no manifest references (past the grace period and older than every
     in-flight job) and prune old manifests; prints a JSON report."""
     from coordinator.job_records import JobRecords, check_connectivity, connect
@@ -99,7 +100,7 @@ def gc_orphans(ctx: click.Context, grace_s: float, keep_manifests: int, dry_run:
     report = collect_orphans(
         storage.objects,
         storage.manifests,
-        grace_s=grace_s,
+        grace_s=settings.orphan_grace_s if grace_s is None else grace_s,
         inflight_since=inflight_from_records(JobRecords(connect(settings))),
         keep_manifests=keep_manifests,
         dry_run=dry_run,
@@ -109,7 +110,7 @@ def gc_orphans(ctx: click.Context, grace_s: float, keep_manifests: int, dry_run:
         out["would_delete"] = report.orphans
     click.echo(json.dumps(out))
     if report.errors:
-        raise CompactorError(f"{len(report.errors)} objects could not be deleted: {report.errors[0]}")
+        raise CompactorError(f"orphan cleanup had {len(report.errors)} error(s); first: {report.errors[0]}")
 
 
 @main.group()

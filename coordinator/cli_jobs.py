@@ -327,6 +327,10 @@ def worker_command(
     if not wanted or unknown:
         raise InvalidInput(f"invalid --queues {queues!r}: choose from gc, light")
     check_connectivity(settings)
+    # Found by the bad-input tests: with the object store unreachable (or the bucket missing)
+    # the worker started anyway and took jobs only to fail each after its retries. Fail here,
+    # in one line, like an unreachable Redis.
+    Storage(settings).objects.check_bucket()
     from worker.celery_app import configure
 
     app = configure(settings)

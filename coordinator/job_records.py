@@ -85,7 +85,12 @@ def celery_redis_url(url: str) -> str:
     if url.startswith("unix://"):
         parts = urlsplit(url)
         db = parse_qs(parts.query).get("db", ["0"])[0]
-        return f"redis+socket://{parts.path}?virtual_host={db}"
+        # Keep the credentials (``unix://:password@/path``): found by the security tests, the
+        # broker and result backend connected without them while job records used them, so a
+        # password-protected Redis on a socket refused every worker (kombu and Celery's
+        # backend both read ``redis+socket://:password@/path``).
+        userinfo = parts.netloc.rpartition("@")[0]
+        return f"redis+socket://{userinfo + '@' if userinfo else ''}{parts.path}?virtual_host={db}"
     return url
 
 
@@ -155,10 +160,17 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def validation_summary(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(part) for part in first.get("loc", ())) or "payload"
-    msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    # Field names come from the payload too: an unknown field named with a megabyte of text
+    # made a megabyte "one-line" error in the job record and the logs (found by the bad-input
+    # tests). Both parts are clipped.
+    loc = ".".join(_clip(str(part), 64) for part in first.get("loc", ())) or "payload"
+    msg = _clip(str(first.get("msg", "invalid")).removeprefix("Value error, "), 300)
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return " ".join(f"invalid payload: {loc}: {msg}{more}".split())
 

@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from coordinator.job_records import JobRecords
+from coordinator.job_records import JobRecords, one_line
+from storage.errors import CompactorError
 from storage.layout import layers_prefix
 from storage.manifest_store import ManifestStore
 from storage.object_store import ObjectStore
@@ -59,36 +60,59 @@ def collect_orphans(
     now = time.time() if now is None else now
     for tenant, timeline in manifests.list_timelines():
         report.timelines += 1
-        newest = manifests.latest(tenant, timeline)
-        if newest is None:
-            continue  # an import that never committed: its objects are left for an operator
-        cutoff = now - grace_s
-        oldest_job = inflight_since(tenant, timeline)
-        if oldest_job is not None:
-            cutoff = min(cutoff, oldest_job - CLOCK_SKEW_MARGIN_S)
-        referenced = {entry.object_key for entry in newest.layers.values()}
-        candidates = []
-        for info in objects.list_keys(layers_prefix(tenant, timeline)):
-            if info.key in referenced:
-                continue
-            if info.last_modified is None or info.last_modified.timestamp() >= cutoff:
-                report.young += 1
-                continue
-            candidates.append(info.key)
-        if candidates:
-            # A commit may have landed since we listed: never delete what the newest references.
-            fresh = manifests.latest(tenant, timeline)
-            still = {e.object_key for e in fresh.layers.values()} if fresh else referenced
-            candidates = [key for key in candidates if key not in still]
-        report.orphans += candidates
-        if dry_run:
-            continue
-        if candidates:
-            failed = objects.delete_many(candidates)
-            report.errors += [f"{key}: {why}" for key, why in failed.items()]
-            log.info("orphans deleted tenant=%s timeline=%s count=%d", tenant, timeline, len(candidates) - len(failed))
-        report.manifests_pruned += len(manifests.prune(tenant, timeline, keep=keep_manifests))
+        try:
+            _collect_timeline(
+                objects, manifests, tenant, timeline, report, grace_s, inflight_since, keep_manifests, dry_run, now
+            )
+        except CompactorError as err:
+            # Found by the bad-input tests: one timeline with a damaged manifest stopped the
+            # cleanup of every timeline listed after it, on every run. Report it and go on.
+            report.errors.append(f"{tenant}/{timeline}: {one_line(err)}")
+            log.warning("orphan cleanup skipped tenant=%s timeline=%s error=%r", tenant, timeline, one_line(err))
     return report
+
+
+def _collect_timeline(
+    objects: ObjectStore,
+    manifests: ManifestStore,
+    tenant: str,
+    timeline: str,
+    report: OrphanReport,
+    grace_s: float,
+    inflight_since: InflightSince,
+    keep_manifests: int,
+    dry_run: bool,
+    now: float,
+) -> None:
+    newest = manifests.latest(tenant, timeline)
+    if newest is None:
+        return  # an import that never committed: its objects are left for an operator
+    cutoff = now - grace_s
+    oldest_job = inflight_since(tenant, timeline)
+    if oldest_job is not None:
+        cutoff = min(cutoff, oldest_job - CLOCK_SKEW_MARGIN_S)
+    referenced = {entry.object_key for entry in newest.layers.values()}
+    candidates = []
+    for info in objects.list_keys(layers_prefix(tenant, timeline)):
+        if info.key in referenced:
+            continue
+        if info.last_modified is None or info.last_modified.timestamp() >= cutoff:
+            report.young += 1
+            continue
+        candidates.append(info.key)
+    if candidates:
+        # A commit may have landed since we listed: never delete what the newest references.
+        fresh = manifests.latest(tenant, timeline)
+        still = {e.object_key for e in fresh.layers.values()} if fresh else referenced
+        candidates = [key for key in candidates if key not in still]
+    report.orphans += candidates
+    if dry_run:
+        return
+    if candidates:
+        failed = objects.delete_many(candidates)
+        report.errors += [f"{key}: {why}" for key, why in failed.items()]
+        log.info("orphans deleted tenant=%s timeline=%s count=%d", tenant, timeline, len(candidates) - len(failed))
+    report.manifests_pruned += len(manifests.prune(tenant, timeline, keep=keep_manifests))
 
 
 def inflight_from_records(records: JobRecords) -> InflightSince:

@@ -11,7 +11,10 @@ Each tick
    but never run, a meta job never planned;
 2. **auto-trigger** - the seed's ``trigger_auto_compaction`` for every timeline in the bucket,
    skipping timelines with a meta job in flight (the in-flight marker) and timelines whose
-   circuit breaker is open.
+   circuit breaker is open;
+3. **orphan cleanup** - every ``orphan_interval_s``, ``coordinator.orphans.collect_orphans``
+   (what ``compactor gc-orphans`` runs) with ``orphan_grace_s``: uploads of killed or failed
+   attempts go away without an operator.
 
 Every action is an atomic record update or an idempotent step, so a tick can run next to
 workers, next to another coordinator, or twice.
@@ -36,6 +39,7 @@ from coordinator.job_records import (
     one_line,
 )
 from coordinator.meta_jobs import TASK_FINALIZE, TASK_PLAN, Publisher
+from coordinator.orphans import collect_orphans, inflight_from_records
 from coordinator.trigger import should_trigger
 from storage.errors import CompactorError
 from storage.settings import Settings
@@ -52,6 +56,7 @@ class TickReport:
     gave_up: list[str] = field(default_factory=list)  # sub-job ids failed over the attempt cap
     repaired: list[str] = field(default_factory=list)  # steps repeated after a crash
     skipped: dict[str, str] = field(default_factory=dict)  # timeline -> why not triggered
+    orphans: dict[str, object] | None = None  # the orphan cleanup's summary, on ticks that ran it
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -61,6 +66,7 @@ class TickReport:
             "gave_up": self.gave_up,
             "repaired": self.repaired,
             "skipped": self.skipped,
+            "orphans": self.orphans,
             "errors": self.errors,
         }
 
@@ -83,13 +89,46 @@ class Scheduler:
         # When this coordinator last repeated a step, so that a slow step is not repeated
         # every tick (repeats are harmless, only wasteful).
         self._repeated: dict[str, float] = {}
+        # Monotonic time of the last orphan cleanup; None runs one on the first tick, so a
+        # coordinator that restarts more often than the interval still cleans up.
+        self._orphans_at: float | None = None
 
     def tick(self) -> TickReport:
         report = TickReport()
         self.check_liveness(report)
         if self.auto_trigger:
             self.trigger(report)
+        self.maybe_collect_orphans(report)
         return report
+
+    # ------------------------------------------------------------------ orphans
+
+    def maybe_collect_orphans(self, report: TickReport) -> None:
+        interval = self.settings.orphan_interval_s
+        at = time.monotonic()
+        if interval <= 0 or (self._orphans_at is not None and at - self._orphans_at < interval):
+            return
+        self._orphans_at = at
+        try:
+            # In-flight jobs are read from the records on each run: their uploads are not
+            # committed yet and must outlive the cleanup however old they are.
+            result = collect_orphans(
+                self.storage.objects,
+                self.storage.manifests,
+                grace_s=self.settings.orphan_grace_s,
+                inflight_since=inflight_from_records(self.records),
+            )
+        except CompactorError as err:
+            report.errors.append(f"orphan cleanup: {one_line(err)}")
+            log.warning("orphan cleanup failed error=%r", one_line(err))
+            return
+        report.orphans = result.summary()
+        report.errors += [f"orphan cleanup: {e}" for e in result.errors[:5]]
+        if result.orphans or result.manifests_pruned:
+            log.info(
+                "orphan cleanup timelines=%d deleted=%d young=%d manifests_pruned=%d",
+                result.timelines, len(result.orphans), result.young, result.manifests_pruned,
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ liveness
 

@@ -24,10 +24,13 @@ k-way merge holding one open reader per input layer costs a few MiB per layer.
 
 import bisect
 import contextlib
+import functools
 import hashlib
+import itertools
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -107,10 +110,16 @@ def versions_to_batch(versions: Iterable[Version]) -> pa.RecordBatch:
     return _batch_from_lists(keys, lsns, kinds, values)
 
 
+# ``Version`` from a 4-tuple without a Python-level call (``Version._make`` is one per row).
+_new_version: Final = functools.partial(tuple.__new__, Version)
+
+
 def batch_to_versions(batch: pa.RecordBatch) -> Iterator[Version]:
-    # One conversion per column and batch: per-row pyarrow scalar access is ~50x slower.
-    columns = [batch.column(i).to_pylist() for i in range(4)]
-    return map(Version._make, zip(*columns, strict=True))
+    # One conversion per column and batch: per-row pyarrow scalar access is ~50x slower. Keys
+    # go through plain binary: fixed_size_binary's to_pylist is ~10x slower than binary's.
+    keys = batch.column(0).cast(pa.binary()).to_pylist()
+    columns = [keys, *(batch.column(i).to_pylist() for i in range(1, 4))]
+    return map(_new_version, zip(*columns, strict=True))
 
 
 def _batch_from_lists(keys: list[bytes], lsns: list[int], kinds: list[int], values: list[bytes]) -> pa.RecordBatch:
@@ -291,6 +300,11 @@ class LayerWriter:
         self._written_rows = 0
         self._flushed_raw_bytes = 0
         self._index: list[RowGroup] = []
+        # The row group being written on the writer's thread: its future, and the file size
+        # before it and its raw bytes.
+        self._thread: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+        self._in_flight = (0, 0)
 
     # -- adding --
 
@@ -307,6 +321,24 @@ class LayerWriter:
 
     def add_version(self, version: Version) -> None:
         self.add(version.key, version.lsn, version.kind, version.payload)
+
+    def add_rows(self, rows: Sequence[Version]) -> None:
+        """``add`` each row in order; one call for a run of rows costs much less per row."""
+        self._check_open()
+        if not rows:
+            return
+        size = _ROW_OVERHEAD * len(rows) + sum([len(row[3]) for row in rows])
+        if self._buffered_bytes + self._list_bytes + size >= self.row_group_bytes:
+            # A row group fills up within the run: row by row, so it is cut where add cuts it.
+            for row in rows:
+                self.add(*row)
+            return
+        keys, lsns, kinds, values = zip(*rows, strict=True)
+        self._keys.extend(keys)
+        self._lsns.extend(lsns)
+        self._kinds.extend(kinds)
+        self._values.extend(values)
+        self._list_bytes += size
 
     def add_batch(self, batch: pa.RecordBatch) -> None:
         self._check_open()
@@ -362,15 +394,20 @@ class LayerWriter:
             raise InvalidInput(f"invalid value kind {kinds['max']} (known: 0 image, 1 record, 2 init record)")
         lsns = cast(dict[str, Any], pc.min_max(table.column(1)).as_py())
         # Parquet caps a row group's row count; cutting here keeps one index entry per group.
+        pieces = []
         for start in range(0, table.num_rows, _MAX_GROUP_ROWS):
             piece = table.slice(start, _MAX_GROUP_ROWS)
-            try:
-                self._writer.write_table(piece, row_group_size=piece.num_rows)
-            except _ARROW_ERRORS as err:
-                raise OSError(f"cannot write layer file {self.path}: {_one_line(err)}") from err
             keys = piece.column(0)
             piece_bytes = self._buffered_bytes if piece.num_rows == table.num_rows else _batch_bytes(piece)
             self._index.append(RowGroup(keys[0].as_py(), keys[piece.num_rows - 1].as_py(), piece.num_rows, piece_bytes))
+            pieces.append(piece)
+        # Encoding and compressing run on the writer's thread (Parquet releases the GIL there)
+        # while the caller goes on buffering the next row group; one row group at a time.
+        self._wait()
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-writer")
+        self._in_flight = (self._sink.size, self._buffered_bytes)
+        self._pending = self._thread.submit(self._write, pieces)
         if self._first_key is None:
             self._first_key = self._index[0].first_key
         self._min_lsn = _opt_min(self._min_lsn, lsns["min"])
@@ -383,6 +420,19 @@ class LayerWriter:
         self._buffered_bytes = 0
         self._buffered_rows = 0
 
+    def _write(self, pieces: list[pa.Table]) -> None:
+        for piece in pieces:
+            try:
+                self._writer.write_table(piece, row_group_size=piece.num_rows)
+            except _ARROW_ERRORS as err:
+                raise OSError(f"cannot write layer file {self.path}: {_one_line(err)}") from err
+
+    def _wait(self) -> None:
+        """Until the row group being written is out; re-raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
     # -- progress --
 
     @property
@@ -393,10 +443,24 @@ class LayerWriter:
     def estimated_size(self) -> int:
         """Approximate file size if finished now: bytes already written, plus the buffered rows
         at the compression ratio seen so far (uncompressed until the first row group is out)."""
+        self._wait()
         pending = self._buffered_bytes + self._list_bytes
         if self._flushed_raw_bytes:
             pending = pending * self._sink.size // self._flushed_raw_bytes
         return self._sink.size + pending
+
+    def size_reaches(self, limit: int) -> bool:
+        """``estimated_size >= limit``, without waiting for the row group being written unless
+        the answer depends on it: while one is in flight, an upper bound of the estimate (its
+        compressed size at most its raw size, plus zstd's and Parquet's overhead) below
+        ``limit`` settles it."""
+        if self._pending is not None and not self._pending.done():
+            before, raw = self._in_flight
+            written = before + raw + raw // 64 + (1 << 20)
+            pending = self._buffered_bytes + self._list_bytes
+            if written + pending * written // self._flushed_raw_bytes < limit:
+                return False
+        return self.estimated_size >= limit
 
     @property
     def first_key(self) -> bytes | None:
@@ -427,6 +491,8 @@ class LayerWriter:
         try:
             self._stage_lists()
             self._flush()
+            self._wait()
+            self._stop_thread()
             self._check_name(name)
             self._writer.add_key_value_metadata(
                 {
@@ -460,8 +526,16 @@ class LayerWriter:
         if not name.is_delta and self._max_kind != ValueKind.IMAGE:
             raise InvalidInput(f"image layer {name} holds WAL records")
 
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+
     def abort(self) -> None:
         """Close and delete the file; safe to call more than once."""
+        with contextlib.suppress(Exception):
+            self._wait()  # the writer's thread must be done with the file
+        self._stop_thread()
         if self._open:
             self._open = False
             # The writer may be in a failed state; the file is deleted anyway.
@@ -633,8 +707,8 @@ class LayerReader:
             yield from self._iter_row_group(i, key_range)
 
     def iter_versions(self, key_range: KeyRange | None = None) -> Iterator[Version]:
-        for batch in self.iter_batches(key_range):
-            yield from batch_to_versions(batch)
+        # Chained in C: no Python frame per version.
+        return itertools.chain.from_iterable(map(batch_to_versions, self.iter_batches(key_range)))
 
     def _iter_row_group(self, i: int, key_range: KeyRange | None) -> Iterator[pa.RecordBatch]:
         """Stream row group ``i`` in batches of about _READ_BATCH_BYTES, checked against its

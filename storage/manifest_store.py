@@ -73,6 +73,18 @@ class ManifestStore:
                 f"manifest {key} holds number {manifest.number} of "
                 f"{manifest.tenant_id}/{manifest.timeline_id}, not {number} of {tenant}/{timeline}"
             )
+        # Object keys of layers are the one key a manifest carries verbatim instead of building
+        # it from validated ids (found by the security tests): a forged or damaged manifest could
+        # point reads, downloads and deletes of uploads at another timeline's objects, or at
+        # "../" paths. Every legitimate key is ``layout.new_layer_key`` of this timeline.
+        prefix = layout.layers_prefix(tenant, timeline)
+        for entry in manifest.layers.values():
+            leaf = entry.object_key[len(prefix) :]
+            if not entry.object_key.startswith(prefix) or not leaf.startswith(entry.name) or "/" in leaf:
+                raise CorruptManifest(
+                    f"manifest {key} is corrupt: layer {entry.name} has object key {entry.object_key[:200]!r} "
+                    f"outside {prefix}"
+                )
         return manifest
 
     def load(self, tenant: str, timeline: str, number: int) -> Manifest:

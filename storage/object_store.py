@@ -340,6 +340,17 @@ class ObjectStore:
                 return
             raise self._fail("create-bucket", "", err) from err
 
+    def check_bucket(self) -> None:
+        """Raise a one-line error unless the bucket exists and answers: a start-up check for
+        processes that need the store but never create the bucket (workers)."""
+        try:
+            self._call("head-bucket", "", lambda: self._client.head_bucket(Bucket=self._bucket))
+        except bexc.ClientError as err:
+            if _error_status(err) == 404 or _error_code(err) in {"404", "NoSuchBucket", "NotFound"}:
+                where = self._settings.s3_endpoint_url or "AWS"
+                raise NotFound(f"bucket {self._bucket} does not exist at {where}") from None
+            raise self._fail("head-bucket", "", err) from err
+
     def verify_conditional_writes(self) -> None:
         """Check that the endpoint honours ``If-None-Match: *``. A server that silently ignores
         it would let two manifest commits overwrite each other, so refuse to run on one."""

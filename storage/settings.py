@@ -54,4 +54,7 @@ class Settings(BaseSettings):
     breaker_cooldown_s: float = Field(default=3600.0, ge=0)
     coordinator_interval_s: float = Field(default=10.0, gt=0)
     redis_timeout_s: float = Field(default=5.0, gt=0)
+    # orphan cleanup by the coordinator loop (coordinator.orphans); 0 turns the periodic run off
+    orphan_interval_s: float = Field(default=3600.0, ge=0, description="seconds between orphan cleanups")
+    orphan_grace_s: float = Field(default=6 * 3600.0, ge=0, description="minimum age of an orphan before deletion")
     faults_enabled: bool = Field(default=False, description="honour fault points set in Redis (tests only)")

@@ -6,6 +6,7 @@ bucket (``s3_settings``) with a ready ``object_store`` and ``manifest_store``.
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,3 +99,15 @@ def redis_url(redis_server: object) -> Iterator[str]:
     client.flushdb()
     client.close()
     yield url
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault suite's counts (tests/faultkit.py), at the end of any run that included it."""
+    kit = sys.modules.get("tests.faultkit")
+    summary = getattr(kit, "SUMMARY", None)
+    if summary is None or not summary.scenarios:
+        return
+    terminalreporter.section("fault summary")
+    terminalreporter.write_line(summary.render())
+    if summary.path is not None:
+        terminalreporter.write_line(f"written to {summary.path}")

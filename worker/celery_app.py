@@ -17,6 +17,7 @@ process that has its own :class:`Settings` (``--env-file``) calls :func:`configu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -99,6 +100,8 @@ def configure(settings: Settings) -> Any:
 
 def reset_connections() -> None:
     """Forget broker and result-backend connections made with an earlier configuration."""
+    from kombu import pools
+
     pool = getattr(app, "_pool", None)
     if pool is not None:
         try:
@@ -106,6 +109,17 @@ def reset_connections() -> None:
         except Exception as err:  # a pool to a server that is gone
             log.debug("closing the broker pool failed error=%r", one_line(err))
         app._pool = None
+        # Found by the fault suite, which runs several embedded stacks in one process: kombu's
+        # global pool groups keep the closed pool (under its URL, so a later stack on the same
+        # URL gets it back), and Celery caches a producer pool over it for publishing and for
+        # remote control; the next stack then fails with "Acquire on closed pool".
+        for group in (pools.connections, pools.producers):
+            for key, value in list(group.items()):
+                if value is pool or getattr(value, "connections", None) is pool:
+                    dict.__delitem__(group, key)  # keys are hashes already; its own del re-hashes
+    app.amqp._producer_pool = None
+    with contextlib.suppress(AttributeError):
+        del app.control.mailbox.producer_pool  # a cached_property over the pool above
     local = getattr(app, "_local", None)
     if local is not None and hasattr(local, "backend"):
         del local.backend
@@ -134,6 +148,34 @@ class CeleryPublisher:
         self._app.send_task(task, kwargs=kwargs, queue=queue, routing_key=queue, countdown=countdown)
 
 
+def _tolerate_dead_channel(message: Any) -> None:
+    """Make the late acknowledgement (or rejection) of ``message`` survive the loss of the
+    broker connection it came on.
+
+    Found by the fault suite (a Redis restart while tasks run): with ``acks_late`` the ack is
+    sent when the task ends, on the channel the message arrived on; after a reconnect kombu
+    5.7's Redis channel fails that with AttributeError instead of a connection error, and Celery
+    stops the whole worker as an unrecoverable error. The message then simply stays
+    unacknowledged and is delivered again after the visibility timeout, which every task
+    tolerates (a duplicate delivery).
+    """
+    ack, reject = message.ack_log_error, message.reject_log_error
+
+    def ack_log_error(logger: Any, errors: Any, multiple: bool = False) -> None:
+        try:
+            ack(logger, errors, multiple=multiple)
+        except AttributeError as err:
+            log.warning("message not acknowledged: its broker channel is gone error=%r", one_line(err))
+
+    def reject_log_error(logger: Any, errors: Any, requeue: bool = False) -> None:
+        try:
+            reject(logger, errors, requeue=requeue)
+        except AttributeError as err:
+            log.warning("message not rejected: its broker channel is gone error=%r", one_line(err))
+
+    message.ack_log_error, message.reject_log_error = ack_log_error, reject_log_error
+
+
 class Consumer(_CeleryConsumer):  # type: ignore[misc]
     """Celery's consumer, logging undecodable or malformed messages in one line (the default
     dumps the body and a traceback) before dropping them.
@@ -147,6 +189,7 @@ class Consumer(_CeleryConsumer):  # type: ignore[misc]
         handle = super().create_task_handler(*args, **kwargs)
 
         def on_task_received(message: Any) -> Any:
+            _tolerate_dead_channel(message)
             try:
                 return handle(message)
             except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
@@ -157,6 +200,19 @@ class Consumer(_CeleryConsumer):  # type: ignore[misc]
                 return None
 
         return on_task_received
+
+    def on_connection_error_after_connected(self, exc: BaseException) -> None:
+        # Found by the fault suite (a Redis restart under running workers): kombu 5.7's Redis
+        # channel, closed after the connection was lost, restores its unacknowledged messages
+        # through a transport whose client is already gone and raises AttributeError. Celery
+        # calls that an unrecoverable error and the whole worker exits on every Redis restart.
+        # Those messages stay in the broker's unacked set and come back after the visibility
+        # timeout (the coordinator re-enqueues sub-jobs long before); reconnecting is right.
+        try:
+            super().on_connection_error_after_connected(exc)
+        except AttributeError as err:
+            log.warning("broker connection cleanup failed; reconnecting anyway error=%r", one_line(err))
+            self.connection = None
 
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
         log.error(

@@ -34,7 +34,8 @@ def validate(proposal: CommitProposal, newest: Manifest) -> None:
     retained = sorted(set(newest.gc.retained_below(rs.horizon)))
     if retained != rs.retain_lsns:
         raise ManifestConflict(f"retain LSNs/leases below the horizon changed: {rs.retain_lsns} -> {retained}")
-    clash = [entry.name for entry in proposal.added if entry.name in newest.layers]
+    # An added layer may replace a removed one of the same name (see the engine's discard rule).
+    clash = [e.name for e in proposal.added if e.name in newest.layers and e.name not in proposal.removed]
     if clash:
         raise ManifestConflict(f"output layer {clash[0]} already exists")
 

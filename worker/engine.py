@@ -4,19 +4,32 @@ The functional core: a plan (``worker.plan``) and a ``LayerIO`` in, a ``CommitPr
 statistics out. Versions stream from the selected layers through one k-merge, key by key, into
 ``generate_key_retention`` and on to the split writers; memory holds one key's history plus the
 writers' buffers. Nothing here knows about Celery, Redis or manifests being committed.
+
+Transfers overlap the compute: the selected layers download on a background thread in the order
+the merge first needs them (the main loop waits only for a layer it is about to open; that wait
+is ``time_download_layer_secs``), and each output layer uploads on another thread as soon as it
+is cut. The k-merge moves whole keys between chains of key-disjoint layers (``_histories``), so
+the heap is as wide as the number of LSN bands and one layer per chain is open at a time.
 """
+
+from __future__ import annotations
 
 import heapq
 import logging
 import shutil
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
+from itertools import groupby, islice
+from operator import itemgetter
 from pathlib import Path
 from typing import Protocol
 
 from storage.errors import CompactorError
-from storage.keys import KeyRange, format_key
-from storage.layer_file import LayerFileInfo, LayerWriter
+from storage.keys import KEY_MAX, KeyRange, format_key, key_next
+from storage.layer_file import LayerFileInfo, LayerReader, LayerWriter
 from storage.layer_map import check_valid_layermap
 from storage.layer_name import LayerName
 from storage.manifest import LayerEntry, Manifest
@@ -26,7 +39,7 @@ from worker.jobs import CommitProposal
 from worker.plan import JobPlan
 from worker.retention import DELTA_THRESHOLD, generate_key_retention, place
 from worker.split_writers import Discarded, Produced, SplitDeltaWriter, SplitImageWriter, WriterResult
-from worker.statistics import CompactionStatistics, PhaseTimer
+from worker.statistics import CompactionStatistics, KeyValueCounters, PhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -133,23 +146,52 @@ def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | Non
             (stats.visit_delta_layer if entry.layer.is_delta else stats.visit_image_layer)(entry.size)
         total.mark("time_analyze_secs")
 
-        with PhaseTimer(stats, "time_download_layer_secs"):
-            for entry in plan.selected:
-                hooks.check_cancelled()
-                io.fetch(entry)
-        hooks.on_progress(Progress())
+        # Layers download in the background while the main loop reads those already here, and
+        # each output layer uploads as soon as it is cut: transfers overlap the compute.
+        downloads = _Downloads(io, plan.selected, hooks)
+        uploads = _Uploads(io, manifest)
+
+        def discard(name: LayerName, file: LayerFileInfo | None = None) -> bool:
+            if job.dry_run:
+                return True
+            if name.is_l0:
+                raise CompactionFailed(f"output {name} would be an L0 layer; gc-compaction never writes L0")
+            # The seed drops any output named like an existing layer, assuming gc-compaction only
+            # ever removes data from it. An output can also hold more (keys of an image layer
+            # this job removes, say): it is dropped only when every version it holds survives
+            # elsewhere, otherwise it replaces the layer of that name.
+            existing = manifest.layers.get(str(name))
+            if existing is None or file is None:
+                return False
+            return existing.sha256 == file.sha256 or _survives_without(file, existing, plan, io)
+
+        def on_cut(name: LayerName, file: LayerFileInfo) -> WriterResult:
+            if discard(name, file):
+                file.path.unlink(missing_ok=True)
+                return Discarded(name)
+            piece = Produced(name, file)
+            uploads.submit(piece)
+            return piece
 
         workdir = settings.workdir
-        workdir.mkdir(parents=True, exist_ok=True)
+        target = settings.target_layer_bytes
         images = (
             None
             if plan.has_data_below
-            else SplitImageWriter(workdir, plan.key_range.start, plan.lowest_retain_lsn, settings.target_layer_bytes)
+            else SplitImageWriter(workdir, plan.key_range.start, plan.lowest_retain_lsn, target, on_cut)
         )
-        deltas = SplitDeltaWriter(workdir, plan.delta_lsn_range, settings.target_layer_bytes)
+        deltas = SplitDeltaWriter(workdir, plan.delta_lsn_range, target, on_cut)
         try:
-            with PhaseTimer(stats, "time_main_loop_secs") as main_loop:
-                keys = _main_loop(plan, io, settings, hooks, stats, images, deltas, verification, main_loop)
+            try:
+                hooks.on_progress(Progress())
+                workdir.mkdir(parents=True, exist_ok=True)
+                with PhaseTimer(stats, "time_main_loop_secs") as timer:
+                    writers = (images, deltas)
+                    keys = _main_loop(plan, io, settings, hooks, stats, writers, verification, timer, downloads)
+            finally:
+                # Whatever happened: no download goes on behind the job's back.
+                downloads.close()
+                stats.time_download_layer_secs += downloads.waited
             if not keys:
                 # The seed fails here ("no keys produced"); a range with no live keys simply has
                 # nothing to compact, and rewriting around it would only churn layers.
@@ -158,26 +200,19 @@ def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | Non
                 if images:
                     images.abort()
                 deltas.abort()
+                uploads.abort()
                 stats.finalize()
                 return Result(CommitProposal(job=job, read_set=plan.read_set()), stats, [])
             with PhaseTimer(stats, "time_final_phase_secs"):
-                rewritten = _rewrite_straddling(plan, io, settings)
-                existing = set(manifest.layers)
-
-                def discard(name: LayerName) -> bool:
-                    if job.dry_run:
-                        return True
-                    if name.is_l0:
-                        raise CompactionFailed(f"output {name} would be an L0 layer; gc-compaction never writes L0")
-                    return str(name) in existing
-
+                rewritten = _rewrite_straddling(plan, io, settings, uploads.submit)
                 results = (images.finish(plan.key_range.end, discard) if images else []) + deltas.finish(discard)
         except BaseException:
             if images:
                 images.abort()
             deltas.abort()
+            uploads.abort()
             raise
-        proposal, produced = _propose(plan, io, stats, results, rewritten)
+        proposal, produced = _propose(plan, stats, results, rewritten, uploads)
     stats.finalize()
     log.info(
         "gc-compaction done tenant=%s timeline=%s keys=%s selected=%d removed=%d added=%d kept=%d dry_run=%s",
@@ -187,10 +222,102 @@ def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | Non
     return Result(proposal, stats, produced)
 
 
-def _merged(plan: JobPlan, io: LayerIO) -> Iterator[Version]:
-    streams = [io.versions(entry, plan.key_range) for entry in plan.selected]
-    merged = streams[0] if len(streams) == 1 else heapq.merge(*streams)
-    return live_filter(merged, plan.manifest.live_ranges())
+def _chains(entries: list[LayerEntry]) -> list[list[LayerEntry]]:
+    """The selected layers as chains: each chain holds layers of one LSN range with disjoint key
+    ranges, in key order, so it reads as one sorted stream with one layer open at a time and
+    holds each key in at most one of its layers. Chains come in LSN order, bands first."""
+    by_lsn: dict[tuple[int, int], list[tuple[KeyRange, LayerEntry]]] = {}
+    for entry in entries:
+        layer = entry.layer
+        by_lsn.setdefault(layer.lsn_range, []).append((layer.key_range, entry))
+    chains: list[list[LayerEntry]] = []
+    for lsn_range in sorted(by_lsn):
+        ends: list[bytes] = []  # key end of each open chain's last layer
+        band: list[list[LayerEntry]] = []
+        for key_range, entry in sorted(by_lsn[lsn_range], key=lambda item: item[0]):
+            for i, end in enumerate(ends):
+                if end <= key_range.start:
+                    band[i].append(entry)
+                    ends[i] = key_range.end
+                    break
+            else:
+                band.append([entry])
+                ends.append(key_range.end)
+        chains.extend(band)
+    return chains
+
+
+_KEY_OF = itemgetter(0)
+# Key groups are taken in slices of this many versions; only a longer group has its bytes
+# counted while it is read, so a huge key cannot be held in memory beyond the history limit.
+_GROUP_SLICE = 1024
+
+
+def _key_groups(
+    io: LayerIO, chain: list[LayerEntry], key_range: KeyRange, limit: int, ready: Callable[[LayerEntry], None]
+) -> Iterator[list[Version]]:
+    """The versions of each key of a chain, one list per key, in key order; layers are opened
+    one after the other. A key whose versions pass ``limit`` bytes is cut off there (the main
+    loop then fails the job on it)."""
+    for entry in chain:
+        ready(entry)
+        for _, group in groupby(io.versions(entry, key_range), _KEY_OF):
+            versions = list(islice(group, _GROUP_SLICE))
+            if len(versions) == _GROUP_SLICE:
+                size = sum([len(v.payload) for v in versions])
+                while size < limit and (more := list(islice(group, _GROUP_SLICE))):
+                    versions += more
+                    size += sum([len(v.payload) for v in more])
+            yield versions
+
+
+def _histories(
+    plan: JobPlan, io: LayerIO, limit: int, ready: Callable[[LayerEntry], None] = lambda entry: None
+) -> Iterator[list[Version]]:
+    """Every live key's versions, in key order, each sorted by ``(lsn, kind, payload)``: the
+    k-merge of the selected layers, grouped by key. The merge runs over chains of key-disjoint
+    layers (``_chains``) and moves whole keys, so the heap is as wide as the number of bands and
+    is touched once per key and band, not once per version."""
+    streams = [_key_groups(io, chain, plan.key_range, limit, ready) for chain in _chains(plan.selected)]
+    merged = streams[0] if len(streams) == 1 else _merge_key_groups(streams)
+    live = plan.manifest.live_ranges()
+    if live is None:
+        return merged
+    ranges = sorted(live)
+    return (h for h in merged if any(r.start <= h[0].key < r.end for r in ranges))
+
+
+def _merge_key_groups(streams: list[Iterator[list[Version]]]) -> Iterator[list[Version]]:
+    heap: list[tuple[bytes, int, list[Version]]] = []
+    for index, stream in enumerate(streams):
+        group = next(stream, None)
+        if group is not None:
+            heap.append((group[0].key, index, group))
+    heapq.heapify(heap)
+    while heap:
+        key, index, history = heap[0]
+        _advance(heap, streams, index)
+        if heap and heap[0][0] == key:
+            # Several chains hold the key: taken in chain order, which is LSN order for bands.
+            history = list(history)
+            in_order = True
+            while heap and heap[0][0] == key:
+                _, index, group = heap[0]
+                _advance(heap, streams, index)
+                in_order = in_order and history[-1] < group[0]
+                history += group
+            if not in_order:
+                history.sort()
+        yield history
+
+
+def _advance(heap: list[tuple[bytes, int, list[Version]]], streams: list[Iterator[list[Version]]], index: int) -> None:
+    """Replace the heap's top (a group of stream ``index``) with that stream's next group."""
+    group = next(streams[index], None)
+    if group is None:
+        heapq.heappop(heap)
+    else:
+        heapq.heapreplace(heap, (group[0].key, index, group))
 
 
 def _base_images(plan: JobPlan, io: LayerIO) -> Iterator[tuple[bytes, bytes]]:
@@ -208,12 +335,13 @@ def _main_loop(
     settings: EngineSettings,
     hooks: Hooks,
     stats: CompactionStatistics,
-    images: SplitImageWriter | None,
-    deltas: SplitDeltaWriter,
+    writers: tuple[SplitImageWriter | None, SplitDeltaWriter],
     verification: bool,
     timer: PhaseTimer,
+    downloads: _Downloads,
 ) -> int:
     """Feed every key's history through retention into the writers; returns the keys seen."""
+    images, deltas = writers
     horizon, retain, lowest = plan.horizon, plan.retain_lsns, plan.lowest_retain_lsn
     delta_floor = plan.delta_lsn_range[0]
     base_stream = _base_images(plan, io)
@@ -222,14 +350,32 @@ def _main_loop(
     progress = Progress()
     threshold = settings.delta_threshold
     image_kind = int(ValueKind.IMAGE)
+    limit = MAX_KEY_HISTORY_BYTES
+    every = hooks.every_versions
+    next_report = every
+    counts = KeyValueCounters()
 
-    history: list[Version] = []
-    history_bytes = 0
-
-    def flush_key() -> None:
-        nonlocal next_base
+    for history in _histories(plan, io, limit, downloads.wait):
+        if not progress.versions_in:
+            timer.mark("time_to_first_kv_pair_secs")
         key = history[0].key
-        stats.on_unique_key_visited()
+        size = image_size = images_in = 0
+        for version in history:
+            n = len(version.payload)
+            size += n
+            if version.kind == image_kind:
+                images_in += 1
+                image_size += n
+        if size >= limit:
+            _too_much_history(key, history, limit)
+        counts.image_visited += images_in
+        counts.image_visited_bytes += image_size
+        counts.wal_visited += len(history) - images_in
+        counts.wal_visited_bytes += size - image_size
+        progress.versions_in += len(history)
+        progress.bytes_in += size
+
+        counts.unique_keys += 1
         base: Version | None = None
         while next_base is not None and next_base[0] < key:
             next_base = next(base_stream, None)
@@ -238,7 +384,8 @@ def _main_loop(
         retention = generate_key_retention(key, history, horizon, retain, threshold, base, verification)
         first_image, rest = place(key, retention, has_image_layer=images is not None)
         if first_image is not None:
-            stats.produce_image_key(first_image.payload)
+            counts.image_produced += 1
+            counts.image_produced_bytes += len(first_image.payload)
             if not dry_run and images is not None:
                 images.put(key, first_image.payload)
         for version in rest:
@@ -247,43 +394,39 @@ def _main_loop(
                     f"key {format_key(key)} has no base image at or below LSN {version.lsn} "
                     f"(incomplete history below the lowest retain LSN {delta_floor}); cannot compact it"
                 )
-            stats.produce_key(version)
-            if not dry_run:
-                deltas.put(version)
+            if version.kind == image_kind:
+                counts.image_produced += 1
+                counts.image_produced_bytes += len(version.payload)
+            else:
+                counts.wal_produced += 1
+                counts.wal_produced_bytes += len(version.payload)
+        if not dry_run:
+            deltas.put_key(rest)
+        progress.keys += 1
 
-    for version in _merged(plan, io):
-        if not progress.versions_in:
-            timer.mark("time_to_first_kv_pair_secs")
-        progress.versions_in += 1
-        size = len(version.payload)
-        progress.bytes_in += size
-        if version.kind == image_kind:
-            stats.visit_image_key(version)
-        else:
-            stats.visit_wal_key(version)
-        if history and version.key != history[0].key:
-            flush_key()
-            progress.keys += 1
-            history.clear()
-            history_bytes = 0
-        history.append(version)
-        history_bytes += size
-        if history_bytes >= MAX_KEY_HISTORY_BYTES:
-            raise CompactionFailed(
-                f"too many values for a single key: {history_bytes} bytes for key {format_key(version.key)}, "
-                f"{len(history)} versions"
-            )
-        if progress.versions_in % hooks.every_versions == 0:
+        if progress.versions_in >= next_report:
+            next_report = (progress.versions_in // every + 1) * every
             hooks.check_cancelled()
             hooks.on_progress(progress)
-    if history:
-        flush_key()
-        progress.keys += 1
+    counts.add_to(stats)
     hooks.on_progress(progress)
     return progress.keys
 
 
-def _rewrite_straddling(plan: JobPlan, io: LayerIO, settings: EngineSettings) -> list[Produced]:
+def _too_much_history(key: bytes, history: list[Version], limit: int) -> None:
+    """Fail the job on a key whose history passes ``limit`` bytes, naming where it passed."""
+    size = 0
+    for count, version in enumerate(history, 1):
+        size += len(version.payload)
+        if size >= limit:
+            raise CompactionFailed(
+                f"too many values for a single key: {size} bytes for key {format_key(key)}, {count} versions"
+            )
+
+
+def _rewrite_straddling(
+    plan: JobPlan, io: LayerIO, settings: EngineSettings, upload: Callable[[Produced], None]
+) -> list[Produced]:
     """Cut selected deltas that reach outside the job's key range into the pieces before and
     after it, keeping the original LSN range (the seed's ``delta_layer_rewriters``): the piece
     before covers ``[layer start, job start)``, the piece after ``[job end, layer end)``."""
@@ -304,16 +447,39 @@ def _rewrite_straddling(plan: JobPlan, io: LayerIO, settings: EngineSettings) ->
                 if not writer.num_rows:
                     writer.abort()
                     continue
-                out.append(Produced(name, writer.finish(name)))
+                piece = Produced(name, writer.finish(name))
+                upload(piece)
+                out.append(piece)
     return out
+
+
+def _survives_without(file: LayerFileInfo, existing: LayerEntry, plan: JobPlan, io: LayerIO) -> bool:
+    """Whether every version in the output ``file`` is also in ``existing`` (the layer of the
+    same name, which stays) or in a layer this job does not remove."""
+    missing = {(v.key, v.lsn) for v in LayerReader(file.path).iter_versions()}
+    missing -= {(v.key, v.lsn) for v in io.versions(existing, existing.layer.key_range)}
+    if not missing:
+        return True
+    selected = {entry.name for entry in plan.selected}
+    last = max(key for key, _ in missing)
+    span = KeyRange(min(key for key, _ in missing), key_next(last) if last != KEY_MAX else KEY_MAX)
+    for entry in plan.manifest.layers.values():
+        stays = entry.name not in selected or (
+            not entry.layer.is_delta and not plan.key_range.covers(entry.layer.key_range)
+        )
+        if stays and entry.name != existing.name and entry.layer.key_range.overlaps(span):
+            missing -= {(v.key, v.lsn) for v in io.versions(entry, span)}
+            if not missing:
+                return True
+    return False
 
 
 def _propose(
     plan: JobPlan,
-    io: LayerIO,
     stats: CompactionStatistics,
     results: list[WriterResult],
     rewritten: list[Produced],
+    uploads: _Uploads,
 ) -> tuple[CommitProposal, list[LayerEntry]]:
     selected_sizes = {entry.name: entry.size for entry in plan.selected}
     keep: set[str] = set()
@@ -336,26 +502,98 @@ def _propose(
             keep.add(entry.name)
     removed = [entry.name for entry in plan.selected if entry.name not in keep]
     kept = sorted(keep & set(selected_sizes))
+    replaced_outside = [
+        str(p.name) for p in produced if str(p.name) in plan.manifest.layers and str(p.name) not in removed
+    ]
+    if replaced_outside:
+        uploads.abort()
+        raise CompactionFailed(f"output {replaced_outside[0]} would replace a layer this job did not read")
 
     if plan.job.dry_run:
+        uploads.abort()
         return CommitProposal(job=plan.job, read_set=plan.read_set(), removed=removed, added=[], kept=kept), []
 
     final = set(plan.manifest.layers) - set(removed) | {str(p.name) for p in produced}
     problem = check_valid_layermap(LayerName.parse(n) for n in final)
     if problem:
-        for piece in produced:
-            piece.file.path.unlink(missing_ok=True)
+        uploads.abort()
         raise CompactionFailed(f"layer map check failed after compaction ({problem}); result not applied")
-
-    uploaded: list[LayerEntry] = []
-    try:
-        for piece in produced:
-            uploaded.append(io.upload(plan.manifest, piece.name, piece.file))
-            piece.file.path.unlink(missing_ok=True)
-    except BaseException:
-        io.delete_uploads(uploaded)
-        for piece in produced:
-            piece.file.path.unlink(missing_ok=True)
-        raise
+    uploaded = uploads.entries(produced)
     proposal = CommitProposal(job=plan.job, read_set=plan.read_set(), removed=removed, added=uploaded, kept=kept)
     return proposal, uploaded
+
+
+class _Downloads:
+    """Fetches the selected layers on a background thread, in the order the merge first needs
+    them (by key), while the main loop reads those already here. ``wait`` blocks until a
+    layer is local and re-raises its download's error; ``waited`` sums the time blocked."""
+
+    def __init__(self, io: LayerIO, entries: list[LayerEntry], hooks: Hooks) -> None:
+        self._hooks = hooks
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-download")
+        order = sorted(entries, key=lambda entry: (entry.layer.key_range.start, entry.layer.lsn_start))
+        self._futures = {entry.name: self._pool.submit(io.fetch, entry) for entry in order}
+        self.waited = 0.0
+
+    def wait(self, entry: LayerEntry) -> None:
+        future = self._futures[entry.name]
+        if not future.done():
+            start = time.perf_counter()
+            while not futures_wait([future], timeout=1.0).done:
+                self._hooks.check_cancelled()
+            self.waited += time.perf_counter() - start
+        future.result()
+
+    def close(self) -> None:
+        """Cancel what has not started and wait for the rest (a failed download is only
+        reported to ``wait``)."""
+        for future in self._futures.values():
+            future.cancel()
+        self._pool.shutdown(wait=True)
+
+
+class _Uploads:
+    """Uploads output layers on a background thread as they are cut. Each local file is deleted
+    once its upload ends, whatever the outcome. ``entries`` waits for the uploads and returns
+    them in the order asked for; ``abort`` deletes every object uploaded and every file left."""
+
+    def __init__(self, io: LayerIO, manifest: Manifest) -> None:
+        self._io = io
+        self._manifest = manifest
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[int, tuple[Produced, Future[LayerEntry]]] = {}
+
+    def submit(self, piece: Produced) -> None:
+        for _, future in self._pending.values():
+            if future.done() and future.exception() is not None:
+                future.result()  # an earlier upload failed: stop now rather than at the end
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-upload")
+        self._pending[id(piece)] = (piece, self._pool.submit(self._upload, piece))
+
+    def _upload(self, piece: Produced) -> LayerEntry:
+        try:
+            return self._io.upload(self._manifest, piece.name, piece.file)
+        finally:
+            piece.file.path.unlink(missing_ok=True)
+
+    def entries(self, pieces: list[Produced]) -> list[LayerEntry]:
+        try:
+            return [self._pending[id(piece)][1].result() for piece in pieces]
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        for _, future in self._pending.values():
+            future.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        uploaded = []
+        for piece, future in self._pending.values():
+            piece.file.path.unlink(missing_ok=True)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                uploaded.append(future.result())
+        self._pending = {}
+        if uploaded:
+            self._io.delete_uploads(uploaded)

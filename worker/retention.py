@@ -32,11 +32,12 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import pairwise
+from itertools import islice, pairwise, repeat
+from operator import eq, itemgetter, lt, ne
 
 from storage.errors import InvalidInput, RedoError
 from storage.keys import format_key
-from storage.redo import replay
+from storage.redo import apply_record, replay
 from storage.values import ValueKind, Version, image
 
 DELTA_THRESHOLD = 5
@@ -46,6 +47,7 @@ DELTA_THRESHOLD = 5
 # Plain ints: comparing with an IntEnum member costs a method call per version.
 _IMAGE = int(ValueKind.IMAGE)
 _RECORD = int(ValueKind.RECORD)
+_KEY, _LSN = itemgetter(0), itemgetter(1)
 
 
 @dataclass(slots=True)
@@ -67,7 +69,13 @@ class KeyHistoryRetention:
         out.extend(self.above_horizon)
         return out
 
-    def verify(self, key: bytes, base_image: Version | None, full_history: Sequence[Version]) -> None:
+    def verify(
+        self,
+        key: bytes,
+        base_image: Version | None,
+        full_history: Sequence[Version],
+        replays: Replays | None = None,
+    ) -> None:
         """Replay the retention where reads must stay exact and compare with the original.
 
         Checks, as the seed does, each cut at or above the key's first LSN, the state before
@@ -75,39 +83,50 @@ class KeyHistoryRetention:
         value is also compared with a read of ``full_history`` at the same LSN, and a point where
         both the retention and the original lack a base (an incomplete history, see the module
         docstring) passes. Raises ``RedoError`` naming the key and LSN on any failure.
+        ``replays`` shares redo work with the retention that produced this (see ``Replays``).
         """
         if not full_history:
             return
-        lsns = [v.lsn for v in full_history]
+        replays = replays or Replays()
+        lsns = list(map(_LSN, full_history))
         min_lsn, max_lsn = min(lsns), max(lsns)
-        original = _OriginalReader(key, base_image, full_history)
+        original = _OriginalReader(key, base_image, full_history, replays)
         state: list[Version] = [] if base_image is None else [base_image]
+        # The value of state[:replayed], so a later check only replays what was pushed since.
+        replayed, value = 0, b""
 
         def check(lsn: int, at: int, skip_empty: bool) -> None:
             # `at` is the original's read LSN: `lsn` itself, or just below it where the seed
             # checks the state before an image or init record.
-            where = f"key {format_key(key)} at LSN {lsn}"
             if not state:
                 # The seed skips an empty state before the first version above the horizon; the
                 # original must then have had nothing there either.
                 if skip_empty and not original.exists(at):
                     return
-                raise RedoError(f"verification failed: {where} has no retained history")
+                raise RedoError(f"verification failed: {_where(key, lsn)} has no retained history")
             if state[0].kind == _RECORD:
                 if original.has_base(at):
-                    raise RedoError(f"verification failed: {where}: the retained history lost its base image")
+                    raise RedoError(
+                        f"verification failed: {_where(key, lsn)}: the retained history lost its base image"
+                    )
                 return
+            nonlocal replayed, value
             try:
-                value = replay(state)
+                value = replays.replay(state, replayed, value)
+                replayed = len(state)
                 expected = original.read(at)
             except RedoError as err:
-                raise RedoError(f"verification failed: {where}: {err}") from err
+                raise RedoError(f"verification failed: {_where(key, lsn)}: {err}") from err
             if value != expected:
-                raise RedoError(f"verification failed: {where}: the retained value differs from the original")
+                raise RedoError(
+                    f"verification failed: {_where(key, lsn)}: the retained value differs from the original"
+                )
 
         def push(version: Version) -> None:
+            nonlocal replayed
             if version.kind != _RECORD:
                 state.clear()
+                replayed = 0
             state.append(version)
 
         for cut, logs in self.below_horizon:
@@ -120,6 +139,10 @@ class KeyHistoryRetention:
                 check(version.lsn, version.lsn - 1, skip_empty=True)
             push(version)
         check(max_lsn, max_lsn, skip_empty=False)
+
+
+def _where(key: bytes, lsn: int) -> str:
+    return f"key {format_key(key)} at LSN {lsn}"
 
 
 def generate_key_retention(
@@ -147,6 +170,9 @@ def generate_key_retention(
     elif retain and retain[-1] >= horizon:
         raise InvalidInput(f"retain LSN {retain[-1]} is not below the gc horizon {horizon}")
 
+    # Verification replays what the retention replayed: share the work (without it, nothing is
+    # replayed twice and the memo would only cost).
+    replays = Replays() if verification else None
     if not history or history[0].lsn > horizon:
         # Nothing at or below the horizon: every cut is empty. That holds with a base image too,
         # since the first cut is then not forced and has no new records to count.
@@ -154,10 +180,10 @@ def generate_key_retention(
     elif len(history) == 1 and base_image is None:
         retention = _single_version(key, history[0], horizon, retain, delta_threshold)
     else:
-        retention = _general(key, history, horizon, retain, delta_threshold, base_image)
+        retention = _general(key, history, horizon, retain, delta_threshold, base_image, replays)
 
     if verification:
-        retention.verify(key, base_image, history)
+        retention.verify(key, base_image, history, replays)
     return retention
 
 
@@ -226,6 +252,7 @@ def _general(
     retain: Sequence[int],
     delta_threshold: int,
     base_image: Version | None,
+    replays: Replays | None = None,
 ) -> KeyHistoryRetention:
     cuts: list[tuple[int, list[Version]]] = []
     # What a read at the current cut replays: from the newest image or init record on.
@@ -266,7 +293,7 @@ def _general(
         else:
             wants_image = records_since_image > 0 and records_since_image >= delta_threshold
         if wants_image:
-            built = _image_at(key, cut, since_base)
+            built = _image_at(key, cut, since_base, replays)
             since_base = [built]
             records_since_image = 0
             cuts.append((cut, [built]))
@@ -275,21 +302,25 @@ def _general(
     return KeyHistoryRetention(cuts, _deduplicated(history, pos, prev_lsn))
 
 
-def _image_at(key: bytes, lsn: int, since_base: list[Version]) -> Version:
+def _image_at(key: bytes, lsn: int, since_base: list[Version], replays: Replays | None = None) -> Version:
     """The image of ``key`` at ``lsn`` from a history that starts with its base."""
     if len(since_base) == 1 and since_base[0].kind == _IMAGE:
         only = since_base[0]
         return only if only.lsn == lsn else image(key, lsn, only.payload)
     try:
-        page = replay(since_base)
+        page = replay(since_base) if replays is None else replays.replay(since_base)
     except RedoError as err:
         raise RedoError(f"cannot build the image of key {format_key(key)} at LSN {lsn}: {err}") from err
     return image(key, lsn, page)
 
 
 def _deduplicated(history: Sequence[Version], start: int, prev_lsn: int) -> list[Version]:
+    tail = history[start:] if start else history
+    lsns = list(map(_LSN, tail))
+    if all(map(ne, lsns, islice(lsns, 1, None))) and (not lsns or lsns[0] != prev_lsn):
+        return list(tail)  # nothing to drop
     out: list[Version] = []
-    for version in history[start:] if start else history:
+    for version in tail:
         if version.lsn != prev_lsn:
             out.append(version)
             prev_lsn = version.lsn
@@ -309,6 +340,9 @@ def _check_inputs(
         raise InvalidInput(f"retain LSNs {list(retain)} are not sorted")
     if base_image is not None and (base_image.key != key or base_image.kind != _IMAGE):
         raise InvalidInput(f"base image of key {format_key(key)} is not an image of that key")
+    lsns = list(map(_LSN, history))
+    if all(map(eq, map(_KEY, history), repeat(key))) and all(map(lt, lsns, islice(lsns, 1, None))):
+        return  # one key, strictly increasing LSNs: nothing below can fail
     prev: Version | None = None
     for version in history:
         if version.key != key:
@@ -327,10 +361,14 @@ def _check_inputs(
 class _OriginalReader:
     """Reads of the unchanged history, the way the read path does them."""
 
-    def __init__(self, key: bytes, base_image: Version | None, history: Sequence[Version]) -> None:
+    def __init__(
+        self, key: bytes, base_image: Version | None, history: Sequence[Version], replays: Replays | None = None
+    ) -> None:
         self._key = key
         self._versions = ([] if base_image is None else [base_image]) + _deduplicated(history, 0, -1)
-        self._lsns = [v.lsn for v in self._versions]
+        self._lsns = list(map(_LSN, self._versions))
+        self._replays = replays or Replays()
+        self._last = (-1, 0, b"")  # start, end and value of the previous read
 
     def _newest_base(self, lsn: int) -> tuple[int, int]:
         end = bisect_right(self._lsns, lsn)
@@ -351,4 +389,56 @@ class _OriginalReader:
             return None
         if start < 0:
             raise RedoError(f"the original history of key {format_key(self._key)} has no base at LSN {lsn}")
-        return replay(self._versions[start:end])
+        last_start, last_end, last_value = self._last
+        done = last_end - start if start == last_start and last_end <= end else 0
+        value = self._replays.replay(self._versions[start:end], done, last_value)
+        self._last = (start, end, value)
+        return value
+
+
+class Replays:
+    """``storage.redo.replay`` for the histories of one key, sharing work between them.
+
+    The retention, its verification and the reads of the original history replay overlapping
+    histories: the image built at a cut is the base of the next cut's replay, and the original
+    read at a cut replays the very versions the retention replayed. Each step ``(page, record)
+    -> page`` is remembered by the identity of the record, with the page it was applied to, so a
+    chain of records is applied once however many histories walk it. The memo holds every page
+    and record it names, so no identity is reused while it lives; keep one per key.
+
+    Results are those of ``replay`` (redo is a pure function of page and record). Whenever a step
+    fails, or the history does not start with a base, ``replay`` itself runs on the history so
+    that exactly its error is raised.
+    """
+
+    __slots__ = ("_steps",)
+
+    def __init__(self) -> None:
+        # id(record) -> (page it was applied to, the record, the page after it)
+        self._steps: dict[int, tuple[bytes, Version, bytes]] = {}
+
+    def replay(self, history: Sequence[Version], done: int = 0, value: bytes = b"") -> bytes:
+        """``replay(history)``; with ``done``, resumed after ``history[:done]``, whose replay
+        gave ``value``."""
+        steps = self._steps
+        page: bytes | None = value if done else None
+        for version in islice(history, done, None) if done else history:
+            kind = version[2]
+            if kind == _IMAGE:
+                page = version[3]
+                continue
+            if page is None and kind == _RECORD:
+                return replay(history)  # no base image: replay raises its error
+            base = page or b""
+            step = steps.get(id(version))
+            if step is not None and step[0] is base:
+                page = step[2]
+                continue
+            try:
+                page = apply_record(base, version[3])
+            except RedoError:
+                return replay(history)  # raises the same error, worded as replay words it
+            steps[id(version)] = (base, version, page)
+        if page is None:
+            return replay(history)  # empty history
+        return page

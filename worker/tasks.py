@@ -18,11 +18,13 @@ Running a sub-job (``compactor.run_sub_job``):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,8 +51,15 @@ from coordinator.job_records import (
 )
 from coordinator.meta_jobs import TASK_COMPACT, TASK_FINALIZE, TASK_PLAN, TASK_RUN, Publisher
 from storage.errors import CompactorError, StoreError
+from storage.keys import KeyRange
+from storage.layer_file import LayerFileInfo
+from storage.layer_name import LayerName
+from storage.manifest import LayerEntry, Manifest
+from storage.manifest_store import ManifestStore
+from storage.object_store import ObjectStore
 from storage.settings import Settings
 from storage.timeline import Storage
+from storage.values import Version
 from worker import metrics
 from worker.celery_app import CeleryPublisher, app, current_settings, node_id
 from worker.engine import EngineSettings, Hooks, Progress
@@ -310,8 +319,12 @@ def _run_claimed(
         if _cancel_requested(records, meta_id):
             raise JobCancelled("cancelled before commit; nothing committed")
 
+    faults = _Faults(ctx, claimed, stop, progress, token) if settings.faults_enabled else None
+    storage = ctx.storage if faults is None else _FaultyStorage(ctx.storage, faults.hit)
+
     def before_commit() -> None:
-        _fault_points(ctx, claimed, stop, progress, attempt, token)
+        if faults is not None:
+            faults.hit("before_commit")
         verify()
         progress[0] = progress[0].model_copy(update={"phase": "committing"})
         records.heartbeat(sub_id, attempt, token, progress[0])
@@ -327,7 +340,7 @@ def _run_claimed(
         with tempfile.TemporaryDirectory(dir=workroot, prefix=f"{sub_id}-{attempt}-") as workdir:
             engine = EngineSettings(target_layer_bytes=settings.target_layer_bytes, workdir=Path(workdir))
             outcome = compact(
-                ctx.storage,
+                storage,
                 claimed.job,
                 engine,
                 hooks,
@@ -401,26 +414,84 @@ def _observe(ended: SubJobRecord, state: JobState, outcome: Any) -> None:
         metrics.replanned()
 
 
-def _fault_points(
-    ctx: Context, sub: SubJobRecord, stop: _Stop, progress: list[JobProgress], attempt: int, token: str
-) -> None:
-    """Test-only pauses and failures before the commit (COMPACTOR_FAULTS_ENABLED)."""
-    if not ctx.settings.faults_enabled:
-        return
-    targets = [sub.id, sub.meta_id]
-    fault = ctx.records.take_fault("fail_before_commit", targets)
-    if fault is not None:
-        raise InjectedFault(str(fault.get("message", "injected failure before commit")))
-    fault = ctx.records.take_fault("pause_before_commit", targets)
-    if fault is None:
-        return
-    progress[0] = progress[0].model_copy(update={"phase": "paused"})
-    ctx.records.heartbeat(sub.id, attempt, token, progress[0])
-    deadline = time.monotonic() + float(fault.get("seconds", 5.0))
-    log.warning("fault point: paused before commit sub_job=%s seconds=%s", sub.id, fault.get("seconds"))
-    while time.monotonic() < deadline:
-        stop.check()
-        time.sleep(0.05)
+# ----------------------------------------------------------------------------- fault points
+
+FAULT_WHERE = ("in_download", "in_merge", "in_upload", "before_commit", "in_commit")
+"""Where the fault tests can hold or fail a sub-job (``COMPACTOR_FAULTS_ENABLED`` only): while
+a layer downloads, in the middle of the k-merge, right after an output layer was uploaded, just
+before the commit, and right after the new manifest was written but before the job record says
+so. ``JobRecords.set_fault("pause_<where>", target, {"seconds": s})`` holds the attempt there,
+``"fail_<where>"`` raises InjectedFault; the target is a sub-job id or a meta job id."""
+
+
+class _Faults:
+    """Test-only pauses and failures of one attempt."""
+
+    def __init__(self, ctx: Context, sub: SubJobRecord, stop: _Stop, progress: list[JobProgress], token: str) -> None:
+        self.ctx, self.sub, self.stop, self.progress, self.token = ctx, sub, stop, progress, token
+
+    def hit(self, where: str) -> None:
+        records, sub = self.ctx.records, self.sub
+        targets = [sub.id, sub.meta_id]
+        fault = records.take_fault(f"fail_{where}", targets)
+        if fault is not None:
+            raise InjectedFault(str(fault.get("message", f"injected failure {where.replace('_', ' ')}")))
+        fault = records.take_fault(f"pause_{where}", targets)
+        if fault is None:
+            return
+        seconds = float(fault.get("seconds", 5.0))
+        # Tests wait for this marker to know the attempt is held where they asked, then kill,
+        # freeze or disturb the node it names.
+        hit = {"node": self.ctx.node_id, "pid": os.getpid(), "attempt": sub.attempt, "at": now()}
+        records.r.set(f"compactor:fault-hit:pause_{where}:{sub.id}", json.dumps(hit), ex=600)
+        before = self.progress[0]
+        self.progress[0] = before.model_copy(update={"phase": "paused"})
+        records.heartbeat(sub.id, sub.attempt, self.token, self.progress[0])
+        log.warning("fault point: paused sub_job=%s where=%s seconds=%s", sub.id, where, seconds)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.stop.check()
+            time.sleep(0.05)
+        if self.progress[0].phase == "paused":
+            self.progress[0] = before
+
+
+class _FaultyManifests(ManifestStore):
+    def __init__(self, store: ObjectStore, hit: Callable[[str], None]) -> None:
+        super().__init__(store)
+        self._hit = hit
+
+    def create(self, manifest: Manifest) -> None:
+        super().create(manifest)
+        self._hit("in_commit")
+
+
+class _FaultyStorage(Storage):
+    """The process's Storage with the fault points of ``FAULT_WHERE`` on the engine's I/O."""
+
+    def __init__(self, inner: Storage, hit: Callable[[str], None]) -> None:
+        # Shares the process's clients and layer cache; only the hooks differ.
+        self.settings, self.objects, self.cache = inner.settings, inner.objects, inner.cache
+        self.manifests = _FaultyManifests(inner.objects, hit)
+        self._hit = hit
+
+    def fetch(self, entry: LayerEntry) -> None:
+        self._hit("in_download")
+        super().fetch(entry)
+
+    def versions(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[Version]:
+        versions = super().versions(entry, key_range)
+        first = next(versions, None)
+        if first is None:
+            return
+        yield first
+        self._hit("in_merge")
+        yield from versions
+
+    def upload(self, manifest: Manifest, name: LayerName, file: LayerFileInfo) -> LayerEntry:
+        entry = super().upload(manifest, name, file)
+        self._hit("in_upload")
+        return entry
 
 
 # ----------------------------------------------------------------------------- finalize
