@@ -46,7 +46,6 @@ def run(workers: int, tenant: str, timeline: str, max_job_bytes: int, directory:
             s.stats.delta_layer_visited.size + s.stats.image_layer_visited.size for s in subs if s.stats is not None
         ),
         "sub_job_seconds": [(s.ended_at or 0) - (s.started_at or 0) for s in subs],
-        "nodes": sorted({s.owner.node for s in subs if s.owner is not None}),
     }
 
 

@@ -11,6 +11,8 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
+
 from storage.errors import CorruptLayer, NotFound
 from storage.keys import KeyRange
 from storage.layer_file import LayerReader
@@ -71,6 +73,9 @@ class LayerCache:
 
     def versions(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[Version]:
         return self.reader(entry).iter_versions(key_range)
+
+    def batches(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[pa.RecordBatch]:
+        return self.reader(entry).iter_batches(key_range)
 
     def reader(self, entry: LayerEntry) -> LayerReader:
         return LayerReader(self.fetch(entry), name=entry.layer, object_key=entry.object_key)

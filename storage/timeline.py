@@ -10,6 +10,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from storage.errors import InvalidInput, NotFound
 from storage.ids import validate_id
 from storage.keys import FULL_KEY_RANGE, KeyRange
@@ -66,6 +68,9 @@ class Storage:
 
     def versions(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[Version]:
         return self.cache.versions(entry, key_range)
+
+    def batches(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[pa.RecordBatch]:
+        return self.cache.batches(entry, key_range)
 
     def read_below(
         self, manifest: Manifest, key_range: KeyRange, lsn: int, exclude: set[str]

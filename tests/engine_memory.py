@@ -6,9 +6,11 @@ import itertools
 import json
 from collections.abc import Iterator
 
+import pyarrow as pa
+
 from storage.errors import RedoError
 from storage.keys import KeyRange, key_from_int
-from storage.layer_file import LayerFileInfo, LayerReader
+from storage.layer_file import LayerFileInfo, LayerReader, versions_to_batch
 from storage.layer_name import LayerName
 from storage.manifest import LayerEntry, Manifest
 from storage.read_path import read_key, read_range
@@ -67,6 +69,12 @@ class MemoryIO:
 
     def versions(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[Version]:
         return (v for v in self.objects[entry.object_key] if key_range.start <= v.key < key_range.end)
+
+    def batches(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[pa.RecordBatch]:
+        # Small batches, so that keys span batches as they do in real layer files.
+        versions = list(self.versions(entry, key_range))
+        for start in range(0, len(versions), 7):
+            yield versions_to_batch(versions[start : start + 7])
 
     def read_below(
         self, manifest: Manifest, key_range: KeyRange, lsn: int, exclude: set[str]

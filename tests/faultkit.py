@@ -50,7 +50,7 @@ T = TypeVar("T")
 FAULT_ENV = {
     **STACK_ENV,
     "COMPACTOR_HEARTBEAT_INTERVAL_S": "0.25",
-    "COMPACTOR_HEARTBEAT_TIMEOUT_S": "3",
+    "COMPACTOR_HEARTBEAT_TIMEOUT_S": "2.5",
     "COMPACTOR_LOCK_TTL_S": "2",
     # A message reserved by a killed worker is re-sent after this long; running sub-jobs held
     # at a fault point longer than this would be reclaimed for making no progress.
@@ -141,12 +141,14 @@ class FaultStack:
         os.kill(pid, signal.SIGKILL)
         self.summary.worker_kills_survived += 1
 
-    def ready(self) -> None:
-        """Every worker process is up and answering (restarted ones included)."""
+    def ready(self, *, wait: bool = False) -> None:
+        """Every worker process is running (killed ones restarted); with ``wait``, answering
+        too. Scenarios need not wait: a worker still starting simply takes no message yet."""
         for node, proc in list(self.stack.workers.items()):
             if not proc.alive():
                 self.stack.start_worker(node, wait=False)
-        self.stack.wait_workers()
+        if wait:
+            self.stack.wait_workers()
 
 
 def make_fault_stack(
@@ -160,7 +162,7 @@ def make_fault_stack(
     proxy = FaultProxy(lambda: holder["stack"].s3.endpoint_url, seed=7).start()
     env = {**FAULT_ENV, "COMPACTOR_S3_ENDPOINT_URL": proxy.url, **stack_kwargs.pop("env", {})}
     stack = EmbeddedStack(
-        directory, workers=2, concurrency=2, coordinator=True, coordinator_interval_s=0.5, env=env, **stack_kwargs
+        directory, workers=2, concurrency=2, coordinator=True, coordinator_interval_s=0.3, env=env, **stack_kwargs
     )
     holder["stack"] = stack
     if prepare is not None:

@@ -119,7 +119,7 @@ def run_cli(env: dict[str, str], *args: str, stdin: str | None = None) -> Any:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
-        full = {k: None for k in os.environ if k.startswith("COMPACTOR_")}
+        full: dict[str, str | None] = {k: None for k in os.environ if k.startswith("COMPACTOR_")}
         full.update(env)
         return CliRunner().invoke(main, list(args), env=full, input=stdin)
     finally:
@@ -378,7 +378,8 @@ def _redis_dump(fs: FaultStack) -> str:
     r = fs.records.r
     parts = []
     for key in r.scan_iter(match="*", count=1000):
-        kind = r.type(key).decode()
+        raw_kind = r.type(key)
+        kind = raw_kind.decode() if isinstance(raw_kind, bytes) else str(raw_kind)
         if kind == "string":
             value: Any = r.get(key)
         elif kind == "hash":

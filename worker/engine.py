@@ -14,7 +14,6 @@ the heap is as wide as the number of LSN bands and one layer per chain is open a
 
 from __future__ import annotations
 
-import heapq
 import logging
 import shutil
 import time
@@ -22,20 +21,26 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
-from itertools import groupby, islice
+from itertools import groupby, pairwise
 from operator import itemgetter
 from pathlib import Path
 from typing import Protocol
 
-from storage.errors import CompactorError
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from storage.errors import CompactorError, RedoError
 from storage.keys import KEY_MAX, KeyRange, format_key, key_next
-from storage.layer_file import LayerFileInfo, LayerReader, LayerWriter
+from storage.layer_file import LayerFileInfo, LayerReader, LayerWriter, batch_to_versions
 from storage.layer_map import check_valid_layermap
 from storage.layer_name import LayerName
 from storage.manifest import LayerEntry, Manifest
 from storage.read_path import live_filter
 from storage.values import ValueKind, Version, image
+from worker.batch_retention import key_starts, retain_chunk, simple_keys
 from worker.jobs import CommitProposal
+from worker.merge import KEY_DTYPE, chains, key_array, merged_chunks
 from worker.plan import JobPlan
 from worker.retention import DELTA_THRESHOLD, generate_key_retention, place
 from worker.split_writers import Discarded, Produced, SplitDeltaWriter, SplitImageWriter, WriterResult
@@ -61,6 +66,10 @@ class LayerIO(Protocol):
         ...
 
     def versions(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[Version]: ...
+
+    def batches(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[pa.RecordBatch]:
+        """The layer's rows with keys in ``key_range`` as layer-schema batches, in order."""
+        ...
 
     def read_below(
         self, manifest: Manifest, key_range: KeyRange, lsn: int, exclude: set[str]
@@ -222,102 +231,32 @@ def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | Non
     return Result(proposal, stats, produced)
 
 
-def _chains(entries: list[LayerEntry]) -> list[list[LayerEntry]]:
-    """The selected layers as chains: each chain holds layers of one LSN range with disjoint key
-    ranges, in key order, so it reads as one sorted stream with one layer open at a time and
-    holds each key in at most one of its layers. Chains come in LSN order, bands first."""
-    by_lsn: dict[tuple[int, int], list[tuple[KeyRange, LayerEntry]]] = {}
-    for entry in entries:
-        layer = entry.layer
-        by_lsn.setdefault(layer.lsn_range, []).append((layer.key_range, entry))
-    chains: list[list[LayerEntry]] = []
-    for lsn_range in sorted(by_lsn):
-        ends: list[bytes] = []  # key end of each open chain's last layer
-        band: list[list[LayerEntry]] = []
-        for key_range, entry in sorted(by_lsn[lsn_range], key=lambda item: item[0]):
-            for i, end in enumerate(ends):
-                if end <= key_range.start:
-                    band[i].append(entry)
-                    ends[i] = key_range.end
-                    break
-            else:
-                band.append([entry])
-                ends.append(key_range.end)
-        chains.extend(band)
-    return chains
-
-
-_KEY_OF = itemgetter(0)
-# Key groups are taken in slices of this many versions; only a longer group has its bytes
-# counted while it is read, so a huge key cannot be held in memory beyond the history limit.
-_GROUP_SLICE = 1024
-
-
-def _key_groups(
-    io: LayerIO, chain: list[LayerEntry], key_range: KeyRange, limit: int, ready: Callable[[LayerEntry], None]
-) -> Iterator[list[Version]]:
-    """The versions of each key of a chain, one list per key, in key order; layers are opened
-    one after the other. A key whose versions pass ``limit`` bytes is cut off there (the main
-    loop then fails the job on it)."""
+def _chain_batches(
+    io: LayerIO, chain: list[LayerEntry], key_range: KeyRange, ready: Callable[[LayerEntry], None]
+) -> Iterator[pa.RecordBatch]:
+    """The rows of a chain's layers in the job's key range, one layer after the other (each
+    opened once it is local)."""
     for entry in chain:
         ready(entry)
-        for _, group in groupby(io.versions(entry, key_range), _KEY_OF):
-            versions = list(islice(group, _GROUP_SLICE))
-            if len(versions) == _GROUP_SLICE:
-                size = sum([len(v.payload) for v in versions])
-                while size < limit and (more := list(islice(group, _GROUP_SLICE))):
-                    versions += more
-                    size += sum([len(v.payload) for v in more])
-            yield versions
+        yield from io.batches(entry, key_range)
 
 
-def _histories(
-    plan: JobPlan, io: LayerIO, limit: int, ready: Callable[[LayerEntry], None] = lambda entry: None
-) -> Iterator[list[Version]]:
-    """Every live key's versions, in key order, each sorted by ``(lsn, kind, payload)``: the
-    k-merge of the selected layers, grouped by key. The merge runs over chains of key-disjoint
-    layers (``_chains``) and moves whole keys, so the heap is as wide as the number of bands and
-    is touched once per key and band, not once per version."""
-    streams = [_key_groups(io, chain, plan.key_range, limit, ready) for chain in _chains(plan.selected)]
-    merged = streams[0] if len(streams) == 1 else _merge_key_groups(streams)
-    live = plan.manifest.live_ranges()
-    if live is None:
-        return merged
-    ranges = sorted(live)
-    return (h for h in merged if any(r.start <= h[0].key < r.end for r in ranges))
+def _live_rows(table: pa.Table, live: list[KeyRange] | None) -> pa.Table:
+    """The rows of ``table`` whose keys lie in the live keyspace (all when there is none)."""
+    if live is None or not table.num_rows:
+        return table
+    keys = key_array(table.column("key"))
+    mask = np.zeros(len(keys), dtype=bool)
+    for r in live:
+        mask |= (keys >= np.array(r.start, dtype=KEY_DTYPE)) & (keys < np.array(r.end, dtype=KEY_DTYPE))
+    return table if mask.all() else table.filter(pa.array(mask))
 
 
-def _merge_key_groups(streams: list[Iterator[list[Version]]]) -> Iterator[list[Version]]:
-    heap: list[tuple[bytes, int, list[Version]]] = []
-    for index, stream in enumerate(streams):
-        group = next(stream, None)
-        if group is not None:
-            heap.append((group[0].key, index, group))
-    heapq.heapify(heap)
-    while heap:
-        key, index, history = heap[0]
-        _advance(heap, streams, index)
-        if heap and heap[0][0] == key:
-            # Several chains hold the key: taken in chain order, which is LSN order for bands.
-            history = list(history)
-            in_order = True
-            while heap and heap[0][0] == key:
-                _, index, group = heap[0]
-                _advance(heap, streams, index)
-                in_order = in_order and history[-1] < group[0]
-                history += group
-            if not in_order:
-                history.sort()
-        yield history
-
-
-def _advance(heap: list[tuple[bytes, int, list[Version]]], streams: list[Iterator[list[Version]]], index: int) -> None:
-    """Replace the heap's top (a group of stream ``index``) with that stream's next group."""
-    group = next(streams[index], None)
-    if group is None:
-        heapq.heappop(heap)
-    else:
-        heapq.heapreplace(heap, (group[0].key, index, group))
+def _runs(flags: np.ndarray) -> Iterator[tuple[int, int, bool]]:
+    """``(start, end, flag)`` for each run of equal values in ``flags``."""
+    edges = np.concatenate(([0], np.flatnonzero(flags[1:] != flags[:-1]) + 1, [len(flags)]))
+    for lo, hi in pairwise(edges.tolist()):
+        yield lo, hi, bool(flags[lo])
 
 
 def _base_images(plan: JobPlan, io: LayerIO) -> Iterator[tuple[bytes, bytes]]:
@@ -340,70 +279,44 @@ def _main_loop(
     timer: PhaseTimer,
     downloads: _Downloads,
 ) -> int:
-    """Feed every key's history through retention into the writers; returns the keys seen."""
-    images, deltas = writers
-    horizon, retain, lowest = plan.horizon, plan.retain_lsns, plan.lowest_retain_lsn
-    delta_floor = plan.delta_lsn_range[0]
-    base_stream = _base_images(plan, io)
-    next_base: tuple[bytes, bytes] | None = next(base_stream, None)
-    dry_run = plan.job.dry_run
-    progress = Progress()
-    threshold = settings.delta_threshold
-    image_kind = int(ValueKind.IMAGE)
+    """Feed every key's history through retention into the writers; returns the keys seen.
+
+    The merge hands over chunks of whole keys as Arrow tables. Keys with the simplest histories
+    (``worker.batch_retention.simple_keys``) are compacted a chunk at a time in columns; every
+    other key, and every key of a job that reads base images from below, goes through
+    ``generate_key_retention`` one key at a time. Both keep the keys in order."""
     limit = MAX_KEY_HISTORY_BYTES
+    streams = [_chain_batches(io, chain, plan.key_range, downloads.wait) for chain in chains(plan.selected)]
+    live_ranges = plan.manifest.live_ranges()
+    live = None if live_ranges is None else sorted(live_ranges)
+    counts = KeyValueCounters()
+    one_by_one = _KeyByKey(plan, io, settings, writers, verification, counts)
+    in_columns = _InColumns(plan, settings, writers, verification, counts)
+    progress = Progress()
     every = hooks.every_versions
     next_report = every
-    counts = KeyValueCounters()
 
-    for history in _histories(plan, io, limit, downloads.wait):
+    for chunk in merged_chunks(streams, limit, _too_much_history):
         if not progress.versions_in:
             timer.mark("time_to_first_kv_pair_secs")
-        key = history[0].key
-        size = image_size = images_in = 0
-        for version in history:
-            n = len(version.payload)
-            size += n
-            if version.kind == image_kind:
-                images_in += 1
-                image_size += n
-        if size >= limit:
-            _too_much_history(key, history, limit)
-        counts.image_visited += images_in
-        counts.image_visited_bytes += image_size
-        counts.wal_visited += len(history) - images_in
-        counts.wal_visited_bytes += size - image_size
-        progress.versions_in += len(history)
-        progress.bytes_in += size
-
-        counts.unique_keys += 1
-        base: Version | None = None
-        while next_base is not None and next_base[0] < key:
-            next_base = next(base_stream, None)
-        if next_base is not None and next_base[0] == key:
-            base = image(key, lowest, next_base[1])
-        retention = generate_key_retention(key, history, horizon, retain, threshold, base, verification)
-        first_image, rest = place(key, retention, has_image_layer=images is not None)
-        if first_image is not None:
-            counts.image_produced += 1
-            counts.image_produced_bytes += len(first_image.payload)
-            if not dry_run and images is not None:
-                images.put(key, first_image.payload)
-        for version in rest:
-            if version.lsn < delta_floor:
-                raise CompactionFailed(
-                    f"key {format_key(key)} has no base image at or below LSN {version.lsn} "
-                    f"(incomplete history below the lowest retain LSN {delta_floor}); cannot compact it"
-                )
-            if version.kind == image_kind:
-                counts.image_produced += 1
-                counts.image_produced_bytes += len(version.payload)
+        table = _live_rows(chunk, live)
+        if not table.num_rows:
+            continue
+        starts = key_starts(key_array(table.column("key")))
+        simple = (
+            simple_keys(table, starts, limit) if not plan.has_data_below else np.zeros(len(starts) - 1, dtype=bool)
+        )
+        for lo, hi, flag in _runs(simple):
+            rows = table.slice(starts[lo], starts[hi] - starts[lo])
+            if flag:
+                in_columns.compact(rows, starts[lo : hi + 1] - starts[lo])
             else:
-                counts.wal_produced += 1
-                counts.wal_produced_bytes += len(version.payload)
-        if not dry_run:
-            deltas.put_key(rest)
-        progress.keys += 1
-
+                for batch in rows.to_batches():
+                    for _, history in groupby(batch_to_versions(batch), _KEY_OF):
+                        one_by_one.compact(list(history))
+        progress.keys += len(starts) - 1
+        progress.versions_in += table.num_rows
+        progress.bytes_in += pc.sum(pc.binary_length(table.column("value"))).as_py() or 0
         if progress.versions_in >= next_report:
             next_report = (progress.versions_in // every + 1) * every
             hooks.check_cancelled()
@@ -413,15 +326,143 @@ def _main_loop(
     return progress.keys
 
 
-def _too_much_history(key: bytes, history: list[Version], limit: int) -> None:
-    """Fail the job on a key whose history passes ``limit`` bytes, naming where it passed."""
-    size = 0
-    for count, version in enumerate(history, 1):
-        size += len(version.payload)
-        if size >= limit:
-            raise CompactionFailed(
-                f"too many values for a single key: {size} bytes for key {format_key(key)}, {count} versions"
+_KEY_OF = itemgetter(0)
+
+
+class _KeyByKey:
+    """``generate_key_retention`` and ``place`` for one key at a time, with the key's base image
+    from below when the job has data below it."""
+
+    def __init__(
+        self,
+        plan: JobPlan,
+        io: LayerIO,
+        settings: EngineSettings,
+        writers: tuple[SplitImageWriter | None, SplitDeltaWriter],
+        verification: bool,
+        counts: KeyValueCounters,
+    ) -> None:
+        self.plan = plan
+        self.settings = settings
+        self.writers = writers
+        self.verification = verification
+        self.counts = counts
+        self._bases = _base_images(plan, io)
+        self._next_base: tuple[bytes, bytes] | None = next(self._bases, None)
+
+    def compact(self, history: list[Version]) -> None:
+        plan, counts = self.plan, self.counts
+        images, deltas = self.writers
+        key = history[0].key
+        size = image_size = images_in = 0
+        for version in history:
+            n = len(version.payload)
+            size += n
+            if version.kind == _IMAGE_KIND:
+                images_in += 1
+                image_size += n
+        if size >= MAX_KEY_HISTORY_BYTES:
+            _too_much_history(key, size)
+        counts.image_visited += images_in
+        counts.image_visited_bytes += image_size
+        counts.wal_visited += len(history) - images_in
+        counts.wal_visited_bytes += size - image_size
+        counts.unique_keys += 1
+
+        base: Version | None = None
+        while self._next_base is not None and self._next_base[0] < key:
+            self._next_base = next(self._bases, None)
+        if self._next_base is not None and self._next_base[0] == key:
+            base = image(key, plan.lowest_retain_lsn, self._next_base[1])
+        retention = generate_key_retention(
+            key, history, plan.horizon, plan.retain_lsns, self.settings.delta_threshold, base, self.verification
+        )
+        first_image, rest = place(key, retention, has_image_layer=images is not None)
+        if first_image is not None:
+            counts.image_produced += 1
+            counts.image_produced_bytes += len(first_image.payload)
+            if not plan.job.dry_run and images is not None:
+                images.put(key, first_image.payload)
+        delta_floor = plan.delta_lsn_range[0]
+        for version in rest:
+            if version.lsn < delta_floor:
+                _no_base_below(key, version.lsn, delta_floor)
+            if version.kind == _IMAGE_KIND:
+                counts.image_produced += 1
+                counts.image_produced_bytes += len(version.payload)
+            else:
+                counts.wal_produced += 1
+                counts.wal_produced_bytes += len(version.payload)
+        if not plan.job.dry_run:
+            deltas.put_key(rest)
+
+
+class _InColumns:
+    """``worker.batch_retention.retain_chunk`` for runs of simple keys, straight into the
+    writers."""
+
+    def __init__(
+        self,
+        plan: JobPlan,
+        settings: EngineSettings,
+        writers: tuple[SplitImageWriter | None, SplitDeltaWriter],
+        verification: bool,
+        counts: KeyValueCounters,
+    ) -> None:
+        self.plan = plan
+        self.settings = settings
+        self.writers = writers
+        self.verification = verification
+        self.counts = counts
+        self.cuts = [*plan.retain_lsns, plan.horizon]
+
+    def compact(self, rows: pa.Table, starts: np.ndarray) -> None:
+        plan, counts = self.plan, self.counts
+        images, deltas = self.writers
+        try:
+            kept = retain_chunk(
+                rows, starts, self.cuts, self.settings.delta_threshold, images is not None, self.verification
             )
+        except RedoError as err:
+            raise CompactionFailed(str(err)) from err
+        delta_lsns = kept.deltas.column("lsn")
+        delta_floor = plan.delta_lsn_range[0]
+        if delta_floor and pc.any(pc.less(delta_lsns, delta_floor)).as_py():
+            i = pc.index(pc.less(delta_lsns, delta_floor), True).as_py()
+            _no_base_below(kept.deltas.column("key")[i].as_py(), delta_lsns[i].as_py(), delta_floor)
+        counts.image_visited += kept.image_rows_in
+        counts.image_visited_bytes += kept.image_bytes_in
+        counts.wal_visited += kept.wal_rows_in
+        counts.wal_visited_bytes += kept.wal_bytes_in
+        counts.unique_keys += len(starts) - 1
+        delta_images = pc.equal(kept.deltas.column("kind"), _IMAGE_KIND)
+        delta_sizes = pc.binary_length(kept.deltas.column("value"))
+        image_bytes = pc.sum(pc.if_else(delta_images, delta_sizes, 0)).as_py() or 0
+        new_images = pc.sum(delta_images.cast(pa.int64())).as_py() or 0
+        counts.image_produced += len(kept.image_keys) + new_images
+        counts.image_produced_bytes += (pc.sum(pc.binary_length(kept.image_values)).as_py() or 0) + image_bytes
+        counts.wal_produced += kept.deltas.num_rows - new_images
+        counts.wal_produced_bytes += (pc.sum(delta_sizes).as_py() or 0) - image_bytes
+        if plan.job.dry_run:
+            return
+        if images is not None:
+            images.put_batch(kept.image_keys, kept.image_values)
+        deltas.put_table(kept.deltas)
+
+
+_IMAGE_KIND = int(ValueKind.IMAGE)
+
+
+def _no_base_below(key: bytes, lsn: int, floor: int) -> None:
+    raise CompactionFailed(
+        f"key {format_key(key)} has no base image at or below LSN {lsn} "
+        f"(incomplete history below the lowest retain LSN {floor}); cannot compact it"
+    )
+
+
+def _too_much_history(key: bytes, size: int) -> None:
+    """Fail the job on a key whose history passes the limit."""
+    raise CompactionFailed(f"too many values for a single key: {size} bytes for key {format_key(key)}")
 
 
 def _rewrite_straddling(

@@ -6,17 +6,40 @@ piece is either kept as a produced layer or discarded (deleted) when ``discard(n
 e.g. because an identical layer already exists.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from storage.keys import KEY_MAX, KEY_SIZE, key_next
-from storage.layer_file import LayerFileInfo, LayerWriter
+from storage.layer_file import SCHEMA, LayerFileInfo, LayerWriter
 from storage.layer_name import LayerName
 from storage.values import ValueKind, Version
+from worker.merge import key_array, key_at
 
 # The seed's per-value estimate for deltas: key, LSN and about 80 bytes of value.
 _DELTA_ROW_ESTIMATE = KEY_SIZE + 8 + 80
+
+
+def _slices(table: pa.Table, starts: np.ndarray, target_bytes: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` row ranges of ``table`` that begin at ``starts`` (the rows a piece may
+    begin with) and hold about 1/32 of the target size each: a table goes to a writer slice by
+    slice, so a piece is cut close to its target without a check per row."""
+    step = max(4096, min(1 << 20, target_bytes // 32))
+    sizes = np.cumsum(pc.binary_length(table.column("value")).to_numpy(zero_copy_only=False).astype(np.int64))
+    sizes += np.arange(1, table.num_rows + 1) * (KEY_SIZE + 9)
+    start = 0
+    while start < table.num_rows:
+        before = sizes[start - 1] if start else 0
+        # The first allowed start past one step's worth of bytes, but at least one further on.
+        at = int(np.searchsorted(sizes, before + step, side="left")) + 1
+        index = int(np.searchsorted(starts, max(at, start + 1), side="left"))
+        end = int(starts[index]) if index < len(starts) else table.num_rows
+        yield start, end
+        start = end
 
 
 @dataclass(frozen=True)
@@ -97,8 +120,9 @@ class SplitDeltaWriter:
         self._start_key = b""
         self._last_key: bytes | None = None
 
-    def put(self, version: Version) -> None:
-        key = version.key
+    def _writer_for(self, key: bytes) -> LayerWriter:
+        """The writer that takes ``key`` next: a new piece begins once the current one is full
+        and ``key`` is a new key."""
         writer = self._writer
         if writer is None:
             writer = self._writer = self._pieces.new_writer()
@@ -112,7 +136,22 @@ class SplitDeltaWriter:
             writer = self._writer = self._pieces.new_writer()
             self._start_key = key
         self._last_key = key
-        writer.add(*version)
+        return writer
+
+    def put(self, version: Version) -> None:
+        self._writer_for(version.key).add(*version)
+
+    def put_table(self, table: pa.Table) -> None:
+        """Every row of ``table`` (layer schema, sorted, whole keys), cut only between keys."""
+        if not table.num_rows:
+            return
+        keys = key_array(table.column("key"))
+        starts = np.concatenate(([0], np.flatnonzero(keys[1:] != keys[:-1]) + 1))
+        for start, end in _slices(table, starts, self.target_bytes):
+            writer = self._writer_for(key_at(keys, start))
+            for batch in table.slice(start, end - start).to_batches():
+                writer.add_batch(batch)
+            self._last_key = key_at(keys, end - 1)
 
     def put_key(self, versions: Sequence[Version]) -> None:
         """``put`` each of ``versions``, which all belong to one key, in order."""
@@ -148,15 +187,33 @@ class SplitImageWriter:
         self._writer: LayerWriter | None = None
         self._start_key = start_key
 
-    def put(self, key: bytes, page: bytes) -> None:
+    def _writer_for(self, key: bytes, size: int) -> LayerWriter:
+        """The writer that takes ``key`` with ``size`` bytes of images next."""
         writer = self._writer
         if writer is None:
             writer = self._writer = self._pieces.new_writer()
-        elif writer.num_rows >= 1 and writer.size_reaches(self.target_bytes - KEY_SIZE - len(page)):
+        elif writer.num_rows >= 1 and writer.size_reaches(self.target_bytes - KEY_SIZE - size):
             self._pieces.add(LayerName.image(self._start_key, key, self.lsn), writer)
             writer = self._writer = self._pieces.new_writer()
             self._start_key = key
-        writer.add(key, self.lsn, ValueKind.IMAGE, page)
+        return writer
+
+    def put(self, key: bytes, page: bytes) -> None:
+        self._writer_for(key, len(page)).add(key, self.lsn, ValueKind.IMAGE, page)
+
+    def put_batch(self, keys: pa.Array, pages: pa.Array) -> None:
+        """``put`` of each key (in order) and its page."""
+        n = len(keys)
+        if not n:
+            return
+        lsns = pa.array(np.full(n, self.lsn, dtype=np.uint64))
+        kinds = pa.array(np.full(n, int(ValueKind.IMAGE), dtype=np.uint8))
+        table = pa.Table.from_arrays([keys, lsns, kinds, pages], schema=SCHEMA)
+        key_bytes = key_array(keys)
+        for start, end in _slices(table, np.arange(n), self.target_bytes):
+            writer = self._writer_for(key_at(key_bytes, start), 0)
+            for batch in table.slice(start, end - start).to_batches():
+                writer.add_batch(batch)
 
     def finish(self, end_key: bytes, discard: Discard) -> list[WriterResult]:
         if self._writer is not None and self._writer.num_rows:

@@ -1,0 +1,154 @@
+"""The columnar retention (``worker.batch_retention``) and the k-merge into Arrow chunks
+(``worker.merge``) against the per-key reference (``worker.retention``)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from storage.errors import RedoError
+from storage.keys import key_from_int
+from storage.layer_file import versions_to_batch
+from storage.redo import TestRecord as _TestRecord
+from storage.values import ValueKind, Version
+from worker.batch_retention import key_starts, retain_chunk, simple_keys
+from worker.merge import key_array, merged_chunks
+from worker.retention import generate_key_retention, place
+
+
+def append(data: bytes, **flags: bool | bytes | None) -> bytes:
+    rec = _TestRecord(data, bool(flags.get("clear")), bool(flags.get("will_init")), flags.get("only_if"))  # type: ignore[arg-type]
+    return rec.payload()
+
+
+def image(key: int, lsn: int, data: bytes) -> Version:
+    return Version(key_from_int(key), lsn, int(ValueKind.IMAGE), data)
+
+
+def rec(key: int, lsn: int, data: bytes) -> Version:
+    return Version(key_from_int(key), lsn, int(ValueKind.RECORD), append(data))
+
+
+@st.composite
+def simple_histories(draw: st.DrawFn) -> list[list[Version]]:
+    """Keys whose histories start with an image and then mix images and plain appends at
+    distinct LSNs. Keys 0 and 255 have trailing and leading zero bytes."""
+    keys = sorted(draw(st.sets(st.integers(0, 300), min_size=1, max_size=6)))
+    out = []
+    for key in keys:
+        lsns = sorted(draw(st.sets(st.integers(1, 60), min_size=1, max_size=25)))
+        history = [image(key, lsns[0], draw(st.binary(max_size=6)))]
+        for lsn in lsns[1:]:
+            data = draw(st.binary(max_size=4))
+            history.append(image(key, lsn, data) if draw(st.integers(0, 5)) == 0 else rec(key, lsn, data))
+        out.append(history)
+    return out
+
+
+def reference(
+    histories: list[list[Version]], cuts: list[int], threshold: int, image_layer: bool
+) -> tuple[list[tuple[bytes, bytes]], list[Version]]:
+    images, deltas = [], []
+    for history in histories:
+        key = history[0].key
+        retention = generate_key_retention(key, history, cuts[-1], cuts[:-1], threshold, verification=True)
+        first, rest = place(key, retention, has_image_layer=image_layer)
+        if first is not None:
+            images.append((key, first.payload))
+        deltas += rest
+    return images, deltas
+
+
+def table_of(histories: list[list[Version]]) -> pa.Table:
+    return pa.Table.from_batches([versions_to_batch(itertools.chain.from_iterable(histories))])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    histories=simple_histories(),
+    cuts=st.lists(st.integers(0, 70), min_size=1, max_size=5, unique=True).map(sorted),
+    threshold=st.integers(1, 6),
+    image_layer=st.booleans(),
+)
+def test_columnar_retention_matches_the_per_key_retention(
+    histories: list[list[Version]], cuts: list[int], threshold: int, image_layer: bool
+) -> None:
+    table = table_of(histories)
+    starts = key_starts(key_array(table.column("key")))
+    assert simple_keys(table, starts, 1 << 30).all()
+    got = retain_chunk(table, starts, cuts, threshold, image_layer, verification=True)
+    want_images, want_deltas = reference(histories, cuts, threshold, image_layer)
+    assert list(zip(got.image_keys.to_pylist(), got.image_values.to_pylist(), strict=True)) == want_images
+    assert [Version(*row.values()) for row in got.deltas.to_pylist()] == want_deltas
+
+
+def test_only_simple_histories_take_the_columnar_path() -> None:
+    histories = [
+        [image(1, 5, b"a"), rec(1, 6, b"b")],  # simple
+        [rec(2, 5, b"a"), image(2, 6, b"b")],  # starts with a record
+        [image(3, 5, b"a"), Version(key_from_int(3), 6, int(ValueKind.RECORD), append(b"x", clear=True))],
+        [image(4, 5, b"a"), Version(key_from_int(4), 6, int(ValueKind.RECORD), append(b"x", only_if=b"a"))],
+        [image(5, 5, b"a"), Version(key_from_int(5), 6, int(ValueKind.RECORD), append(b"x") + b"junk")],
+        [image(6, 5, b"a"), rec(6, 5, b"b")],  # two versions at one LSN
+        [image(7, 5, b"a"), Version(key_from_int(7), 6, int(ValueKind.RECORD), b"other\x00op")],
+        [image(8, 5, b"a" * 100)],  # over the limit below
+        [image(9, 5, b"")],
+    ]
+    table = table_of(histories)
+    starts = key_starts(key_array(table.column("key")))
+    assert simple_keys(table, starts, 50).tolist() == [True, False, False, False, False, False, False, False, True]
+
+
+def test_verification_catches_a_wrong_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A defect in the columnar redo (here: appends dropped) fails verification with the key
+    and LSN, instead of writing wrong images."""
+    import worker.batch_retention as br
+
+    histories = [[image(1, 5, b"a"), rec(1, 6, b"b"), rec(1, 7, b"c")]]
+    table = table_of(histories)
+    starts = key_starts(key_array(table.column("key")))
+    real = br._join_runs
+    calls = []
+
+    def broken(pieces: pa.Array, first: np.ndarray, last: np.ndarray) -> pa.Array:
+        calls.append(1)
+        return real(pieces, first, first if len(calls) == 1 else last)
+
+    monkeypatch.setattr(br, "_join_runs", broken)
+    with pytest.raises(RedoError, match=r"verification failed: key 0+1 at LSN 10: the retained value differs"):
+        retain_chunk(table, starts, [10], 5, True, verification=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 50)), unique=True, max_size=120),
+    chains=st.integers(1, 4),
+    batch=st.integers(1, 9),
+    data=st.data(),
+)
+def test_merge_yields_whole_keys_in_order(
+    rows: list[tuple[int, int]], chains: int, batch: int, data: st.DataObject
+) -> None:
+    """Rows spread over chains (each key-sorted, cut into small batches) come out sorted, each
+    key in exactly one chunk."""
+    spread: list[list[Version]] = [[] for _ in range(chains)]
+    for key, lsn in rows:
+        spread[data.draw(st.integers(0, chains - 1))].append(image(key, lsn, b"%d" % lsn))
+    streams = []
+    for chain in spread:
+        chain.sort()
+        streams.append(iter([versions_to_batch(chain[i : i + batch]) for i in range(0, len(chain), batch)]))
+
+    def too_much(key: bytes, size: int) -> None:
+        raise AssertionError("no limit here")
+
+    chunks = list(merged_chunks(streams, 1 << 30, too_much))
+    merged = [Version(*row.values()) for chunk in chunks for row in chunk.to_pylist()]
+    assert merged == sorted(v for chain in spread for v in chain)
+    keys_per_chunk = [set(chunk.column("key").to_pylist()) for chunk in chunks]
+    assert sum(len(k) for k in keys_per_chunk) == len(set().union(*keys_per_chunk))
