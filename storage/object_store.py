@@ -20,6 +20,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -489,25 +490,34 @@ class ObjectStore:
         except bexc.ClientError as err:
             raise self._map_client_error("create-multipart", key, err) from err
 
+        def send(fd: int, number: int) -> CompletedPartTypeDef:
+            # Each part is read by the thread that sends it: memory holds the parts in flight.
+            data = os.pread(fd, chunk, (number - 1) * chunk)
+            if len(data) != min(chunk, size - (number - 1) * chunk):
+                raise StoreError(f"s3 upload {self._where(key)}: file {path} changed size during upload")
+            upload_part = functools.partial(
+                self._client.upload_part,
+                Bucket=self._bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=data,
+                ContentMD5=_b64_md5(data),
+            )
+            return {"PartNumber": number, "ETag": self._call(f"upload-part {number}", key, upload_part)["ETag"]}
+
         try:
-            parts: list[CompletedPartTypeDef] = []
-            sent = 0
-            with open(path, "rb") as fh:
-                while data := fh.read(chunk):
-                    number = len(parts) + 1
-                    upload_part = functools.partial(
-                        self._client.upload_part,
-                        Bucket=self._bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        PartNumber=number,
-                        Body=data,
-                        ContentMD5=_b64_md5(data),
-                    )
-                    etag = self._call(f"upload-part {number}", key, upload_part)["ETag"]
-                    parts.append({"PartNumber": number, "ETag": etag})
-                    sent += len(data)
-            if sent != size:
+            count = math.ceil(size / chunk)
+            with open(path, "rb") as fh, ThreadPoolExecutor(
+                max_workers=min(self._settings.multipart_concurrency, count), thread_name_prefix="s3-part"
+            ) as pool:
+                futures = [pool.submit(send, fh.fileno(), number) for number in range(1, count + 1)]
+                try:
+                    parts = [future.result() for future in futures]
+                finally:
+                    for future in futures:
+                        future.cancel()
+            if os.path.getsize(path) != size:
                 raise StoreError(f"s3 upload {self._where(key)}: file {path} changed size during upload")
             self._complete_multipart(key, upload_id, parts, token)
         except BaseException as err:

@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     s3_max_attempts: int = Field(default=5, ge=1)
     multipart_threshold_bytes: int = Field(default=64 * 1024 * 1024, ge=5 * 1024 * 1024)
     multipart_chunk_bytes: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    multipart_concurrency: int = Field(default=4, ge=1, le=64)
 
     # local working space
     cache_dir: Path = Path("/tmp/compactor-cache")

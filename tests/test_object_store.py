@@ -235,7 +235,9 @@ def test_multipart_failure_aborts_upload(object_store: ObjectStore, tmp_path: Pa
     parts = Attempts(object_store, "UploadPart", [None, slow_down, access_denied])
     with pytest.raises(StoreError, match="AccessDenied"):
         object_store.upload_file(src, "big/failed")
-    assert parts.count == 3  # part 1, part 2 throttled then denied: each part retried on its own
+    # Parts go up in parallel: one is throttled and retried on its own, one is denied, and the
+    # denial ends the whole upload (parts still queued are not sent).
+    assert 3 <= parts.count <= 4
     assert object_store.head("big/failed") is None
     uploads = object_store.client.list_multipart_uploads(Bucket=object_store.bucket)
     assert uploads.get("Uploads", []) == []

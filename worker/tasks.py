@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel, ValidationError
@@ -59,7 +60,6 @@ from storage.manifest_store import ManifestStore
 from storage.object_store import ObjectStore
 from storage.settings import Settings
 from storage.timeline import Storage
-from storage.values import Version
 from worker import metrics
 from worker.celery_app import CeleryPublisher, app, current_settings, node_id
 from worker.engine import EngineSettings, Hooks, Progress
@@ -479,14 +479,14 @@ class _FaultyStorage(Storage):
         self._hit("in_download")
         super().fetch(entry)
 
-    def versions(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[Version]:
-        versions = super().versions(entry, key_range)
-        first = next(versions, None)
+    def batches(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[pa.RecordBatch]:
+        batches = super().batches(entry, key_range)
+        first = next(batches, None)
         if first is None:
             return
         yield first
         self._hit("in_merge")
-        yield from versions
+        yield from batches
 
     def upload(self, manifest: Manifest, name: LayerName, file: LayerFileInfo) -> LayerEntry:
         entry = super().upload(manifest, name, file)
