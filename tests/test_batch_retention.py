@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import numpy as np
 import pyarrow as pa
@@ -104,24 +105,27 @@ def test_only_simple_histories_take_the_columnar_path() -> None:
     assert simple_keys(table, starts, 50).tolist() == [True, False, False, False, False, False, False, False, True]
 
 
-def test_verification_catches_a_wrong_value(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A defect in the columnar redo (here: appends dropped) fails verification with the key
-    and LSN, instead of writing wrong images."""
+@pytest.mark.parametrize("dropped_lsn", [6, 7, 11, 12])
+def test_verification_catches_a_lost_record(monkeypatch: pytest.MonkeyPatch, dropped_lsn: int) -> None:
+    """A defect in choosing the rows to keep (here: one record lost, below the horizon in a cut
+    without an image, or above the horizon) fails verification with the key and LSN."""
     import worker.batch_retention as br
 
-    histories = [[image(1, 5, b"a"), rec(1, 6, b"b"), rec(1, 7, b"c")]]
+    histories = [[image(1, 5, b"a"), rec(1, 6, b"b"), rec(1, 7, b"c"), rec(1, 11, b"d"), rec(1, 12, b"e")]]
     table = table_of(histories)
     starts = key_starts(key_array(table.column("key")))
-    real = br._join_runs
-    calls = []
+    real = br._kept_rows
 
-    def broken(pieces: pa.Array, first: np.ndarray, last: np.ndarray) -> pa.Array:
-        calls.append(1)
-        return real(pieces, first, first if len(calls) == 1 else last)
+    def losing(buckets: np.ndarray, wants: np.ndarray, key_ids: np.ndarray) -> np.ndarray:
+        kept = real(buckets, wants, key_ids)
+        kept[table.column("lsn").to_pylist().index(dropped_lsn)] = False
+        return kept
 
-    monkeypatch.setattr(br, "_join_runs", broken)
-    with pytest.raises(RedoError, match=r"verification failed: key 0+1 at LSN 10: the retained value differs"):
-        retain_chunk(table, starts, [10], 5, True, verification=True)
+    retain_chunk(table, starts, [5, 8, 10], 5, True, verification=True)  # fine as it is
+    monkeypatch.setattr(br, "_kept_rows", losing)
+    at = "LSN 8" if dropped_lsn < 8 else "its newest LSN"
+    with pytest.raises(RedoError, match=f"verification failed: key 0+1 at {at}: the retained history does not"):
+        retain_chunk(table, starts, [5, 8, 10], 5, True, verification=True)
 
 
 @settings(max_examples=200, deadline=None)
@@ -152,3 +156,45 @@ def test_merge_yields_whole_keys_in_order(
     assert merged == sorted(v for chain in spread for v in chain)
     keys_per_chunk = [set(chunk.column("key").to_pylist()) for chunk in chunks]
     assert sum(len(k) for k in keys_per_chunk) == len(set().union(*keys_per_chunk))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=80),
+    cuts=st.lists(st.integers(1, 79), max_size=12, unique=True).map(sorted),
+    one_by_one=st.integers(0, 2),
+)
+def test_split_writers_cut_at_the_same_keys_however_rows_arrive(
+    tmp_path_factory: pytest.TempPathFactory, sizes: list[int], cuts: list[int], one_by_one: int
+) -> None:
+    """The same rows, given one key at a time or as tables cut anywhere between keys, make the
+    same layers: a second compaction of the same versions then changes nothing."""
+    from storage.layer_file import SCHEMA
+    from worker.split_writers import SplitDeltaWriter, SplitImageWriter
+
+    workdir = tmp_path_factory.mktemp("split")
+    rows = [image(key, 7, random.Random(key).randbytes(size)) for key, size in enumerate(sizes)]
+    table = pa.Table.from_batches([versions_to_batch(rows)], schema=SCHEMA)
+
+    def names(feed_rows: bool) -> tuple[list[str], list[str]]:
+        deltas = SplitDeltaWriter(workdir, (1, 9), 8192)
+        images = SplitImageWriter(workdir, key_from_int(0), 7, 8192)
+        if feed_rows:
+            for row in rows:
+                if one_by_one == 1:
+                    deltas.put(row)
+                else:
+                    deltas.put_key([row])
+                images.put(row.key, row.payload)
+        else:
+            for lo, hi in itertools.pairwise([0, *cuts, len(rows)]):
+                piece = table.slice(lo, max(hi - lo, 0))
+                deltas.put_table(piece)
+                images.put_batch(piece.column("key").combine_chunks(), piece.column("value").combine_chunks())
+        out = [str(r.name) for r in deltas.finish(lambda name: True)]
+        return out, [str(r.name) for r in images.finish(key_from_int(len(rows)), lambda name: True)]
+
+    by_rows, by_tables = names(True), names(False)
+    assert by_rows == by_tables
+    if sum(sizes) > 3 * 8192:  # incompressible rows: the target is reached
+        assert len(by_rows[0]) > 1 and len(by_rows[1]) > 1

@@ -32,10 +32,11 @@ from storage.layer_file import SCHEMA
 from storage.values import ValueKind
 
 # A plain append record: op name ``test``, NUL, flags 0, the append's length (u32 LE), the append.
-_PLAIN_PREFIX = pa.scalar(b"test\x00\x00", pa.binary())
+_PLAIN_PREFIX = b"test\x00\x00"
 _HEADER = 10
 # binary_slice without a stop fails on values shorter than the start (pyarrow 26).
 _NO_STOP = 2**31 - 1
+_EMPTY = pa.scalar(b"", pa.binary())
 _IMAGE = int(ValueKind.IMAGE)
 _RECORD = int(ValueKind.RECORD)
 
@@ -53,13 +54,26 @@ def _lengths(values: pa.Array) -> np.ndarray:
 
 
 def _plain_append(values: pa.Array, lengths: np.ndarray) -> np.ndarray:
-    """Rows whose payload is a well-formed plain append record."""
-    prefix = pc.equal(pc.binary_slice(values, 0, 6), _PLAIN_PREFIX).to_numpy(zero_copy_only=False)
+    """Rows whose payload is a well-formed plain append record: the first ten bytes of every
+    payload are read straight from the array's data buffer."""
+    n = len(values)
+    data_buffer = values.buffers()[2]
+    if data_buffer is None:
+        return np.zeros(n, dtype=bool)
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32, count=n + 1 + values.offset)[values.offset :]
+    data = np.frombuffer(data_buffer, dtype=np.uint8)
     long_enough = lengths >= _HEADER
-    field = pc.if_else(pa.array(long_enough), pc.binary_slice(values, 6, _HEADER), pa.scalar(b"\0\0\0\0"))
-    fixed = field.cast(pa.binary(4))
-    declared = np.frombuffer(fixed.buffers()[1], dtype="<u4", count=len(fixed) + fixed.offset)[fixed.offset :]
-    plain: np.ndarray = prefix & long_enough & (declared.astype(np.int64) == lengths - _HEADER)
+    if not long_enough.any():
+        return long_enough
+    # Short payloads read from offset 0 instead (any bytes do: they are rejected anyway).
+    at = np.where(long_enough, offsets[:-1], 0).astype(np.int64)
+    plain: np.ndarray = long_enough.copy()
+    for i, byte in enumerate(_PLAIN_PREFIX):
+        plain &= data[at + i] == byte
+    declared = np.zeros(n, dtype=np.int64)
+    for i in range(4):
+        declared |= data[at + 6 + i].astype(np.int64) << (8 * i)
+    plain &= declared == lengths - _HEADER
     return plain
 
 
@@ -102,49 +116,48 @@ class ChunkRetention:
 
 
 class _Rows:
-    """A key-sorted table as the columns the reads need: per row its key's number, LSN, whether
-    it is an image, and its *piece* (an image's payload, a record's appended bytes)."""
+    """Rows sorted by key number and LSN, each key starting with an image: reads of values at
+    ``(key, lsn)`` points as runs of rows, the base image first."""
 
-    def __init__(self, key_ids: np.ndarray, lsns: np.ndarray, kinds: np.ndarray, values: pa.Array) -> None:
+    def __init__(self, key_ids: np.ndarray, buckets: np.ndarray, is_image: np.ndarray, width: int) -> None:
         self.key_ids = key_ids
-        self.lsns = lsns
-        is_image = kinds == _IMAGE
-        self.pieces = pc.if_else(pa.array(is_image), values, pc.binary_slice(values, _HEADER, _NO_STOP))
-        # Newest image at or before each row (rows of a key start with an image, see simple_keys).
-        self.base = np.maximum.accumulate(np.where(is_image, np.arange(len(lsns)), -1))
+        self.width = width
+        # Rows are sorted by key number and LSN, so also by key number and bucket: one array of
+        # both answers "last row at or below a cut" by binary search.
+        self.packed = key_ids * width + buckets
+        # Newest image at or before each row.
+        self.base = np.maximum.accumulate(np.where(is_image, np.arange(len(key_ids)), -1))
 
-    def read(self, key_ids: np.ndarray, lsns: np.ndarray) -> tuple[np.ndarray, pa.Array]:
-        """The value of each ``(key, lsn)`` point: whether it has a base image, and the value
-        (empty where it has none)."""
-        last = _last_at_or_below(self.key_ids, self.lsns, key_ids, lsns)
+    def runs(self, key_ids: np.ndarray, cuts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For each point (a key number and a cut number; the number of cuts stands for "after
+        everything"): whether its key has a base image there, and the run of rows that replays
+        to its value (base image first, last row at or below the cut)."""
+        last = np.searchsorted(self.packed, key_ids * self.width + cuts, side="right").astype(np.int64) - 1
         found = last >= 0
         found[found] = self.key_ids[last[found]] == key_ids[found]
-        first = np.where(found, self.base[np.maximum(last, 0)], 0)
+        first = np.where(found, self.base[np.maximum(last, 0)], -1)
         found &= first >= 0
         found[found] = self.key_ids[first[found]] == key_ids[found]
-        first = np.where(found, first, 0)
-        last = np.where(found, last, -1)  # an empty run: no rows, an empty value
-        return found, _join_runs(self.pieces, first, last)
+        return found, first, last
 
 
-def _last_at_or_below(row_keys: np.ndarray, row_lsns: np.ndarray, keys: np.ndarray, lsns: np.ndarray) -> np.ndarray:
-    """For each point, the last row with the same key number and an LSN at or below its LSN
-    (or the row before the key's first one, or -1): rows are sorted by (key number, LSN)."""
-    # LSNs use all 64 bits, so they are ranked before being packed beside the key number.
-    ranks = np.unique(np.concatenate((row_lsns, lsns)), return_inverse=True)[1].astype(np.int64)
-    rows = (row_keys.astype(np.int64) << 32) | ranks[: len(row_lsns)]
-    points = (keys.astype(np.int64) << 32) | ranks[len(row_lsns) :]
-    return np.searchsorted(rows, points, side="right").astype(np.int64) - 1
-
-
-def _join_runs(pieces: pa.Array, first: np.ndarray, last: np.ndarray) -> pa.Array:
-    """``pieces[first[i]] + ... + pieces[last[i]]`` for each run, as one binary array."""
-    lengths = np.maximum(last - first + 1, 0)
-    ends = np.cumsum(lengths)
-    index = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(first - (ends - lengths), lengths)
+def _replay_runs(values: pa.Array, first: np.ndarray, last: np.ndarray) -> pa.Array:
+    """Redo of each run of rows: the image at ``first`` followed by the appended bytes of the
+    plain append records after it, up to ``last``."""
+    count = last - first
+    ends = np.cumsum(count)
+    index = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(first + 1 - (ends - count), count)
+    appends = pc.binary_slice(values.take(pa.array(index, pa.int64())), _HEADER, _NO_STOP)
     offsets = np.concatenate(([0], ends)).astype(np.int32)
-    runs = pa.ListArray.from_arrays(pa.array(offsets), pieces.take(pa.array(index, pa.int64())))
-    return pc.binary_join(runs, pa.scalar(b"", pa.binary()))
+    joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), appends), _EMPTY)
+    return pc.binary_join_element_wise(values.take(pa.array(first, pa.int64())), joined, _EMPTY)
+
+
+def _kept_rows(buckets: np.ndarray, wants: np.ndarray, key_ids: np.ndarray) -> np.ndarray:
+    """Rows kept as they are: above the horizon, or in a cut that gets no image."""
+    ncuts = wants.shape[1]
+    kept: np.ndarray = (buckets == ncuts) | ~wants[key_ids, np.minimum(buckets, ncuts - 1)]
+    return kept
 
 
 def retain_chunk(
@@ -181,21 +194,19 @@ def retain_chunk(
 
     lengths = _lengths(values)
     is_image = kinds == _IMAGE
-    rows = _Rows(key_ids, lsns, kinds, values)
+    rows = _Rows(key_ids, buckets, is_image, ncuts + 1)
     want_keys, want_cuts = np.nonzero(wants)
-    built_found, built = rows.read(want_keys, cut_lsns[want_cuts])
-    if not built_found.all():  # cannot happen for simple keys: each starts with an image
-        raise RedoError(f"no base image for key {_key_text(keys, starts, want_keys[~built_found][0])}")
+    found, first, last = rows.runs(want_keys, want_cuts)
+    if not found.all():  # cannot happen for simple keys: each starts with an image
+        raise RedoError(f"no base image for key {_key_text(keys, starts, want_keys[~found][0])}")
+    built = _replay_runs(values, first, last)
 
-    kept = buckets == ncuts
-    kept |= ~wants[key_ids, np.minimum(buckets, ncuts - 1)]
+    kept_index = np.flatnonzero(_kept_rows(buckets, wants, key_ids))
     to_image_layer = (want_cuts == 0) & image_layer
     in_deltas = ~to_image_layer
-    first_keys = want_keys[to_image_layer]
-    image_keys = keys.take(pa.array(starts[first_keys]))
+    image_keys = keys.take(pa.array(starts[want_keys[to_image_layer]]))
     image_values = built.filter(pa.array(to_image_layer))
 
-    kept_index = np.flatnonzero(kept)
     delta_keys = np.concatenate((key_ids[kept_index], want_keys[in_deltas]))
     delta_lsns = np.concatenate((lsns[kept_index], cut_lsns[want_cuts[in_deltas]]))
     delta_kinds = np.concatenate((kinds[kept_index], np.full(int(in_deltas.sum()), _IMAGE, dtype=kinds.dtype)))
@@ -212,8 +223,16 @@ def retain_chunk(
     )
 
     if verification:
-        first_images = (first_keys, image_values)
-        _verify(keys, starts, rows, lsns, cut_lsns, counts, first_images, deltas, delta_keys[order])
+        # Every image built, wherever it is placed, with the rows it replays.
+        output = _Output(
+            key_ids=np.concatenate((key_ids[kept_index], want_keys)),
+            lsns=np.concatenate((lsns[kept_index], cut_lsns[want_cuts])),
+            buckets=np.concatenate((buckets[kept_index], want_cuts)),
+            is_image=np.concatenate((is_image[kept_index], np.ones(len(want_keys), dtype=bool))),
+            first=np.concatenate((kept_index, first)),
+            last=np.concatenate((kept_index, last)),
+        )
+        _verify(keys, starts, rows, cut_lsns, counts, output)
     image_bytes = int(lengths[is_image].sum())
     return ChunkRetention(
         image_keys=image_keys,
@@ -226,46 +245,56 @@ def retain_chunk(
     )
 
 
+@dataclass
+class _Output:
+    """The retained versions of a chunk as rows of the input: a kept version is its own input
+    row, an image built at a cut is the run of input rows its redo replayed."""
+
+    key_ids: np.ndarray
+    lsns: np.ndarray
+    buckets: np.ndarray
+    is_image: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+
+
 def _verify(
-    keys: pa.Array,
-    starts: np.ndarray,
-    original: _Rows,
-    lsns: np.ndarray,
-    cut_lsns: np.ndarray,
-    counts: np.ndarray,
-    first_images: tuple[np.ndarray, pa.Array],
-    deltas: pa.Table,
-    delta_keys: np.ndarray,
+    keys: pa.Array, starts: np.ndarray, original: _Rows, cut_lsns: np.ndarray, counts: np.ndarray, output: _Output
 ) -> None:
-    """Read every key at each cut from its first LSN on and its newest state, once from the
-    input and once from the output (the image layer's images at the first cut, then the
-    deltas), and fail on the first point where they differ."""
-    first_keys, image_values = first_images
+    """Check every key at each cut from its first LSN on, and its newest state: a read of the
+    output there must replay exactly the input rows a read of the input replays (the same base
+    image, then the same records in order). Redo being a function of those rows, the values are
+    then the same, without rebuilding and comparing them byte by byte."""
     nkeys = len(starts) - 1
     exists = np.cumsum(counts[:, :-1], axis=1) > 0
     point_keys, point_cuts = np.nonzero(exists)
-    # The newest state: the output may end at a cut above the input's newest LSN (an image
-    # moved up to its cut), so both are read past everything.
-    newest = np.full(nkeys, np.iinfo(np.uint64).max, dtype=np.uint64)
     point_keys = np.concatenate((point_keys, np.arange(nkeys)))
-    point_lsns = np.concatenate((cut_lsns[point_cuts], newest))
+    # The newest state: the output may end at a cut above the input's newest LSN (an image
+    # moved up to its cut), so both are read after everything.
+    ncuts = len(cut_lsns)
+    point_cuts = np.concatenate((point_cuts, np.full(nkeys, ncuts)))
+    _, want_first, want_last = original.runs(point_keys, point_cuts)
 
-    out_keys = np.concatenate((first_keys, delta_keys))
-    out_lsns = np.concatenate((np.full(len(first_keys), cut_lsns[0], dtype=np.uint64), deltas.column("lsn").to_numpy()))
-    out_kinds = np.concatenate(
-        (np.full(len(first_keys), _IMAGE, dtype=np.uint8), deltas.column("kind").to_numpy())
+    order = np.lexsort((output.lsns, output.key_ids))
+    out = _Rows(output.key_ids[order], output.buckets[order], output.is_image[order], ncuts + 1)
+    first, last = output.first[order], output.last[order]
+    found, base_row, last_row = out.runs(point_keys, point_cuts)
+    base_row, last_row = np.maximum(base_row, 0), np.maximum(last_row, 0)
+    # Rows after a base replay input rows that follow each other without a gap.
+    gaps = np.zeros(len(order), dtype=np.int64)
+    gaps[1:] = first[1:] != last[:-1] + 1
+    gaps = np.cumsum(gaps)
+    same = (
+        found
+        & (first[base_row] == want_first)
+        & (last[last_row] == want_last)
+        & (gaps[last_row] == gaps[base_row])
     )
-    out_values = pa.concat_arrays([image_values, deltas.column("value").combine_chunks()])
-    order = np.lexsort((out_kinds, out_lsns, out_keys))
-    output = _Rows(out_keys[order], out_lsns[order], out_kinds[order], out_values.take(pa.array(order)))
-
-    _, expected = original.read(point_keys, point_lsns)
-    found, actual = output.read(point_keys, point_lsns)
-    same = pc.equal(expected, actual).to_numpy(zero_copy_only=False) & found
     if not same.all():
         bad = int(np.flatnonzero(~same)[0])
-        where = f"key {_key_text(keys, starts, point_keys[bad])} at LSN {int(point_lsns[bad])}"
-        reason = "the retained value differs from the original"
+        at = "its newest LSN" if point_cuts[bad] == ncuts else f"LSN {int(cut_lsns[point_cuts[bad]])}"
+        where = f"key {_key_text(keys, starts, point_keys[bad])} at {at}"
+        reason = "the retained history does not replay the original"
         if not found[bad]:
             reason = "the retained history lost its base image"
         raise RedoError(f"verification failed: {where}: {reason}")

@@ -285,8 +285,38 @@ def _main_loop(
     (``worker.batch_retention.simple_keys``) are compacted a chunk at a time in columns; every
     other key, and every key of a job that reads base images from below, goes through
     ``generate_key_retention`` one key at a time. Both keep the keys in order."""
+    decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-decode")
+    try:
+        streams = [
+            _prefetched(_chain_batches(io, chain, plan.key_range, downloads.wait), decoder)
+            for chain in chains(plan.selected)
+        ]
+        return _merge_loop(plan, settings, hooks, stats, writers, verification, timer, streams, io)
+    finally:
+        decoder.shutdown(wait=True, cancel_futures=True)
+
+
+def _prefetched(stream: Iterator[pa.RecordBatch], decoder: ThreadPoolExecutor) -> Iterator[pa.RecordBatch]:
+    """``stream`` with its next batch decoded on ``decoder`` while the caller works on this one
+    (Parquet decoding releases the GIL)."""
+    upcoming = decoder.submit(next, stream, None)
+    while (batch := upcoming.result()) is not None:
+        upcoming = decoder.submit(next, stream, None)
+        yield batch
+
+
+def _merge_loop(
+    plan: JobPlan,
+    settings: EngineSettings,
+    hooks: Hooks,
+    stats: CompactionStatistics,
+    writers: tuple[SplitImageWriter | None, SplitDeltaWriter],
+    verification: bool,
+    timer: PhaseTimer,
+    streams: list[Iterator[pa.RecordBatch]],
+    io: LayerIO,
+) -> int:
     limit = MAX_KEY_HISTORY_BYTES
-    streams = [_chain_batches(io, chain, plan.key_range, downloads.wait) for chain in chains(plan.selected)]
     live_ranges = plan.manifest.live_ranges()
     live = None if live_ranges is None else sorted(live_ranges)
     counts = KeyValueCounters()

@@ -6,7 +6,7 @@ piece is either kept as a produced layer or discarded (deleted) when ``discard(n
 e.g. because an identical layer already exists.
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,24 +22,69 @@ from worker.merge import key_array, key_at
 
 # The seed's per-value estimate for deltas: key, LSN and about 80 bytes of value.
 _DELTA_ROW_ESTIMATE = KEY_SIZE + 8 + 80
+# Room kept for the next image when deciding to cut: a key and a page.
+_IMAGE_ROW_ESTIMATE = KEY_SIZE + 8192
+# A row's raw size besides its payload (key, LSN, kind, offset), as the size checks count it.
+_ROW_RAW = KEY_SIZE + 13
 
 
-def _slices(table: pa.Table, starts: np.ndarray, target_bytes: int) -> Iterator[tuple[int, int]]:
-    """``(start, end)`` row ranges of ``table`` that begin at ``starts`` (the rows a piece may
-    begin with) and hold about 1/32 of the target size each: a table goes to a writer slice by
-    slice, so a piece is cut close to its target without a check per row."""
-    step = max(4096, min(1 << 20, target_bytes // 32))
-    sizes = np.cumsum(pc.binary_length(table.column("value")).to_numpy(zero_copy_only=False).astype(np.int64))
-    sizes += np.arange(1, table.num_rows + 1) * (KEY_SIZE + 9)
-    start = 0
-    while start < table.num_rows:
-        before = sizes[start - 1] if start else 0
-        # The first allowed start past one step's worth of bytes, but at least one further on.
-        at = int(np.searchsorted(sizes, before + step, side="left")) + 1
-        index = int(np.searchsorted(starts, max(at, start + 1), side="left"))
-        end = int(starts[index]) if index < len(starts) else table.num_rows
-        yield start, end
-        start = end
+def _raw_sizes(table: pa.Table) -> np.ndarray:
+    """Cumulative raw size before each row of ``table``, and after the last."""
+    sizes = pc.binary_length(table.column("value")).to_numpy(zero_copy_only=False).astype(np.int64) + _ROW_RAW
+    before: np.ndarray = np.concatenate(([0], np.cumsum(sizes)))
+    return before
+
+
+class _SizeChecks:
+    """When a writer asks whether its piece is full. Asking costs a look at the writer, so it is
+    asked at the first key that begins after each further 1/32 of the target in raw bytes. That
+    is a function of the rows alone: rows given one by one or as tables of any size are cut at
+    the same keys, so compacting the same versions again gives the same layers."""
+
+    def __init__(self, target_bytes: int) -> None:
+        self.step = max(1, min(1 << 20, target_bytes // 32))
+        self.raw = 0  # raw bytes in the current piece
+        self.due_at = self.step
+
+    @property
+    def due(self) -> bool:
+        return self.raw >= self.due_at
+
+    def asked(self) -> None:
+        self.due_at = (self.raw // self.step + 1) * self.step
+
+    def new_piece(self) -> None:
+        self.raw = 0
+        self.due_at = self.step
+
+    def next_due(self, before: np.ndarray, starts: np.ndarray, pos: int) -> int:
+        """The first row of ``starts`` after ``pos`` where a check is due, given the cumulative
+        raw sizes ``before`` of a table whose row ``pos`` is next; the table's end if none."""
+        needed = self.due_at - self.raw + before[pos]
+        index = int(np.searchsorted(starts, pos, side="right"))
+        candidates = starts[index:]
+        due = int(np.searchsorted(before[candidates], needed, side="left"))
+        return int(candidates[due]) if due < len(candidates) else len(before) - 1
+
+
+def _feed(
+    table: pa.Table,
+    keys: np.ndarray,
+    starts: np.ndarray,
+    checks: _SizeChecks,
+    writer_for: Callable[[bytes], LayerWriter],
+) -> None:
+    """Hand ``table`` to the writers in slices that end where the next size check is due;
+    ``starts`` are the rows a piece may begin with (key starts)."""
+    before = _raw_sizes(table)
+    pos = 0
+    while pos < table.num_rows:
+        writer = writer_for(key_at(keys, pos))
+        end = checks.next_due(before, starts, pos)
+        for batch in table.slice(pos, end - pos).to_batches():
+            writer.add_batch(batch)
+        checks.raw += int(before[end] - before[pos])
+        pos = end
 
 
 @dataclass(frozen=True)
@@ -116,42 +161,34 @@ class SplitDeltaWriter:
         self.lsn_range = lsn_range
         self.target_bytes = target_bytes
         self._pieces = _Pieces(workdir, on_cut)
+        self._checks = _SizeChecks(target_bytes)
         self._writer: LayerWriter | None = None
         self._start_key = b""
         self._last_key: bytes | None = None
 
     def _writer_for(self, key: bytes) -> LayerWriter:
-        """The writer that takes ``key`` next: a new piece begins once the current one is full
-        and ``key`` is a new key."""
+        """The writer that takes ``key`` next: a new piece begins at a new key once the current
+        one is full."""
         writer = self._writer
+        checks = self._checks
         if writer is None:
             writer = self._writer = self._pieces.new_writer()
             self._start_key = key
-        elif (
-            key != self._last_key
-            and writer.num_rows >= 1
-            and writer.size_reaches(self.target_bytes - _DELTA_ROW_ESTIMATE)
-        ):
-            self._pieces.add(LayerName.delta(self._start_key, key, *self.lsn_range), writer)
-            writer = self._writer = self._pieces.new_writer()
-            self._start_key = key
+            checks.new_piece()
+        elif key != self._last_key and checks.due:
+            if writer.num_rows and writer.size_reaches(self.target_bytes - _DELTA_ROW_ESTIMATE):
+                self._pieces.add(LayerName.delta(self._start_key, key, *self.lsn_range), writer)
+                writer = self._writer = self._pieces.new_writer()
+                self._start_key = key
+                checks.new_piece()
+            else:
+                checks.asked()
         self._last_key = key
         return writer
 
     def put(self, version: Version) -> None:
         self._writer_for(version.key).add(*version)
-
-    def put_table(self, table: pa.Table) -> None:
-        """Every row of ``table`` (layer schema, sorted, whole keys), cut only between keys."""
-        if not table.num_rows:
-            return
-        keys = key_array(table.column("key"))
-        starts = np.concatenate(([0], np.flatnonzero(keys[1:] != keys[:-1]) + 1))
-        for start, end in _slices(table, starts, self.target_bytes):
-            writer = self._writer_for(key_at(keys, start))
-            for batch in table.slice(start, end - start).to_batches():
-                writer.add_batch(batch)
-            self._last_key = key_at(keys, end - 1)
+        self._checks.raw += _ROW_RAW + len(version.payload)
 
     def put_key(self, versions: Sequence[Version]) -> None:
         """``put`` each of ``versions``, which all belong to one key, in order."""
@@ -161,6 +198,16 @@ class SplitDeltaWriter:
         if len(versions) > 1:
             assert self._writer is not None
             self._writer.add_rows(versions[1:])
+            self._checks.raw += sum([_ROW_RAW + len(v.payload) for v in versions[1:]])
+
+    def put_table(self, table: pa.Table) -> None:
+        """Every row of ``table`` (layer schema, sorted, whole keys), as ``put`` would."""
+        if not table.num_rows:
+            return
+        keys = key_array(table.column("key"))
+        starts = np.concatenate(([0], np.flatnonzero(keys[1:] != keys[:-1]) + 1))
+        _feed(table, keys, starts, self._checks, self._writer_for)
+        self._last_key = key_at(keys, len(keys) - 1)
 
     def finish(self, discard: Discard) -> list[WriterResult]:
         if self._writer is not None and self._last_key is not None:
@@ -184,22 +231,29 @@ class SplitImageWriter:
         self.lsn = lsn
         self.target_bytes = target_bytes
         self._pieces = _Pieces(workdir, on_cut)
+        self._checks = _SizeChecks(target_bytes)
         self._writer: LayerWriter | None = None
         self._start_key = start_key
 
-    def _writer_for(self, key: bytes, size: int) -> LayerWriter:
-        """The writer that takes ``key`` with ``size`` bytes of images next."""
+    def _writer_for(self, key: bytes) -> LayerWriter:
+        """The writer that takes ``key`` next."""
         writer = self._writer
+        checks = self._checks
         if writer is None:
             writer = self._writer = self._pieces.new_writer()
-        elif writer.num_rows >= 1 and writer.size_reaches(self.target_bytes - KEY_SIZE - size):
-            self._pieces.add(LayerName.image(self._start_key, key, self.lsn), writer)
-            writer = self._writer = self._pieces.new_writer()
-            self._start_key = key
+        elif checks.due:
+            if writer.num_rows and writer.size_reaches(self.target_bytes - _IMAGE_ROW_ESTIMATE):
+                self._pieces.add(LayerName.image(self._start_key, key, self.lsn), writer)
+                writer = self._writer = self._pieces.new_writer()
+                self._start_key = key
+                checks.new_piece()
+            else:
+                checks.asked()
         return writer
 
     def put(self, key: bytes, page: bytes) -> None:
-        self._writer_for(key, len(page)).add(key, self.lsn, ValueKind.IMAGE, page)
+        self._writer_for(key).add(key, self.lsn, ValueKind.IMAGE, page)
+        self._checks.raw += _ROW_RAW + len(page)
 
     def put_batch(self, keys: pa.Array, pages: pa.Array) -> None:
         """``put`` of each key (in order) and its page."""
@@ -209,11 +263,7 @@ class SplitImageWriter:
         lsns = pa.array(np.full(n, self.lsn, dtype=np.uint64))
         kinds = pa.array(np.full(n, int(ValueKind.IMAGE), dtype=np.uint8))
         table = pa.Table.from_arrays([keys, lsns, kinds, pages], schema=SCHEMA)
-        key_bytes = key_array(keys)
-        for start, end in _slices(table, np.arange(n), self.target_bytes):
-            writer = self._writer_for(key_at(key_bytes, start), 0)
-            for batch in table.slice(start, end - start).to_batches():
-                writer.add_batch(batch)
+        _feed(table, key_array(keys), np.arange(n), self._checks, self._writer_for)
 
     def finish(self, end_key: bytes, discard: Discard) -> list[WriterResult]:
         if self._writer is not None and self._writer.num_rows:
