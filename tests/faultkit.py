@@ -49,9 +49,7 @@ T = TypeVar("T")
 # Short clocks, and S3 timeouts short enough that an injected timeout costs seconds, not minutes.
 FAULT_ENV = {
     **STACK_ENV,
-    "COMPACTOR_HEARTBEAT_INTERVAL_S": "0.25",
     "COMPACTOR_HEARTBEAT_TIMEOUT_S": "2.5",
-    "COMPACTOR_LOCK_TTL_S": "2",
     # A message reserved by a killed worker is re-sent after this long; running sub-jobs held
     # at a fault point longer than this would be reclaimed for making no progress.
     "COMPACTOR_NO_PROGRESS_TIMEOUT_S": "6",

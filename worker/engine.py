@@ -285,15 +285,19 @@ def _main_loop(
     (``worker.batch_retention.simple_keys``) are compacted a chunk at a time in columns; every
     other key, and every key of a job that reads base images from below, goes through
     ``generate_key_retention`` one key at a time. Both keep the keys in order."""
+    counts = KeyValueCounters()
+    output = _KeyOutput(plan, settings, writers, verification, counts)
     decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-decode")
     try:
         streams = [
             _prefetched(_chain_batches(io, chain, plan.key_range, downloads.wait), decoder)
             for chain in chains(plan.selected)
         ]
-        return _merge_loop(plan, settings, hooks, stats, writers, verification, timer, streams, io)
+        keys = _merge_loop(output, io, hooks, timer, streams)
     finally:
         decoder.shutdown(wait=True, cancel_futures=True)
+    counts.add_to(stats)
+    return keys
 
 
 def _prefetched(stream: Iterator[pa.RecordBatch], decoder: ThreadPoolExecutor) -> Iterator[pa.RecordBatch]:
@@ -306,22 +310,14 @@ def _prefetched(stream: Iterator[pa.RecordBatch], decoder: ThreadPoolExecutor) -
 
 
 def _merge_loop(
-    plan: JobPlan,
-    settings: EngineSettings,
-    hooks: Hooks,
-    stats: CompactionStatistics,
-    writers: tuple[SplitImageWriter | None, SplitDeltaWriter],
-    verification: bool,
-    timer: PhaseTimer,
-    streams: list[Iterator[pa.RecordBatch]],
-    io: LayerIO,
+    output: _KeyOutput, io: LayerIO, hooks: Hooks, timer: PhaseTimer, streams: list[Iterator[pa.RecordBatch]]
 ) -> int:
     limit = MAX_KEY_HISTORY_BYTES
+    plan = output.plan
     live_ranges = plan.manifest.live_ranges()
     live = None if live_ranges is None else sorted(live_ranges)
-    counts = KeyValueCounters()
-    one_by_one = _KeyByKey(plan, io, settings, writers, verification, counts)
-    in_columns = _InColumns(plan, settings, writers, verification, counts)
+    one_by_one = _KeyByKey(output, io)
+    in_columns = _InColumns(output)
     progress = Progress()
     every = hooks.every_versions
     next_report = every
@@ -351,7 +347,6 @@ def _merge_loop(
             next_report = (progress.versions_in // every + 1) * every
             hooks.check_cancelled()
             hooks.on_progress(progress)
-    counts.add_to(stats)
     hooks.on_progress(progress)
     return progress.keys
 
@@ -359,30 +354,31 @@ def _merge_loop(
 _KEY_OF = itemgetter(0)
 
 
+@dataclass
+class _KeyOutput:
+    """Where compacted keys go, and how: shared by both ways of compacting them."""
+
+    plan: JobPlan
+    settings: EngineSettings
+    writers: tuple[SplitImageWriter | None, SplitDeltaWriter]
+    verification: bool
+    counts: KeyValueCounters
+
+
 class _KeyByKey:
     """``generate_key_retention`` and ``place`` for one key at a time, with the key's base image
     from below when the job has data below it."""
 
-    def __init__(
-        self,
-        plan: JobPlan,
-        io: LayerIO,
-        settings: EngineSettings,
-        writers: tuple[SplitImageWriter | None, SplitDeltaWriter],
-        verification: bool,
-        counts: KeyValueCounters,
-    ) -> None:
-        self.plan = plan
-        self.settings = settings
-        self.writers = writers
-        self.verification = verification
-        self.counts = counts
+    def __init__(self, out: _KeyOutput, io: LayerIO) -> None:
+        self.out = out
+        plan = out.plan
         self._bases = _base_images(plan, io)
         self._next_base: tuple[bytes, bytes] | None = next(self._bases, None)
 
     def compact(self, history: list[Version]) -> None:
-        plan, counts = self.plan, self.counts
-        images, deltas = self.writers
+        out = self.out
+        plan, counts = out.plan, out.counts
+        images, deltas = out.writers
         key = history[0].key
         size = image_size = images_in = 0
         for version in history:
@@ -405,7 +401,7 @@ class _KeyByKey:
         if self._next_base is not None and self._next_base[0] == key:
             base = image(key, plan.lowest_retain_lsn, self._next_base[1])
         retention = generate_key_retention(
-            key, history, plan.horizon, plan.retain_lsns, self.settings.delta_threshold, base, self.verification
+            key, history, plan.horizon, plan.retain_lsns, out.settings.delta_threshold, base, out.verification
         )
         first_image, rest = place(key, retention, has_image_layer=images is not None)
         if first_image is not None:
@@ -431,27 +427,17 @@ class _InColumns:
     """``worker.batch_retention.retain_chunk`` for runs of simple keys, straight into the
     writers."""
 
-    def __init__(
-        self,
-        plan: JobPlan,
-        settings: EngineSettings,
-        writers: tuple[SplitImageWriter | None, SplitDeltaWriter],
-        verification: bool,
-        counts: KeyValueCounters,
-    ) -> None:
-        self.plan = plan
-        self.settings = settings
-        self.writers = writers
-        self.verification = verification
-        self.counts = counts
-        self.cuts = [*plan.retain_lsns, plan.horizon]
+    def __init__(self, out: _KeyOutput) -> None:
+        self.out = out
+        self.cuts = [*out.plan.retain_lsns, out.plan.horizon]
 
     def compact(self, rows: pa.Table, starts: np.ndarray) -> None:
-        plan, counts = self.plan, self.counts
-        images, deltas = self.writers
+        out = self.out
+        plan, counts = out.plan, out.counts
+        images, deltas = out.writers
         try:
             kept = retain_chunk(
-                rows, starts, self.cuts, self.settings.delta_threshold, images is not None, self.verification
+                rows, starts, self.cuts, out.settings.delta_threshold, images is not None, out.verification
             )
         except RedoError as err:
             raise CompactionFailed(str(err)) from err
