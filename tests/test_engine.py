@@ -110,8 +110,11 @@ def test_compaction_keeps_reads_and_is_idempotent(
     straddling = [n for n in new.layer_names() if not n.is_delta and n.key_range.overlaps(job.key_range)
                   and not job.key_range.covers(n.key_range)]  # fmt: skip
     if not straddling:
-        # The layer map keeps its shape. (A same-named layer can still be rewritten with other
-        # content on a branch now and then: see the engine's discard rule; tracked in the notes.)
+        # The layer map keeps its shape. Its contents may still change: the seed counts every
+        # version of a cut towards the delta threshold, images included (the TODO in its
+        # generate_key_retention), so an image the first run built at a cut counts as one more
+        # version on the second run instead of restarting the count, and a later cut can reach
+        # the threshold then. Reads stay exact either way (checked above).
         assert set(again.layers) == set(new.layers), "a second identical compaction changed the layer map"
 
 

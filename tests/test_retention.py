@@ -533,3 +533,15 @@ def test_statistics_merge_and_phase_timer() -> None:
     assert a.delta_layer_visited.num == 2 and a.delta_layer_visited.size == 15
     assert a.num_unique_keys_visited == 1
     assert a.time_main_loop_secs == b.time_main_loop_secs
+
+
+def test_images_count_towards_the_delta_threshold_as_in_the_seed() -> None:
+    """The seed adds every version of a cut to the count, images included (the TODO in its
+    generate_key_retention): an image kept in a cut does not restart the count. So compacting
+    an already compacted key can build one more image, which is why a second run is not always
+    a no-op; reads stay the same."""
+    key = key_from_int(3)
+    history = [Version(key, lsn, int(ValueKind.IMAGE), b"v%d" % lsn) for lsn in (1, 15, 16, 17, 18, 19)]
+    retention = generate_key_retention(key, history, 20, [1, 15], delta_threshold=5, verification=True)
+    assert retention.below_horizon[1] == (15, [history[1]])  # 1 version since the image at 1: kept
+    assert retention.below_horizon[2] == (20, [Version(key, 20, int(ValueKind.IMAGE), b"v19")])  # 1 + 4 = 5
