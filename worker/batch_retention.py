@@ -13,9 +13,10 @@ The rule, per key, for the cuts (the retain LSNs below the horizon, then the hor
 holds the versions in ``(previous cut, cut]``. From the first non-empty cut on, a counter adds
 the versions of each cut; the first cut always becomes an image, a later one once the counter
 reaches the delta threshold (and the counter restarts); other cuts keep their versions. Above
-the horizon everything is kept. With verification on, the value at every cut at or above the
-key's first LSN and its newest state are read back from the output rows and compared with the
-same read of the input, as ``KeyHistoryRetention.verify`` does.
+the horizon everything is kept. With verification on, a read of the output at every cut at or
+above the key's first LSN, and of its newest state, must replay exactly the input rows the same
+read of the input replays (``_verify``): the points ``KeyHistoryRetention.verify`` checks, by
+rows instead of by rebuilt values.
 """
 
 from __future__ import annotations
