@@ -34,8 +34,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
@@ -112,6 +113,16 @@ def _timeline_id(*parts: object) -> str:
     return hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:32]
 
 
+T = TypeVar("T")
+
+
+def _timed(action: Callable[[], T]) -> tuple[float, T]:
+    """Wall time of one call, and its result."""
+    start = time.perf_counter()
+    result = action()
+    return time.perf_counter() - start, result
+
+
 class Bench:
     def __init__(self, directory: Path, verbose: bool, profile_dir: Path | None) -> None:
         self.dir = directory
@@ -160,12 +171,9 @@ class Bench:
         puts, gets = [], []
         for i in range(repeat):
             key = f"bench/store/{i}"
-            t = time.perf_counter()
-            store.put_bytes(key, data)
-            puts.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            got = store.get_bytes(key)
-            gets.append(time.perf_counter() - t)
+            puts.append(_timed(lambda: store.put_bytes(key, data))[0])  # noqa: B023 - called at once
+            seconds, got = _timed(lambda: store.get_bytes(key))  # noqa: B023
+            gets.append(seconds)
             assert len(got) == len(data)
             store.delete(key)
         path = self.dir / "store-file"
@@ -175,12 +183,8 @@ class Bench:
         up, down = [], []
         for i in range(repeat):
             key = f"bench/store/file-{i}"
-            t = time.perf_counter()
-            store.upload_file(path, key)
-            up.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            store.download_file(key, self.dir / "store-file-down")
-            down.append(time.perf_counter() - t)
+            up.append(_timed(lambda: store.upload_file(path, key))[0])  # noqa: B023 - called at once
+            down.append(_timed(lambda: store.download_file(key, self.dir / "store-file-down"))[0])  # noqa: B023
             store.delete(key)
         path.unlink()
         (self.dir / "store-file-down").unlink()
