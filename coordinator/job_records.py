@@ -48,7 +48,7 @@ from storage.keys import KEY_MAX, KEY_MIN, format_key
 from storage.lsn import LSN_MAX
 from storage.manifest import KeyHex, Lsn
 from storage.settings import Settings
-from worker.jobs import CompactionJob
+from worker.jobs import CommitProposal, CompactionJob, SubJobSpec
 from worker.statistics import CompactionStatistics
 
 log = logging.getLogger(__name__)
@@ -232,16 +232,6 @@ class CompactRequest(BaseModel):
     def same_job(self, other: CompactRequest) -> bool:
         return self.model_dump(exclude={"job_id"}) == other.model_dump(exclude={"job_id"})
 
-    @property
-    def full_range(self) -> bool:
-        """Whether the request covers every key and all history (as the seed's auto jobs)."""
-        return (
-            self.key_start == format_key(KEY_MIN)
-            and self.key_end == format_key(KEY_MAX)
-            and self.lsn_start == 0
-            and self.lsn_end == LSN_MAX
-        )
-
 
 class MetaJobRef(BaseModel):
     """Payload of ``compactor.plan_meta_job`` and ``compactor.finalize_meta_job``."""
@@ -317,10 +307,7 @@ class SubJobRecord(Record):
     id: str
     meta_id: str
     index: int
-    chain: int
-    prev_id: str | None = None  # runs after this one in the same chain
-    next_id: str | None = None
-    job: CompactionJob
+    spec: SubJobSpec
     state: JobState = JobState.QUEUED
     attempt: int = 0
     owner: Owner | None = None
@@ -328,10 +315,9 @@ class SubJobRecord(Record):
     progress: JobProgress = Field(default_factory=JobProgress)
     progress_changed_at: float | None = None
     stats: CompactionStatistics | None = None
+    proposal: CommitProposal | None = None  # its part of the meta job's commit, once it succeeded
     skipped: str | None = None
     error: str | None = None
-    manifest_number: int | None = None
-    replans: int = 0
     reclaims: int = 0
     created_at: float = Field(default_factory=now)
     enqueued_at: float | None = None
@@ -381,8 +367,11 @@ class MetaJobRecord(Record):
     auto: bool = False
     state: JobState = JobState.QUEUED
     cancel_requested: bool = False
-    sub_jobs: list[str] = Field(default_factory=list)
-    chains: list[list[int]] = Field(default_factory=list)
+    sub_jobs: list[str] = Field(default_factory=list)  # of the current plan (a re-plan replaces them)
+    planned_on: int | None = None  # the manifest number the current plan was made on
+    replans: int = 0  # plans made again after a commit conflict
+    conflicts: list[str] = Field(default_factory=list)  # why each re-plan was needed
+    manifest_number: int | None = None  # the manifest its commit wrote
     below_lsn: int = 0
     max_job_bytes: int = 0
     skipped: str | None = None
@@ -392,7 +381,7 @@ class MetaJobRecord(Record):
     ended_at: float | None = None
     statistics: MetaStatistics | None = None
     compaction_statistics: CompactionStatistics | None = None  # the sub-jobs' merged counters
-    l2_lsn: int | None = None  # gc_compaction.last_completed_lsn written by this job
+    l2_lsn: int | None = None  # gc_compaction.last_completed_lsn its commit writes (None: a partial job)
     stats_object: str | None = None
 
 
@@ -544,18 +533,26 @@ class JobRecords:
         return result[0]
 
     def store_plan(
-        self, job_id: str, apply: Callable[[MetaJobRecord], MetaJobRecord], subs: list[SubJobRecord]
+        self,
+        job_id: str,
+        apply: Callable[[MetaJobRecord], MetaJobRecord],
+        subs: list[SubJobRecord],
+        *,
+        replan: bool = False,
     ) -> MetaJobRecord | None:
         """Store the planned meta job (``apply`` sets the planned fields on the current record)
-        and its sub-job records in one transaction, only while the meta job is still queued and
-        not cancelled. Returns the stored meta record, or None if it was not stored."""
+        and its sub-job records in one transaction, only while the meta job is still queued (or,
+        for a ``replan``, running with its finalize claimed) and not cancelled. A re-plan also
+        releases the finalize claim, for the new sub-jobs' finalize. Returns the stored meta
+        record, or None if it was not stored."""
         key = _key_meta(job_id)
         result: list[MetaJobRecord | None] = [None]
+        expected = JobState.RUNNING if replan else JobState.QUEUED
 
         def body(pipe: Any) -> Callable[[Any], None] | None:
             current = self._load(MetaJobRecord, pipe.get(key))
             result[0] = None
-            if current is None or current.state != JobState.QUEUED or current.cancel_requested:
+            if current is None or current.state != expected or current.cancel_requested:
                 return None
             meta = apply(current.model_copy(deep=True))
             result[0] = meta
@@ -564,6 +561,8 @@ class JobRecords:
                 for sub in subs:
                     p.set(_key_sub(sub.id), sub.model_dump_json())
                 p.set(key, meta.model_dump_json(), keepttl=True)
+                if replan:
+                    p.delete(_key_finalize(job_id))
 
             return writes
 

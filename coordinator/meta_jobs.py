@@ -1,17 +1,20 @@
-"""Meta jobs: planning into sub-jobs, what happens when a sub-job ends, finalize and cancel
-(the seed's ``GcCompactionQueue``, with the queue in Redis records and Celery messages).
+"""Meta jobs: planning into sub-jobs, what happens when a sub-job ends, the one commit, and
+cancel (the seed's ``GcCompactionQueue``, with the queue in Redis records and Celery messages).
 
-Data flow of one meta job (DESIGN.md):
+Data flow of one meta job (docs/design/commit.md):
 
 1. ``create_meta_job`` stores the record (and the timeline's in-flight marker);
-2. ``plan`` reads the newest manifest, splits the request (``coordinator.split``), chains
-   sub-jobs that must not run at once, stores the sub-job records and enqueues the first
-   sub-job of every chain on the ``gc`` queue;
-3. each time a sub-job ends, whatever its outcome, ``sub_job_ended`` enqueues the next one of its
-   chain, adds it to the meta job's finished set and, once every sub-job has ended, claims the
-   finalize (``SET NX``) and enqueues ``finalize_meta_job``: exactly once, never early;
-4. ``finalize`` computes the meta statistics, advances ``gc_compaction.last_completed_lsn`` if
-   every sub-job succeeded, writes the statistics next to the manifests and ends the meta job.
+2. ``plan`` reads the newest manifest, plans the compaction once over the meta job's key range
+   (``worker.plan``), cuts that range into sub-jobs by bytes (``coordinator.split``), stores the
+   sub-job records and enqueues every sub-job on the ``gc`` queue at once: they run in parallel;
+3. each sub-job uploads its outputs and records its part of the proposal; when one ends, whatever
+   its outcome, ``sub_job_ended`` adds it to the meta job's finished set and, once every sub-job
+   has ended, claims the finalize (``SET NX``) and enqueues ``finalize_meta_job``: exactly once,
+   never early;
+4. ``finalize`` commits once: if every sub-job succeeded, the combined proposal (and the L2 LSN)
+   in one new manifest; on a real conflict the uploads are deleted and the meta job is planned
+   again (bounded by ``max_replans``); a failed or cancelled meta job commits nothing and deletes
+   every upload. Then it writes the statistics next to the manifests and ends the meta job.
 
 Every step is idempotent: a duplicated message, or a step repeated by the scheduler's repair
 after a crash, changes nothing that was done already.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,16 +46,19 @@ from coordinator.job_records import (
     one_line,
     sub_job_id,
 )
-from coordinator.split import chain, compact_below_lsn, split_job
+from coordinator.split import RowGroups, compact_below_lsn, slices
 from storage import layout
-from storage.errors import CompactorError, InvalidInput
+from storage.errors import CompactorError, InvalidInput, ManifestConflict
+from storage.keys import format_key
 from storage.manifest import GcCompactionState, Manifest
 from storage.settings import Settings
 from storage.timeline import Storage
 from worker import metrics
+from worker.commit import CommitRefused
 from worker.engine import EngineSettings
-from worker.jobs import CompactionJob
-from worker.runner import compact
+from worker.jobs import CommitProposal, SubJobSpec
+from worker.plan import plan_job
+from worker.runner import commit_meta, compact
 from worker.statistics import CompactionStatistics
 
 log = logging.getLogger(__name__)
@@ -138,12 +145,15 @@ def reject_payload(records: JobRecords, payload: dict[str, Any], error: str) -> 
 
 
 @dataclass(frozen=True)
-class Plan:
-    jobs: list[CompactionJob]
-    chains: list[list[int]]
+class MetaPlan:
+    """A meta job planned on one manifest: its sub-jobs, or why there is nothing to do."""
+
+    specs: list[SubJobSpec]
+    manifest_number: int
     below_lsn: int
     before_size: int
     max_job_bytes: int
+    l2_lsn: int | None  # gc_compaction.last_completed_lsn its commit writes
     skipped: str | None
 
 
@@ -152,90 +162,125 @@ def layer_size_below(manifest: Manifest, lsn: int) -> int:
     return sum(entry.size for entry in manifest.layers.values() if entry.layer.lsn_start <= lsn)
 
 
-def plan_sub_jobs(manifest: Manifest, request: CompactRequest, default_max_job_bytes: int) -> Plan:
-    """Split ``request`` on ``manifest`` (pure)."""
+def plan_meta_job(
+    manifest: Manifest, request: CompactRequest, default_max_job_bytes: int, row_groups: RowGroups
+) -> MetaPlan:
+    """Plan ``request`` once on ``manifest`` and cut it into sub-jobs (pure but for
+    ``row_groups``, which reads layer footers). Raises PlanningError on an invalid layer map."""
     job = request.to_job()
     max_bytes = request.max_job_bytes or default_max_job_bytes
     below = compact_below_lsn(manifest, job)
-    if below == 0:
-        return Plan([], [], 0, 0, max_bytes, "gc cutoff not set yet (0): nothing is compacted")
-    if request.sub_compaction:
-        jobs = split_job(manifest, job, max_bytes)
-    else:
-        jobs = [job.model_copy(update={"lsn_end": below})]
-    skipped = None if jobs else "no layers in the requested key range below the horizon"
-    return Plan(
-        jobs, chain(manifest, jobs) if jobs else [], below, layer_size_below(manifest, below), max_bytes, skipped
+    before = layer_size_below(manifest, below)
+    plan = plan_job(manifest, job)
+    if isinstance(plan, str):
+        # A job over everything with nothing below its horizon has still completed up to it.
+        l2 = below if job.full_range and below and not job.dry_run else None
+        return MetaPlan([], manifest.number, below, before, max_bytes, l2, plan)
+    keys = slices(plan, row_groups, max_bytes) if request.sub_compaction else [plan.key_range]
+    specs = [
+        SubJobSpec(job=job, manifest_number=manifest.number, key_start=format_key(k.start), key_end=format_key(k.end))
+        for k in keys
+    ]
+    return MetaPlan(specs, manifest.number, below, before, max_bytes, plan.l2_lsn, None)
+
+
+def sub_job_records(meta_id: str, planned: MetaPlan, first_index: int = 0) -> list[SubJobRecord]:
+    return [
+        SubJobRecord(id=sub_job_id(meta_id, first_index + i), meta_id=meta_id, index=first_index + i, spec=spec)
+        for i, spec in enumerate(planned.specs)
+    ]
+
+
+def _planned(meta: MetaJobRecord, planned: MetaPlan, subs: list[SubJobRecord], at: float) -> MetaJobRecord:
+    """``meta`` with the fields a (re-)plan sets."""
+    meta.state = JobState.RUNNING if subs else meta.state
+    meta.planned_at = meta.planned_at or at
+    meta.sub_jobs = [sub.id for sub in subs]
+    meta.planned_on = planned.manifest_number
+    meta.below_lsn = planned.below_lsn
+    meta.max_job_bytes = planned.max_job_bytes
+    meta.l2_lsn = planned.l2_lsn
+    meta.skipped = planned.skipped
+    meta.statistics = MetaStatistics(
+        meta_job_id=meta.id,
+        total_sub_compaction_jobs=len(subs),
+        before_compaction_layer_size=planned.before_size,
+        below_lsn=planned.below_lsn,
+        start_time=(meta.statistics.start_time if meta.statistics else None) or datetime.fromtimestamp(at, UTC),
     )
+    return meta
 
 
-def sub_job_records(meta_id: str, plan: Plan) -> list[SubJobRecord]:
-    subs: dict[int, SubJobRecord] = {}
-    for number, members in enumerate(plan.chains):
-        for position, index in enumerate(members):
-            subs[index] = SubJobRecord(
-                id=sub_job_id(meta_id, index),
-                meta_id=meta_id,
-                index=index,
-                chain=number,
-                prev_id=sub_job_id(meta_id, members[position - 1]) if position > 0 else None,
-                next_id=sub_job_id(meta_id, members[position + 1]) if position + 1 < len(members) else None,
-                job=plan.jobs[index],
-            )
-    return [subs[i] for i in sorted(subs)]
+def _plan_on_newest(storage: Storage, meta: MetaJobRecord, settings: Settings) -> MetaPlan:
+    assert meta.request is not None  # only rejected payloads lack one, and they end at once
+    manifest = storage.manifest(meta.tenant_id, meta.timeline_id)
+    return plan_meta_job(manifest, meta.request, settings.max_job_bytes, storage.row_groups)
 
 
 def plan(storage: Storage, records: JobRecords, publisher: Publisher, job_id: str, settings: Settings) -> MetaJobRecord:
-    """Plan a queued meta job and start its chains. A meta job planned already is returned as
-    is; one that cannot be planned ends failed with a one-line error."""
+    """Plan a queued meta job and enqueue all its sub-jobs. A meta job planned already is
+    returned as is; one that cannot be planned ends failed with a one-line error."""
     meta = records.require_meta(job_id)
     if meta.state != JobState.QUEUED or meta.planned_at is not None:
         return meta
-    assert meta.request is not None  # only rejected payloads lack one, and they end at once
     try:
-        manifest = storage.manifest(meta.tenant_id, meta.timeline_id)
-        planned = plan_sub_jobs(manifest, meta.request, settings.max_job_bytes)
+        planned = _plan_on_newest(storage, meta, settings)
     except (CompactorError, ValidationError, OSError) as err:
         error = f"planning failed: {one_line(err)}"
         log.warning("meta job planning failed job=%s error=%r", job_id, error)
         records.update_meta(job_id, lambda m: _planning_ended(m, error=error))
-        return _end_without_sub_jobs(storage, records, job_id, settings)
+        return _end_without_sub_jobs(storage, records, publisher, job_id, settings)
 
     subs = sub_job_records(job_id, planned)
     at = now()
-
-    def apply(m: MetaJobRecord) -> MetaJobRecord:
-        m.state = JobState.RUNNING if subs else m.state
-        m.planned_at = at
-        m.sub_jobs = [sub.id for sub in subs]
-        m.chains = planned.chains
-        m.below_lsn = planned.below_lsn
-        m.max_job_bytes = planned.max_job_bytes
-        m.skipped = planned.skipped
-        m.statistics = MetaStatistics(
-            meta_job_id=job_id,
-            total_sub_compaction_jobs=len(subs),
-            before_compaction_layer_size=planned.before_size,
-            below_lsn=planned.below_lsn,
-            start_time=datetime.fromtimestamp(at, UTC),
-        )
-        return m
-
-    stored = records.store_plan(job_id, apply, subs)
+    stored = records.store_plan(job_id, lambda m: _planned(m, planned, subs, at), subs)
     if stored is None:  # planned meanwhile by a duplicate message, or cancelled
         current = records.require_meta(job_id)
         if current.cancel_requested and current.planned_at is not None and not current.sub_jobs:
-            return _end_without_sub_jobs(storage, records, job_id, settings)
+            return _end_without_sub_jobs(storage, records, publisher, job_id, settings)
         return current
     log.info(
-        "meta job planned job=%s tenant=%s timeline=%s sub_jobs=%d chains=%d below_lsn=%d max_job_bytes=%d",
-        job_id, stored.tenant_id, stored.timeline_id, len(subs), len(planned.chains), planned.below_lsn,
+        "meta job planned job=%s tenant=%s timeline=%s sub_jobs=%d manifest=%d below_lsn=%d max_job_bytes=%d",
+        job_id, stored.tenant_id, stored.timeline_id, len(subs), planned.manifest_number, planned.below_lsn,
         planned.max_job_bytes,
     )  # fmt: skip
     if not subs:
-        return _end_without_sub_jobs(storage, records, job_id, settings)
-    for members in planned.chains:
-        enqueue_sub(records, publisher, sub_job_id(job_id, members[0]))
+        return _end_without_sub_jobs(storage, records, publisher, job_id, settings)
+    for sub in subs:
+        enqueue_sub(records, publisher, sub.id)
+    return stored
+
+
+def _replan(
+    storage: Storage, records: JobRecords, publisher: Publisher, meta: MetaJobRecord, settings: Settings, reason: str
+) -> MetaJobRecord | None:
+    """Plan a meta job again after its commit met a conflict: a new set of sub-jobs on the newest
+    manifest, enqueued at once. None when there is nothing left to do or it cannot be planned."""
+    try:
+        planned = _plan_on_newest(storage, meta, settings)
+    except (CompactorError, ValidationError, OSError) as err:
+        log.warning("meta job re-planning failed job=%s error=%r", meta.id, one_line(err))
+        return None
+    if not planned.specs:
+        return None
+    subs = sub_job_records(
+        meta.id, planned, first_index=max((s.index for s in records.get_subs(meta.sub_jobs)), default=-1) + 1
+    )
+
+    def apply(m: MetaJobRecord) -> MetaJobRecord:
+        m.replans += 1
+        m.conflicts.append(reason)
+        return _planned(m, planned, subs, now())
+
+    stored = records.store_plan(meta.id, apply, subs, replan=True)
+    if stored is None:
+        return None
+    log.warning(
+        "meta job re-planned after a conflict job=%s sub_jobs=%d manifest=%d replans=%d reason=%r",
+        meta.id, len(subs), planned.manifest_number, stored.replans, reason,
+    )  # fmt: skip
+    for sub in subs:
+        enqueue_sub(records, publisher, sub.id)
     return stored
 
 
@@ -250,9 +295,11 @@ def _planning_ended(
     return meta
 
 
-def _end_without_sub_jobs(storage: Storage, records: JobRecords, job_id: str, settings: Settings) -> MetaJobRecord:
+def _end_without_sub_jobs(
+    storage: Storage, records: JobRecords, publisher: Publisher, job_id: str, settings: Settings
+) -> MetaJobRecord:
     if records.claim_finalize(job_id):
-        return finalize(storage, records, job_id, settings)
+        return finalize(storage, records, publisher, job_id, settings)
     return records.require_meta(job_id)
 
 
@@ -268,12 +315,8 @@ def enqueue_sub(records: JobRecords, publisher: Publisher, sub_id: str, countdow
 
 def sub_job_ended(records: JobRecords, publisher: Publisher, sub: SubJobRecord) -> None:
     """Everything that follows the end of a sub-job, in an order that survives a crash at any
-    point (a redelivered message repeats it): start the next sub-job of the chain, add this
-    one to the finished set, and enqueue finalize once every sub-job has ended."""
-    if sub.next_id is not None:
-        following = records.get_sub(sub.next_id)
-        if following is not None and following.state == JobState.QUEUED and following.enqueued_at is None:
-            enqueue_sub(records, publisher, following.id)
+    point (a redelivered message repeats it): add it to the finished set, and enqueue finalize
+    once every sub-job has ended."""
     records.mark_finished(sub.meta_id, sub.id)
     maybe_finalize(records, publisher, sub.meta_id)
 
@@ -326,35 +369,76 @@ def summarize(
     return state, error, stats, merged
 
 
-def advance_l2_lsn(storage: Storage, meta: MetaJobRecord) -> int | None:
-    """The seed's Notify: move ``gc_compaction.last_completed_lsn`` up to the meta job's
-    ``below_lsn``, never down. Only for a job over every key and all history (what the seed's
-    auto jobs are); a partial job says nothing about the timeline as a whole."""
-    request = meta.request
-    if request is None or request.dry_run or not request.full_range or meta.below_lsn == 0:
-        return None
-    target = meta.below_lsn
+def uploads_of(subs: list[SubJobRecord]) -> list[Any]:
+    """Every layer the sub-jobs uploaded and recorded."""
+    return [entry for sub in subs if sub.proposal is not None for entry in sub.proposal.added]
+
+
+def commit_l2_lsn(storage: Storage, meta: MetaJobRecord) -> None:
+    """The L2 LSN alone, for a meta job that had nothing to compact below its horizon."""
+    target = meta.l2_lsn
+    if target is None:
+        return
 
     def update(current: Manifest) -> Manifest | None:
-        have = current.gc_compaction.last_completed_lsn
-        if have > target:
-            log.warning("l2 lsn not lowered job=%s current=%d proposed=%d", meta.id, have, target)
-            return None
-        if have == target:
+        if current.gc_compaction.last_completed_lsn >= target:
             return None
         return current.successor(
-            gc_compaction=GcCompactionState(last_completed_lsn=target), written_by=f"finalize {meta.id}"
+            gc_compaction=GcCompactionState(last_completed_lsn=target), written_by=f"meta job {meta.id}"
         )
 
     committed = storage.manifests.commit(meta.tenant_id, meta.timeline_id, update)
     if committed is not None:
         log.info("l2 lsn advanced job=%s lsn=%d manifest=%d", meta.id, target, committed.number)
-    return target
 
 
-def finalize(storage: Storage, records: JobRecords, job_id: str, settings: Settings) -> MetaJobRecord:
-    """End a meta job whose sub-jobs have all ended. Repeatable: a meta job that has ended is
-    returned unchanged."""
+CommitHook = Callable[[], None]
+
+
+def _commit(
+    storage: Storage,
+    records: JobRecords,
+    publisher: Publisher,
+    meta: MetaJobRecord,
+    subs: list[SubJobRecord],
+    settings: Settings,
+    before_commit: CommitHook | None,
+) -> tuple[MetaJobRecord | None, int | None, str | None]:
+    """The meta job's one commit. Returns ``(re-planned meta job or None, manifest number written,
+    error)``."""
+    parts = [sub.proposal for sub in subs if sub.proposal is not None]
+    if not parts:
+        commit_l2_lsn(storage, meta)
+        return None, None, None
+    proposal = CommitProposal.combine(parts)
+    try:
+        number = commit_meta(
+            storage, proposal, written_by=f"meta job {meta.id}", l2_lsn=meta.l2_lsn, before_commit=before_commit
+        )
+    except ManifestConflict as err:
+        reason = one_line(err)
+        if meta.replans < settings.max_replans and not meta.cancel_requested:
+            replanned = _replan(storage, records, publisher, meta, settings, reason)
+            if replanned is not None:
+                return replanned, None, None
+        return None, None, f"commit conflict after {meta.replans} re-plans: {reason}"
+    except CommitRefused as err:
+        return None, None, one_line(err)
+    return None, number, None
+
+
+def finalize(
+    storage: Storage,
+    records: JobRecords,
+    publisher: Publisher,
+    job_id: str,
+    settings: Settings,
+    *,
+    before_commit: CommitHook | None = None,
+) -> MetaJobRecord:
+    """Commit and end a meta job whose sub-jobs have all ended (or plan it again after a
+    conflict). Repeatable: a meta job that has ended is returned unchanged, and a commit that
+    landed already is found again instead of being written twice."""
     meta = records.require_meta(job_id)
     if meta.state.ended:
         return meta
@@ -372,15 +456,26 @@ def finalize(storage: Storage, records: JobRecords, job_id: str, settings: Setti
     manifest: Manifest | None = None
     try:
         if state == JobState.SUCCEEDED:
-            final.l2_lsn = advance_l2_lsn(storage, meta)
+            replanned, final.manifest_number, commit_error = _commit(
+                storage, records, publisher, meta, subs, settings, before_commit
+            )
+            if replanned is not None:
+                return replanned
+            if commit_error is not None:
+                final.state, final.error = JobState.FAILED, commit_error
+        else:
+            # Nothing was committed and nothing will be: the uploads are garbage now.
+            storage.delete_uploads(uploads_of(subs))
         if meta.planned_at is not None and meta.error is None:
             manifest = storage.manifest(meta.tenant_id, meta.timeline_id)
     except (CompactorError, OSError) as err:
-        # The sub-jobs' commits stand; failing to record the L2 LSN only makes the auto-trigger
-        # run again sooner. Say so on the record.
+        # The outcome of a commit that failed this way is unknown (its manifest may have
+        # landed): the uploads stay for the orphan cleanup, which spares whatever is referenced.
         final.state = JobState.FAILED
         final.error = final.error or f"finalize failed: {one_line(err)}"
         log.warning("meta job finalize failed job=%s error=%r", job_id, one_line(err))
+    if final.state != JobState.SUCCEEDED:
+        final.l2_lsn = None
     if manifest is not None and stats.below_lsn:
         stats.after_compaction_layer_size = layer_size_below(manifest, stats.below_lsn)
     stats.finalize()
@@ -409,13 +504,14 @@ def finalize(storage: Storage, records: JobRecords, job_id: str, settings: Setti
         )
         records.deactivate(job_id)
         records.expire_job(stored)
-        log.info(
-            "meta job ended job=%s state=%s sub_jobs=%d succeeded=%d failed=%d cancelled=%d "
-            "before=%d after=%d retention=%.3f l2_lsn=%s",
+        log_ended = log.info if stored.state == JobState.SUCCEEDED else log.warning
+        log_ended(
+            "meta job ended job=%s state=%s sub_jobs=%d succeeded=%d failed=%d cancelled=%d manifest=%s "
+            "before=%d after=%d retention=%.3f l2_lsn=%s error=%r",
             job_id, stored.state, stats.total_sub_compaction_jobs, stats.succeeded_sub_compaction_jobs,
-            stats.failed_sub_compaction_jobs, stats.cancelled_sub_compaction_jobs,
+            stats.failed_sub_compaction_jobs, stats.cancelled_sub_compaction_jobs, stored.manifest_number,
             stats.before_compaction_layer_size, stats.after_compaction_layer_size, stats.retention_ratio,
-            stored.l2_lsn,
+            stored.l2_lsn, stored.error,
         )  # fmt: skip
     return stored
 
@@ -426,6 +522,7 @@ def _write_stats(storage: Storage, meta: MetaJobRecord) -> str | None:
         "job_id": meta.id,
         "state": meta.state.value,
         "error": meta.error,
+        "manifest_number": meta.manifest_number,
         "statistics": None if meta.statistics is None else meta.statistics.model_dump(mode="json"),
         "compaction_statistics": None
         if meta.compaction_statistics is None
@@ -476,6 +573,21 @@ def cancel(records: JobRecords, publisher: Publisher, job_id: str) -> tuple[Meta
 # ----------------------------------------------------------------------------- status
 
 
+def most_at_once(subs: list[SubJobRecord]) -> int:
+    """The most sub-jobs that ran at the same moment, from their recorded attempt intervals."""
+    events = sorted(
+        (at, step)
+        for sub in subs
+        for attempt in sub.attempts
+        for at, step in ((attempt.started_at, 1), (attempt.ended_at or now(), -1))
+    )
+    running = most = 0
+    for _, step in events:  # at equal times an end (-1) sorts before a start
+        running += step
+        most = max(most, running)
+    return most
+
+
 def status(records: JobRecords, meta: MetaJobRecord) -> dict[str, Any]:
     """The JSON status of a meta job and its sub-jobs (``job show``, ``compact --wait``)."""
     subs = records.get_subs(meta.sub_jobs)
@@ -490,6 +602,7 @@ def status_of(meta: MetaJobRecord, subs: list[SubJobRecord]) -> dict[str, Any]:
     for sub in subs:
         counts[sub.state.value] = counts.get(sub.state.value, 0) + 1
     out["sub_job_states"] = counts
+    out["most_sub_jobs_at_once"] = most_at_once(subs)
     out["progress"] = JobProgress(
         phase=meta.state.value,
         keys=sum(s.progress.keys for s in subs),
@@ -504,54 +617,51 @@ def status_of(meta: MetaJobRecord, subs: list[SubJobRecord]) -> dict[str, Any]:
 
 
 def run_inline(storage: Storage, request: CompactRequest, settings: Settings) -> dict[str, Any]:
-    """Run a meta job in this process, sub-jobs one after another, without Redis or Celery
-    (``compactor compact --inline``, for debugging). Same planning, runner and finalize rules
-    as the distributed path; returns the final JSON status."""
+    """Run a meta job in this process, its sub-jobs one after another, without Redis or Celery
+    (``compactor compact --inline``, for debugging): the same plan, cuts, engine and one commit
+    as the distributed path (``worker.runner.compact``). Returns the final JSON status."""
     job_id = request.job_id or new_job_id()
     request = request.model_copy(update={"job_id": job_id})
     meta = MetaJobRecord(id=job_id, tenant_id=request.tenant_id, timeline_id=request.timeline_id, request=request)
     start = now()
-    planned = plan_sub_jobs(storage.manifest(request.tenant_id, request.timeline_id), request, settings.max_job_bytes)
-    subs = sub_job_records(job_id, planned)
-    meta.planned_at = start
-    meta.state = JobState.RUNNING
-    meta.sub_jobs, meta.chains = [s.id for s in subs], planned.chains
-    meta.below_lsn, meta.max_job_bytes, meta.skipped = planned.below_lsn, planned.max_job_bytes, planned.skipped
-    meta.statistics = MetaStatistics(
+    manifest = storage.manifest(request.tenant_id, request.timeline_id)
+    job = request.to_job()
+    max_bytes = request.max_job_bytes or settings.max_job_bytes
+    below = compact_below_lsn(manifest, job)
+    stats = MetaStatistics(
         meta_job_id=job_id,
-        total_sub_compaction_jobs=len(subs),
-        before_compaction_layer_size=planned.before_size,
-        below_lsn=planned.below_lsn,
+        before_compaction_layer_size=layer_size_below(manifest, below),
+        below_lsn=below,
         start_time=datetime.fromtimestamp(start, UTC),
     )
-    for sub in subs:  # chains in key order; any order of chains is valid when run one at a time
-        sub.state, sub.attempt, sub.started_at = JobState.RUNNING, 1, now()
-        with tempfile.TemporaryDirectory(dir=_workroot(settings)) as workdir:
-            engine = EngineSettings(target_layer_bytes=settings.target_layer_bytes, workdir=Path(workdir))
-            try:
-                outcome = compact(
-                    storage, sub.job, engine, max_replans=settings.max_replans, written_by=f"inline {sub.id}"
-                )
-            except (CompactorError, OSError) as err:
-                sub.state, sub.error = JobState.FAILED, one_line(err)
-            else:
-                sub.state, sub.stats, sub.skipped = JobState.SUCCEEDED, outcome.stats, outcome.skipped
-                sub.manifest_number, sub.replans = outcome.manifest_number, outcome.replans
-        sub.ended_at = now()
-        sub.progress.phase = sub.state.value
-    state, error, stats, merged = summarize(meta, subs)
-    meta.state, meta.error, meta.compaction_statistics = state, error, merged
-    if state == JobState.SUCCEEDED:
-        meta.l2_lsn = advance_l2_lsn(storage, meta)
-    if stats.below_lsn:
-        stats.after_compaction_layer_size = layer_size_below(
-            storage.manifest(request.tenant_id, request.timeline_id), stats.below_lsn
-        )
+    meta.planned_at, meta.below_lsn, meta.max_job_bytes = start, below, max_bytes
+    with tempfile.TemporaryDirectory(dir=_workroot(settings)) as workdir:
+        engine = EngineSettings(target_layer_bytes=settings.target_layer_bytes, workdir=Path(workdir))
+        try:
+            outcome = compact(
+                storage,
+                job,
+                engine,
+                cut=(lambda plan: slices(plan, storage.row_groups, max_bytes)) if request.sub_compaction else None,
+                max_replans=settings.max_replans,
+                written_by=f"inline {job_id}",
+            )
+        except (CompactorError, OSError) as err:
+            meta.state, meta.error = JobState.FAILED, one_line(err)
+        else:
+            meta.state, meta.skipped = JobState.SUCCEEDED, outcome.skipped
+            meta.compaction_statistics, meta.manifest_number = outcome.stats, outcome.manifest_number
+            meta.replans = outcome.replans
+            stats.total_sub_compaction_jobs = stats.succeeded_sub_compaction_jobs = outcome.sub_jobs
+    after = storage.manifest(request.tenant_id, request.timeline_id)
+    meta.l2_lsn = after.gc_compaction.last_completed_lsn if meta.state == JobState.SUCCEEDED else None
+    if below:
+        stats.after_compaction_layer_size = layer_size_below(after, below)
     stats.finalize()
     meta.statistics = stats
     meta.stats_object = _write_stats(storage, meta)
     meta.ended_at = now()
-    return status_of(meta, subs)
+    return status_of(meta, [])
 
 
 def _workroot(settings: Settings) -> Path:

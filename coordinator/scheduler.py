@@ -170,7 +170,7 @@ class Scheduler:
             if sub.state == JobState.RUNNING:
                 self._check_running(sub, report)
             elif sub.state in (JobState.QUEUED, JobState.PREEMPTED):
-                self._check_waiting(meta, sub, subs, report)
+                self._check_waiting(meta, sub, report)
             elif sub.id not in finished and sub.ended_at is not None and at - sub.ended_at > grace:
                 report.repaired.append(f"ended {sub.id}")
                 meta_jobs.sub_job_ended(self.records, self.publisher, sub)
@@ -210,16 +210,11 @@ class Scheduler:
             return
         meta_jobs.enqueue_sub(self.records, self.publisher, sub.id)
 
-    def _check_waiting(
-        self, meta: MetaJobRecord, sub: SubJobRecord, subs: dict[str, SubJobRecord], report: TickReport
-    ) -> None:
+    def _check_waiting(self, meta: MetaJobRecord, sub: SubJobRecord, report: TickReport) -> None:
         settings = self.settings
         at = now()
-        previous = subs.get(sub.prev_id) if sub.prev_id else None
-        if previous is not None and not previous.state.ended:
-            return  # its turn comes when the previous one ends
         if sub.enqueued_at is None:
-            since = previous.ended_at if previous is not None and previous.ended_at else meta.planned_at or at
+            since = max(meta.planned_at or at, sub.created_at)
             if at - since > settings.heartbeat_timeout_s:
                 report.repaired.append(f"enqueue {sub.id}")
                 meta_jobs.enqueue_sub(self.records, self.publisher, sub.id)

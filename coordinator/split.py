@@ -1,93 +1,106 @@
-"""Splitting a meta job into key-range sub-jobs (the seed's ``gc_compaction_split_jobs``), and
-ordering them so sub-jobs that would rewrite a layer another one reads never run at once."""
+"""Cutting a meta job into sub-jobs: slices of its key range holding about ``max_job_bytes`` of
+input each, cut anywhere between keys (docs/design/commit.md). Every sub-job works on the same
+plan, so slices need not follow layer boundaries: a layer spanning a cut is read by both sides.
 
-from storage.keys import KeyRange, format_key
+Where the bytes lie along the keys comes from the row-group index in each selected layer's footer
+(first and last key and size of every group of about 8 MiB), spread evenly over each group's key
+span, as SlateDB samples block anchors. A cut moves to a nearby key that no selected layer spans
+when one lies within a quarter of a slice's bytes, so a meta job run again on its own output
+usually cuts at the same keys, writes the same layers, and changes nothing.
+"""
+
+from collections.abc import Callable
+from itertools import pairwise
+from math import ceil
+
+from storage.keys import KeyRange, key_from_int, key_to_int
+from storage.layer_file import RowGroup
 from storage.lsn import LSN_MAX
-from storage.manifest import Manifest
+from storage.manifest import LayerEntry, Manifest
 from worker.jobs import CompactionJob
-from worker.plan import JobPlan, plan_job
+from worker.plan import JobPlan
 
 DEFAULT_MAX_JOB_BYTES = 4 * 1024**3
+# How far (in a slice's bytes) a cut may move to reach a key no selected layer spans.
+SNAP_FRACTION = 0.25
+
+RowGroups = Callable[[LayerEntry], list[RowGroup]]
+"""The row-group index of a layer (``storage.timeline.Storage.row_groups``)."""
 
 
 def compact_below_lsn(manifest: Manifest, job: CompactionJob) -> int:
     return job.lsn_end if job.lsn_end != LSN_MAX else manifest.gc.cutoff
 
 
-def split_job(
-    manifest: Manifest, job: CompactionJob, max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
-) -> list[CompactionJob]:
-    """Cut ``job`` into sub-jobs of about ``max_job_bytes`` of overlapping layers each.
-
-    Candidate cut points are the layer key boundaries inside the requested range. A sub-job grows
-    until its layers pass the limit, then extends to the end of its first layer so it holds at
-    least one whole layer; ranges with no layers are folded into the previous sub-job. Every
-    sub-job ends inside the requested range, so a request under the limit is one sub-job covering
-    exactly that range (where the seed could extend it past the requested end).
-    """
-    below = compact_below_lsn(manifest, job)
-    if below == 0:
-        return []
-    request = job.key_range
-    layers = [e for e in manifest.layers.values() if e.layer.lsn_start <= below]
-    # Cutting through an image layer would leave it only partly covered by each sub-job, and the
-    # seed keeps such layers whole: they would survive the meta job as garbage. Cut only where no
-    # image layer is cut (deltas cut in two are rewritten into pieces, which is safe).
-    images = [e.layer.key_range for e in layers if not e.layer.is_delta]
-    bounds = sorted(
-        {
-            k
-            for e in layers
-            for k in e.layer.key_range
-            if request.start < k < request.end and not any(r.start < k < r.end for r in images)
-        }
-        | {request.end}
-    )
-    jobs: list[CompactionJob] = []
-    start = request.start
-    for index, end in enumerate(bounds):
-        if start >= end:
-            continue
-        overlapping = [e for e in layers if e.layer.key_range.overlaps(KeyRange(start, end))]
-        total = sum(e.size for e in overlapping)
-        last = index == len(bounds) - 1
-        if total <= max_job_bytes and not last:
-            continue
-        cut = end if last else min(max(min(e.layer.key_range.end for e in overlapping), end), request.end)
-        if total == 0 and jobs:
-            jobs[-1] = jobs[-1].model_copy(update={"key_end": format_key(cut)})
-        else:
-            jobs.append(
-                job.model_copy(update={"key_start": format_key(start), "key_end": format_key(cut), "lsn_end": below})
-            )
-        start = cut
-    return jobs
+def _spans(plan: JobPlan, row_groups: RowGroups) -> list[tuple[int, int, float]]:
+    """``(start, end, bytes)`` along the keys as integers, ``[start, end)`` clipped to the meta
+    job's keys: each selected layer's file bytes, shared out over its row groups by their raw
+    size."""
+    lo, hi = key_to_int(plan.key_range.start), key_to_int(plan.key_range.end)
+    spans = []
+    for entry in plan.selected:
+        groups = row_groups(entry)
+        raw = sum(group.raw_bytes for group in groups) or 1
+        for group in groups:
+            start, end = key_to_int(group.first_key), key_to_int(group.last_key) + 1
+            clipped = (max(start, lo), min(end, hi))
+            if clipped[0] < clipped[1]:
+                share = entry.size * group.raw_bytes / raw
+                spans.append((*clipped, share * (clipped[1] - clipped[0]) / (end - start)))
+    return spans
 
 
-def chain(manifest: Manifest, jobs: list[CompactionJob]) -> list[list[int]]:
-    """Group sub-jobs (by index) into chains that must run one after another.
+def _cumulative(points: list[int], spans: list[tuple[int, int, float]]) -> list[float]:
+    """Bytes of ``spans`` below each of the sorted ``points`` (every span bound is a point): a
+    sweep, since the sum is linear between two points."""
+    slope_changes: dict[int, float] = {}
+    for start, end, size in spans:
+        slope = size / (end - start)
+        slope_changes[start] = slope_changes.get(start, 0.0) + slope
+        slope_changes[end] = slope_changes.get(end, 0.0) - slope
+    out, total, slope, previous = [], 0.0, 0.0, points[0]
+    for point in points:
+        total += slope * (point - previous)
+        out.append(total)
+        slope += slope_changes.get(point, 0.0)
+        previous = point
+    return out
 
-    Two sub-jobs conflict when one rewrites a delta layer (it straddles its key range) that the
-    other also reads. Conflicting sub-jobs share a chain, run in key order; chains run in parallel.
-    """
-    parent = list(range(len(jobs)))
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+def slices(plan: JobPlan, row_groups: RowGroups, max_job_bytes: int = DEFAULT_MAX_JOB_BYTES) -> list[KeyRange]:
+    """The key slices ``[start, end)`` of a meta job's sub-jobs: in order, together exactly the
+    meta job's key range, each holding about the same bytes and at most about ``max_job_bytes``."""
+    spans = _spans(plan, row_groups)
+    total = sum(size for _, _, size in spans)
+    # The shares are floats: a total that is a whole multiple of the limit must not round up.
+    count = ceil(total / max_job_bytes * (1 - 1e-9)) if total else 1
+    if count <= 1:
+        return [plan.key_range]
+    lo, hi = key_to_int(plan.key_range.start), key_to_int(plan.key_range.end)
+    bounds = [(key_to_int(e.layer.key_range.start), key_to_int(e.layer.key_range.end)) for e in plan.selected]
+    edges = {b for bound in bounds for b in bound if lo < b < hi}
+    clean = {b for b in edges if not any(start < b < end for start, end in bounds)}
+    points = sorted({lo, hi} | {b for start, end, _ in spans for b in (start, end)} | clean)
+    below = _cumulative(points, spans)
+    step = total / count
+    cuts = [lo]
+    for i in range(1, count):
+        target = step * i
+        cut = _interpolate(points, below, target)
+        near = [(abs(below[j] - target), p) for j, p in enumerate(points) if p in clean]
+        if near and min(near)[0] <= step * SNAP_FRACTION:
+            cut = min(near)[1]
+        if cuts[-1] < cut < hi:
+            cuts.append(cut)
+    cuts.append(hi)
+    return [KeyRange(key_from_int(a), key_from_int(b)) for a, b in pairwise(cuts)]
 
-    plans: list[JobPlan | None] = [p if isinstance(p := plan_job(manifest, j), JobPlan) else None for j in jobs]
-    readers: dict[str, list[int]] = {}
-    for i, plan in enumerate(plans):
-        for entry in plan.selected if plan else []:
-            readers.setdefault(entry.name, []).append(i)
-    for i, plan in enumerate(plans):
-        for entry in plan.rewrite if plan else []:
-            for j in readers.get(entry.name, []):
-                parent[find(j)] = find(i)
-    groups: dict[int, list[int]] = {}
-    for i in range(len(jobs)):
-        groups.setdefault(find(i), []).append(i)
-    return sorted(groups.values())
+
+def _interpolate(points: list[int], below: list[float], target: float) -> int:
+    """The key at which ``target`` bytes lie below, between the two points around it."""
+    for j in range(1, len(points)):
+        if below[j] >= target:
+            width = below[j] - below[j - 1]
+            fraction = (target - below[j - 1]) / width if width > 0 else 0.0
+            return points[j - 1] + int(fraction * (points[j] - points[j - 1]))
+    return points[-1]

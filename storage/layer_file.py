@@ -771,6 +771,33 @@ class LayerReader:
         self.close()
 
 
+def footer_length(tail: bytes) -> int | None:
+    """Bytes at the end of a layer file that hold its whole footer, read from the file's last
+    bytes ``tail`` (at least 8); None if ``tail`` is not the end of a Parquet file."""
+    if len(tail) < 8 or tail[-4:] != _PARQUET_MAGIC:
+        return None
+    return int.from_bytes(tail[-8:-4], "little") + 8
+
+
+def row_groups_from_tail(tail: bytes, label: str) -> list[RowGroup]:
+    """The row-group index of a layer from its file's last bytes, without the rest of the file
+    (planning samples key anchors this way, SlateDB-style). ``tail`` must hold the whole footer
+    (``footer_length``). Raises CorruptLayer naming ``label`` when the footer is unreadable."""
+    needed = footer_length(tail)
+    if needed is None or needed > len(tail):
+        raise CorruptLayer(f"corrupt layer {label}: no complete Parquet footer in its last {len(tail)} bytes")
+    try:
+        # Only the footer is parsed: the leading magic makes the buffer look like a file.
+        metadata = pq.read_metadata(pa.BufferReader(_PARQUET_MAGIC + tail[-needed:]))
+        kv: dict[bytes, bytes] = dict(metadata.metadata or {})
+    except _ARROW_ERRORS as err:
+        raise CorruptLayer(f"corrupt layer {label}: unreadable footer: {_one_line(err)}") from None
+    index = _decode_index(kv.get(META_INDEX))
+    if index is None:
+        raise CorruptLayer(f"corrupt layer {label}: invalid row-group index in footer")
+    return index
+
+
 def _encode_index(index: list[RowGroup]) -> str:
     return json.dumps(
         [[g.first_key.hex(), g.last_key.hex(), g.num_rows, g.raw_bytes] for g in index], separators=(",", ":")

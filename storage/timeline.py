@@ -16,7 +16,7 @@ from storage.errors import InvalidInput, NotFound
 from storage.ids import validate_id
 from storage.keys import FULL_KEY_RANGE, KeyRange
 from storage.layer_cache import LayerCache
-from storage.layer_file import LayerFileInfo, LayerWriter
+from storage.layer_file import LayerFileInfo, LayerWriter, RowGroup, footer_length, row_groups_from_tail
 from storage.layer_name import LayerName
 from storage.layout import new_layer_key
 from storage.manifest import GcInfo, LayerEntry, Manifest
@@ -28,6 +28,9 @@ from storage.timeline_json import FORMAT, ParsedTimeline, parse_timeline, render
 from storage.values import Version
 
 log = logging.getLogger(__name__)
+
+# One read holds the footer of any layer up to a few GiB (the index has a line per 8 MiB group).
+_FOOTER_READ_BYTES = 64 * 1024
 
 
 class Storage:
@@ -91,6 +94,21 @@ class Storage:
     def delete_uploads(self, entries: list[LayerEntry]) -> None:
         if entries:
             self.objects.delete_many([entry.object_key for entry in entries])
+
+    def row_groups(self, entry: LayerEntry) -> list[RowGroup]:
+        """The layer's row-group index (key bounds and sizes): from the cached copy when there is
+        one, else from ranged reads of the object's footer, so planning never downloads layers."""
+        if not self.needs_download(entry):
+            with self.cache.reader(entry) as reader:
+                return reader.row_groups
+        size = entry.size
+        tail = self.objects.get_range(
+            entry.object_key, max(0, size - _FOOTER_READ_BYTES), min(size, _FOOTER_READ_BYTES)
+        )
+        needed = footer_length(tail)
+        if needed is not None and len(tail) < needed <= size:
+            tail = self.objects.get_range(entry.object_key, size - needed, needed)
+        return row_groups_from_tail(tail, f"{entry.name} (object {entry.object_key})")
 
     # --- writing --------------------------------------------------------------------------
 

@@ -3,8 +3,8 @@ a real S3 endpoint, two real ``celery worker`` processes with their own node ids
 coordinator loop), timelines imported through ``Storage.import_timeline``, and every test
 checks reads at all retained LSNs against the independent reference reader.
 
-Fault points (``COMPACTOR_FAULTS_ENABLED``) stretch a sub-job at its commit point, so that the
-interleavings under test happen on purpose instead of by luck.
+Fault points (``COMPACTOR_FAULTS_ENABLED``) stretch a sub-job in its merge, or a meta job just
+before its one commit, so that the interleavings under test happen on purpose instead of by luck.
 """
 
 from __future__ import annotations
@@ -91,14 +91,11 @@ def assert_reads_exact(
 
 
 def manifests_written_by(storage: Storage, tenant: str, timeline: str) -> Counter[str]:
-    """How many manifests each writer committed (``sub-job <id> attempt <n>``, ``finalize <id>``)."""
+    """How many manifests each writer committed (``meta job <id>`` for a meta job's one commit)."""
     latest = storage.manifest(tenant, timeline)
     counts: Counter[str] = Counter()
     for number in range(1, latest.number + 1):
-        written_by = storage.manifests.load(tenant, timeline, number).written_by
-        if written_by.startswith("sub-job "):
-            written_by = written_by.rsplit(" attempt ", 1)[0]
-        counts[written_by] += 1
+        counts[storage.manifests.load(tenant, timeline, number).written_by] += 1
     return counts
 
 
@@ -236,7 +233,7 @@ def test_sub_jobs_run_in_parallel_commit_once_and_finalize_once(stack: Any, stor
     tl = import_timeline(storage, tid)
     job_id = os.urandom(16).hex()
     # Stretch each sub-job a little so that two nodes visibly work at once.
-    records.set_fault("pause_before_commit", job_id, {"seconds": 0.4})
+    records.set_fault("pause_in_merge", job_id, {"seconds": 0.2})
     send_compact(stack, timeline_id=tid, max_job_bytes=total_bytes(storage, tid) // 8, job_id=job_id, wait_result=True)
     meta = wait_ended(records, job_id)
     assert meta.state == JobState.SUCCEEDED, meta.error
@@ -258,8 +255,7 @@ def test_sub_jobs_run_in_parallel_commit_once_and_finalize_once(stack: Any, stor
           f"busy/wall={busy:.2f}s/{wall:.2f}s")  # fmt: skip
     assert len(nodes) == 2 and parallel, "sub-jobs did not run in parallel on both nodes"
 
-    counts = manifests_written_by(storage, TENANT, tid)
-    assert counts == Counter({**{f"sub-job {s.id}": 1 for s in subs}, f"finalize {job_id}": 1})
+    assert manifests_written_by(storage, TENANT, tid) == Counter({f"meta job {job_id}": 1})
     manifest = storage.manifest(TENANT, tid)
     assert manifest.gc_compaction.last_completed_lsn == 60
     assert meta.statistics.total_sub_compaction_jobs == len(subs)
@@ -275,7 +271,7 @@ def test_two_timelines_on_two_nodes_one_compaction_per_node(stack: Any, storage:
     job_ids = [os.urandom(16).hex() for _ in tids]
     for job_id in job_ids:
         # Each holds its node's lock for a while: the second must run on the other node.
-        records.set_fault("pause_before_commit", job_id, {"seconds": 1.5})
+        records.set_fault("pause_in_merge", job_id, {"seconds": 1.5, "once": True})
     for tid, job_id in zip(tids, job_ids, strict=True):
         send_compact(stack, timeline_id=tid, sub_compaction=False, job_id=job_id)
     metas = [wait_ended(records, job_id) for job_id in job_ids]
@@ -290,10 +286,10 @@ def test_two_timelines_on_two_nodes_one_compaction_per_node(stack: Any, storage:
     assert_one_compaction_per_node(records)
 
 
-def test_sub_job_replans_when_a_concurrent_commit_changes_its_inputs(
+def test_meta_job_replans_when_a_concurrent_commit_changes_its_inputs(
     stack: Any, storage: Storage, records: Any, tmp_path: Path
 ) -> None:
-    from coordinator.job_records import JobState, sub_job_id
+    from coordinator.job_records import JobState
     from worker.engine import EngineSettings
     from worker.jobs import CompactionJob
     from worker.runner import compact
@@ -301,14 +297,15 @@ def test_sub_job_replans_when_a_concurrent_commit_changes_its_inputs(
     tid = "c1" * 16
     tl = import_timeline(storage, tid)
     job_id = os.urandom(16).hex()
-    sid = sub_job_id(job_id, 0)
-    records.set_fault("pause_before_commit", sid, {"seconds": 4, "once": True})
-    send_compact(stack, timeline_id=tid, sub_compaction=False, job_id=job_id)
+    records.set_fault("pause_before_commit", job_id, {"seconds": 4, "once": True})
+    send_compact(stack, timeline_id=tid, max_job_bytes=total_bytes(storage, tid) // 3, job_id=job_id)
     wait_for(
-        "the sub-job to pause before its commit", lambda: (s := records.get_sub(sid)) and s.progress.phase == "paused"
+        "the meta job to pause before its commit",
+        lambda: records.r.get(f"compactor:fault-hit:pause_before_commit:{job_id}"),
     )
+    first = records.get_meta(job_id)
 
-    # Meanwhile another writer compacts two bands: layers the paused sub-job selected are gone.
+    # Meanwhile another writer compacts two bands: layers the meta job selected are gone.
     band = CompactionJob(
         tenant_id=TENANT, timeline_id=tid, key_start="00" * 17 + "00", key_end=f"{16:036X}", lsn_end=60
     )
@@ -317,10 +314,17 @@ def test_sub_job_replans_when_a_concurrent_commit_changes_its_inputs(
 
     meta = wait_ended(records, job_id)
     assert meta.state == JobState.SUCCEEDED, meta.error
-    sub = records.get_sub(sid)
-    assert sub.replans >= 1 and sub.attempt == 1, "the conflict is a re-plan, not a new attempt"
+    assert meta.replans == 1 and "is gone" in meta.conflicts[0]
+    assert not set(meta.sub_jobs) & set(first.sub_jobs), "a re-plan makes new sub-jobs"
+    assert all(s.attempt == 1 for s in records.get_subs(first.sub_jobs + meta.sub_jobs))
     counts = manifests_written_by(storage, TENANT, tid)
-    assert counts[f"sub-job {sid}"] == 1 and counts["concurrent writer"] == 1
+    assert counts == Counter({f"meta job {job_id}": 1, "concurrent writer": 1})
+    # The first plan's uploads were deleted at the conflict.
+    referenced = {e.object_key for n in range(storage.manifest(TENANT, tid).number + 1)
+                  for e in storage.manifests.load(TENANT, tid, n).layers.values()}  # fmt: skip
+    first_uploads = {e.object_key for s in records.get_subs(first.sub_jobs) for e in s.proposal.added}
+    assert first_uploads and not first_uploads & referenced
+    assert not first_uploads & {info.key for info in storage.objects.list_keys(f"tenants/{TENANT}/timelines/{tid}/")}
     assert_reads_exact(storage, {tid: tl}, tid)
 
 
@@ -331,7 +335,7 @@ def test_duplicated_messages_commit_once(stack: Any, storage: Storage, records: 
     tid = "d1" * 16
     tl = import_timeline(storage, tid)
     job_id = os.urandom(16).hex()
-    records.set_fault("pause_before_commit", job_id, {"seconds": 0.5})
+    records.set_fault("pause_in_merge", job_id, {"seconds": 0.3})
     send_compact(stack, timeline_id=tid, max_job_bytes=total_bytes(storage, tid) // 6, job_id=job_id)
     meta = wait_for("planning", lambda: (m := records.get_meta(job_id)) and m.sub_jobs and m)
     publisher = CeleryPublisher()
@@ -345,8 +349,7 @@ def test_duplicated_messages_commit_once(stack: Any, storage: Storage, records: 
     time.sleep(1.5)  # let the duplicates be delivered
     subs = records.get_subs(meta.sub_jobs)
     assert all(s.state == JobState.SUCCEEDED and s.attempt == 1 for s in subs), [(s.id, s.attempt) for s in subs]
-    counts = manifests_written_by(storage, TENANT, tid)
-    assert counts == Counter({**{f"sub-job {s.id}": 1 for s in subs}, f"finalize {job_id}": 1})
+    assert manifests_written_by(storage, TENANT, tid) == Counter({f"meta job {job_id}": 1})
     assert_reads_exact(storage, {tid: tl}, tid)
 
 
@@ -358,10 +361,10 @@ def test_cancelled_job_commits_nothing(stack: Any, storage: Storage, records: An
     tl = import_timeline(storage, tid)
     before = storage.manifest(TENANT, tid)
     job_id = os.urandom(16).hex()
-    records.set_fault("pause_before_commit", job_id, {"seconds": 30})
+    records.set_fault("pause_in_merge", job_id, {"seconds": 30})
     send_compact(stack, timeline_id=tid, max_job_bytes=total_bytes(storage, tid) // 8, job_id=job_id)
     wait_for(
-        "a sub-job to pause before its commit",
+        "a sub-job to pause in its merge",
         lambda: (
             (m := records.get_meta(job_id)) and any(s.progress.phase == "paused" for s in records.get_subs(m.sub_jobs))
         ),
@@ -377,11 +380,11 @@ def test_cancelled_job_commits_nothing(stack: Any, storage: Storage, records: An
     assert any(s.attempt == 1 for s in subs), "running sub-jobs stop at their next check"
     after = storage.manifest(TENANT, tid)
     assert after.number == before.number and after.layers == before.layers, "a cancelled job committed"
-    # The stopped attempts deleted what they had uploaded.
+    # The stopped attempts deleted what they had uploaded, and finalize what the others had.
     in_bucket = {info.key for info in storage.objects.list_keys(layout.layers_prefix(TENANT, tid))}
     assert in_bucket == {e.object_key for e in after.layers.values()}
     assert_reads_exact(storage, {tid: tl}, tid)
-    records.r.delete(f"compactor:fault:pause_before_commit:{job_id}")
+    records.r.delete(f"compactor:fault:pause_in_merge:{job_id}")
 
 
 def test_cli_compact_wait_jobs_and_show(stack: Any, storage: Storage, records: Any) -> None:
@@ -447,7 +450,7 @@ def test_killed_worker_sub_job_is_reclaimed_and_finishes(stack: Any, storage: St
     tl = import_timeline(storage, tid)
     job_id = os.urandom(16).hex()
     sid = sub_job_id(job_id, 0)
-    records.set_fault("pause_before_commit", sid, {"seconds": 60, "once": True})
+    records.set_fault("pause_in_merge", sid, {"seconds": 60, "once": True})
     send_compact(stack, timeline_id=tid, sub_compaction=False, job_id=job_id)
     sub = wait_for("the sub-job to pause", lambda: (s := records.get_sub(sid)) and s.progress.phase == "paused" and s)
     victim = sub.owner.node
@@ -461,7 +464,7 @@ def test_killed_worker_sub_job_is_reclaimed_and_finishes(stack: Any, storage: St
     assert sub.attempts[0].outcome.startswith("preempted: no heartbeat")
     assert sub.attempts[1].outcome == "succeeded" and sub.reclaims == 1
     print(f"\nreclaimed {sub.attempts[1].started_at - killed_at:.1f}s after the kill")
-    assert manifests_written_by(storage, TENANT, tid)[f"sub-job {sid}"] == 1
+    assert manifests_written_by(storage, TENANT, tid) == Counter({f"meta job {job_id}": 1})
     assert_reads_exact(storage, {tid: tl}, tid)
 
 

@@ -1,15 +1,17 @@
-"""Sub-job splitting, chaining and the auto-trigger, on hand-built manifests."""
+"""Cutting meta jobs into sub-job slices, and the auto-trigger, on hand-built manifests."""
 
 import hashlib
 import itertools
 
-from coordinator.split import chain, split_job
+from coordinator.split import RowGroups, slices
 from coordinator.trigger import should_trigger
-from storage.keys import KEY_MAX, format_key, key_from_int
+from storage.keys import KEY_MAX, KeyRange, format_key, key_from_int, key_to_int
+from storage.layer_file import RowGroup
 from storage.layer_name import LayerName
 from storage.manifest import GcCompactionState, GcInfo, LayerEntry, Manifest, TimelineSettings
 from tests.timelines import CHILD, PARENT, TENANT
 from worker.jobs import CompactionJob
+from worker.plan import JobPlan, plan_job
 
 MiB = 1024 * 1024
 
@@ -30,57 +32,71 @@ def d(k0: int, k1: int, l0: int, l1: int) -> LayerName:
     return LayerName.delta(key_from_int(k0), key_from_int(k1), l0, l1)
 
 
-def ranges(jobs: list[CompactionJob]) -> list[tuple[int, int]]:
-    return [(int(j.key_start, 16), int(j.key_end, 16)) for j in jobs]
+def row_groups(groups_per_layer: int = 1) -> RowGroups:
+    """A footer index for hand-built layers: ``groups_per_layer`` equal groups over its keys."""
+
+    def index(e: LayerEntry) -> list[RowGroup]:
+        lo, hi = key_to_int(e.layer.key_range.start), key_to_int(e.layer.key_range.end)
+        step = max(1, (hi - lo) // groups_per_layer)
+        starts = list(range(lo, hi, step))
+        return [
+            RowGroup(key_from_int(a), key_from_int(min(a + step, hi) - 1), 1, e.size // len(starts)) for a in starts
+        ]
+
+    return index
 
 
-def test_small_request_is_one_job_covering_exactly_the_request() -> None:
+def plan_of(m: Manifest, a: int | None = None, b: int | None = None) -> JobPlan:
+    keys = (
+        {}
+        if a is None or b is None
+        else {"key_start": format_key(key_from_int(a)), "key_end": format_key(key_from_int(b))}
+    )
+    plan = plan_job(m, CompactionJob(tenant_id=TENANT, timeline_id=PARENT, **keys))
+    assert isinstance(plan, JobPlan)
+    return plan
+
+
+def ranges(keys: list[KeyRange]) -> list[tuple[int, int]]:
+    return [(key_to_int(k.start), key_to_int(k.end)) for k in keys]
+
+
+def test_small_request_is_one_slice_covering_exactly_the_request() -> None:
     m = manifest([(d(0, 100, 10, 20), MiB), (d(0, 100, 20, 30), MiB)])
-    job = CompactionJob(tenant_id=TENANT, timeline_id=PARENT, key_start=format_key(key_from_int(10)),
-                        key_end=format_key(key_from_int(50)))  # fmt: skip
-    assert ranges(split_job(m, job)) == [(10, 50)]
-    assert split_job(m, job)[0].lsn_end == 100  # the cutoff, fixed at split time
+    assert ranges(slices(plan_of(m, 10, 50), row_groups())) == [(10, 50)]
 
 
-def test_split_cuts_at_layer_boundaries_by_size() -> None:
+def test_slices_tile_the_range_and_balance_bytes_across_independent_cuts() -> None:
+    # Delta bands and an image layer each cut at their own keys: no key is a boundary of all.
     layers = [(d(i * 10, i * 10 + 10, 10, 20), 3 * MiB) for i in range(8)]
+    layers += [(d(i * 13 + 3, i * 13 + 16, 20, 30), 2 * MiB) for i in range(6)]
+    layers += [(LayerName.image(key_from_int(0), key_from_int(80), 5), 8 * MiB)]
     m = manifest(layers)
-    jobs = split_job(m, CompactionJob(tenant_id=TENANT, timeline_id=PARENT), max_job_bytes=5 * MiB)
-    got = ranges(jobs)
-    assert len(got) >= 4
-    assert got[0][0] == 0 and got[-1][1] == int(format_key(KEY_MAX), 16)
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(got)), "sub-jobs must tile the range"
-    assert all(start % 10 == 0 for start, _ in got[1:]), "cuts fall on layer boundaries"
+    got = ranges(slices(plan_of(m), row_groups(4), max_job_bytes=6 * MiB))
+    total = 8 * 3 + 6 * 2 + 8
+    assert len(got) == -(-total // 6)
+    assert got[0][0] == 0 and got[-1][1] == key_to_int(KEY_MAX)
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in itertools.pairwise(got)), "slices must tile the range"
 
 
-def test_empty_ranges_fold_into_the_previous_job() -> None:
-    m = manifest([(d(0, 10, 10, 20), 6 * MiB), (d(50, 60, 10, 20), 6 * MiB)])
-    jobs = split_job(m, CompactionJob(tenant_id=TENANT, timeline_id=PARENT), max_job_bytes=5 * MiB)
-    got = ranges(jobs)
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(got))
-    assert len(got) == 2
+def test_cuts_fall_anywhere_between_keys_inside_a_big_layer() -> None:
+    m = manifest([(d(0, 1000, 10, 20), 40 * MiB)])
+    got = ranges(slices(plan_of(m), row_groups(10), max_job_bytes=10 * MiB))
+    assert [start for start, _ in got[1:]] == [250, 500, 750]
 
 
-def test_no_jobs_without_cutoff() -> None:
+def test_a_cut_moves_to_a_nearby_key_no_layer_spans() -> None:
+    # Balanced cuts would fall at 500; 480 is a boundary of every layer there, 300 is too far.
+    layers = [(d(0, 480, 10, 20), 48 * MiB), (d(480, 1000, 10, 20), 52 * MiB), (d(0, 300, 20, 30), 0)]
+    m = manifest(layers)
+    assert [s for s, _ in ranges(slices(plan_of(m), row_groups(10), max_job_bytes=50 * MiB))[1:]] == [480]
+    far = manifest([(d(0, 300, 10, 20), 30 * MiB), (d(300, 1000, 10, 20), 70 * MiB)])
+    assert [s for s, _ in ranges(slices(plan_of(far), row_groups(10), max_job_bytes=50 * MiB))[1:]] == [500]
+
+
+def test_nothing_to_plan_without_cutoff() -> None:
     m = manifest([(d(0, 10, 10, 20), MiB)], cutoff=0)
-    assert split_job(m, CompactionJob(tenant_id=TENANT, timeline_id=PARENT)) == []
-
-
-def test_straddling_rewrites_are_chained() -> None:
-    # [0,30) straddles both sub-jobs' ranges: whichever runs first rewrites it.
-    layers = [(d(0, 30, 10, 20), MiB), (d(30, 40, 10, 20), MiB), (d(40, 50, 10, 20), MiB)]
-    m = manifest(layers)
-
-    def mk(a, b):
-        return CompactionJob(
-            tenant_id=TENANT,
-            timeline_id=PARENT,
-            key_start=format_key(key_from_int(a)),
-            key_end=format_key(key_from_int(b)),
-        )
-
-    jobs = [mk(0, 15), mk(15, 40), mk(40, 60)]
-    assert chain(m, jobs) == [[0, 1], [2]]
+    assert isinstance(plan_job(m, CompactionJob(tenant_id=TENANT, timeline_id=PARENT)), str)
 
 
 def test_trigger_rules() -> None:
@@ -105,15 +121,3 @@ def test_trigger_rules() -> None:
 
     child = manifest([(d(0, 10, 10, 20), big)], cutoff=30, ancestor=Ancestor(timeline_id=CHILD, lsn=5))
     assert not should_trigger(child, job_in_flight=False).trigger
-
-
-def test_cuts_never_fall_inside_an_image_layer() -> None:
-    layers = [(d(i * 10, i * 10 + 10, 10, 20), 3 * MiB) for i in range(8)]
-    images = [
-        (LayerName.image(key_from_int(0), key_from_int(35), 5), 3 * MiB),
-        (LayerName.image(key_from_int(35), key_from_int(80), 5), 3 * MiB),
-    ]
-    m = manifest(layers + images)
-    got = ranges(split_job(m, CompactionJob(tenant_id=TENANT, timeline_id=PARENT), max_job_bytes=5 * MiB))
-    cuts = [start for start, _ in got[1:]]
-    assert cuts and all(not (0 < c < 35 or 35 < c < 80) for c in cuts), cuts

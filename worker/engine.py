@@ -1,7 +1,9 @@
-"""One gc-compaction job, end to end, as the seed's ``compact_with_gc_inner``.
+"""One gc-compaction sub-job, end to end, as the seed's ``compact_with_gc_inner``.
 
-The functional core: a plan (``worker.plan``) and a ``LayerIO`` in, a ``CommitProposal`` and
-statistics out. Versions stream from the selected layers through one k-merge, key by key, into
+The functional core: a plan (``worker.plan``, restricted to the sub-job's slice of keys) and a
+``LayerIO`` in, the sub-job's part of the ``CommitProposal`` and statistics out. Nothing is
+committed here: the meta job combines the parts of all its sub-jobs into one commit
+(``worker.commit``). Versions stream from the selected layers through one k-merge, key by key, into
 ``generate_key_retention`` and on to the split writers; memory holds one key's history plus the
 writers' buffers. Nothing here knows about Celery, Redis or manifests being committed.
 
@@ -33,7 +35,6 @@ import pyarrow.compute as pc
 from storage.errors import CompactorError, RedoError
 from storage.keys import KEY_MAX, KeyRange, format_key, key_next
 from storage.layer_file import LayerFileInfo, LayerReader, LayerWriter, batch_to_versions
-from storage.layer_map import check_valid_layermap
 from storage.layer_name import LayerName
 from storage.manifest import LayerEntry, Manifest
 from storage.read_path import live_filter
@@ -119,20 +120,22 @@ def check_guards(plan: JobPlan, io: LayerIO, settings: EngineSettings) -> None:
     """The seed's pre-flight checks: disk space, memory estimate, too many rewrites."""
     settings.workdir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(settings.workdir).free
-    to_download = sum(e.size for e in plan.selected if io.needs_download(e))
-    needed = plan.selected_bytes + to_download
+    inputs = plan.inputs
+    to_download = sum(e.size for e in inputs if io.needs_download(e))
+    input_bytes = sum(e.size for e in inputs)
+    needed = input_bytes + to_download
     # Outputs are at most as large as the inputs; keep a fifth of the disk for everything else.
     if needed > free * 0.8:
         raise CompactionFailed(
             f"not enough disk for compaction: free={free} bytes, need about {needed} "
-            f"(selection {plan.selected_bytes}, to download {to_download})"
+            f"(inputs {input_bytes}, to download {to_download})"
         )
     estimate_mb = 0.0
-    for entry in plan.selected:
+    for entry in inputs:
         # The seed's estimate per 256 MiB of layer: 3 MB of buffers for deltas, 5 for images.
         estimate_mb += (3.0 if entry.layer.is_delta else 5.0) * (entry.size // (256 * 1024 * 1024))
     if estimate_mb > MAX_ESTIMATED_MEMORY_MB:
-        raise CompactionFailed(f"estimated memory usage is too high: {estimate_mb} MB for {len(plan.selected)} layers")
+        raise CompactionFailed(f"estimated memory usage is too high: {estimate_mb} MB for {len(inputs)} layers")
     if _too_many_rewrites(len(plan.selected), len(plan.rewrite)):
         raise CompactionFailed(f"too many layers to rewrite: {len(plan.rewrite)} / {len(plan.selected)}")
 
@@ -142,8 +145,9 @@ def _too_many_rewrites(selected: int, rewrite: int) -> bool:
 
 
 def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | None = None) -> Result:
-    """Compact, upload the outputs, and return what a commit would change. On any failure,
-    every object this call uploaded is deleted again before the error propagates."""
+    """Compact the keys of ``plan.keys``, upload the outputs, and return this sub-job's part of
+    what the meta job's commit will change. On any failure, every object this call uploaded is
+    deleted again before the error propagates."""
     hooks = hooks or Hooks()
     stats = CompactionStatistics()
     job = plan.job
@@ -151,13 +155,13 @@ def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | Non
     verification = manifest.settings.gc_compaction_verification
     with PhaseTimer(stats, "time_total_secs") as total:
         check_guards(plan, io, settings)
-        for entry in plan.selected:
+        for entry in plan.inputs:
             (stats.visit_delta_layer if entry.layer.is_delta else stats.visit_image_layer)(entry.size)
         total.mark("time_analyze_secs")
 
         # Layers download in the background while the main loop reads those already here, and
         # each output layer uploads as soon as it is cut: transfers overlap the compute.
-        downloads = _Downloads(io, plan.selected, hooks)
+        downloads = _Downloads(io, plan.inputs, hooks)
         uploads = _Uploads(io, manifest)
 
         def discard(name: LayerName, file: LayerFileInfo | None = None) -> bool:
@@ -187,7 +191,7 @@ def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | Non
         images = (
             None
             if plan.has_data_below
-            else SplitImageWriter(workdir, plan.key_range.start, plan.lowest_retain_lsn, target, on_cut)
+            else SplitImageWriter(workdir, plan.keys.start, plan.lowest_retain_lsn, target, on_cut)
         )
         deltas = SplitDeltaWriter(workdir, plan.delta_lsn_range, target, on_cut)
         try:
@@ -205,7 +209,7 @@ def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | Non
                 # The seed fails here ("no keys produced"); a range with no live keys simply has
                 # nothing to compact, and rewriting around it would only churn layers.
                 log.info("gc-compaction found no live keys tenant=%s timeline=%s keys=%s",
-                         job.tenant_id, job.timeline_id, plan.key_range)  # fmt: skip
+                         job.tenant_id, job.timeline_id, plan.keys)  # fmt: skip
                 if images:
                     images.abort()
                 deltas.abort()
@@ -214,7 +218,7 @@ def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | Non
                 return Result(CommitProposal(job=job, read_set=plan.read_set()), stats, [])
             with PhaseTimer(stats, "time_final_phase_secs"):
                 rewritten = _rewrite_straddling(plan, io, settings, uploads.submit)
-                results = (images.finish(plan.key_range.end, discard) if images else []) + deltas.finish(discard)
+                results = (images.finish(plan.keys.end, discard) if images else []) + deltas.finish(discard)
         except BaseException:
             if images:
                 images.abort()
@@ -225,7 +229,7 @@ def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | Non
     stats.finalize()
     log.info(
         "gc-compaction done tenant=%s timeline=%s keys=%s selected=%d removed=%d added=%d kept=%d dry_run=%s",
-        job.tenant_id, job.timeline_id, plan.key_range, len(plan.selected),
+        job.tenant_id, job.timeline_id, plan.keys, len(plan.inputs),
         len(proposal.removed), len(proposal.added), len(proposal.kept), job.dry_run,
     )  # fmt: skip
     return Result(proposal, stats, produced)
@@ -265,7 +269,7 @@ def _base_images(plan: JobPlan, io: LayerIO) -> Iterator[tuple[bytes, bytes]]:
     if not plan.has_data_below:
         return iter(())
     exclude = {entry.name for entry in plan.selected}
-    return io.read_below(plan.manifest, plan.key_range, plan.lowest_retain_lsn, exclude)
+    return io.read_below(plan.manifest, plan.keys, plan.lowest_retain_lsn, exclude)
 
 
 def _main_loop(
@@ -290,8 +294,7 @@ def _main_loop(
     decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-decode")
     try:
         streams = [
-            _prefetched(_chain_batches(io, chain, plan.key_range, downloads.wait), decoder)
-            for chain in chains(plan.selected)
+            _prefetched(_chain_batches(io, chain, plan.keys, downloads.wait), decoder) for chain in chains(plan.inputs)
         ]
         keys = _merge_loop(output, io, hooks, timer, streams)
     finally:
@@ -329,9 +332,7 @@ def _merge_loop(
         if not table.num_rows:
             continue
         starts = key_starts(key_array(table.column("key")))
-        simple = (
-            simple_keys(table, starts, limit) if not plan.has_data_below else np.zeros(len(starts) - 1, dtype=bool)
-        )
+        simple = simple_keys(table, starts, limit) if not plan.has_data_below else np.zeros(len(starts) - 1, dtype=bool)
         for lo, hi, flag in _runs(simple):
             rows = table.slice(starts[lo], starts[hi] - starts[lo])
             if flag:
@@ -484,18 +485,22 @@ def _too_much_history(key: bytes, size: int) -> None:
 def _rewrite_straddling(
     plan: JobPlan, io: LayerIO, settings: EngineSettings, upload: Callable[[Produced], None]
 ) -> list[Produced]:
-    """Cut selected deltas that reach outside the job's key range into the pieces before and
+    """Cut selected deltas that reach outside the meta job's key range into the pieces before and
     after it, keeping the original LSN range (the seed's ``delta_layer_rewriters``): the piece
-    before covers ``[layer start, job start)``, the piece after ``[job end, layer end)``."""
+    before covers ``[layer start, job start)`` and is written by the sub-job at the job's start,
+    the piece after ``[job end, layer end)`` by the sub-job at its end. Deltas spanning a cut
+    between two sub-jobs stay whole: both read them, and the one commit removes them."""
     if plan.job.dry_run:
         return []
     out: list[Produced] = []
     live = plan.manifest.live_ranges()
     start, end = plan.key_range
+    first, last = plan.keys.start == start, plan.keys.end == end
     for number, entry in enumerate(plan.rewrite):
         layer = entry.layer
-        for side, (lo, hi) in enumerate(((layer.key_range.start, start), (end, layer.key_range.end))):
-            if lo >= hi:
+        sides = (((layer.key_range.start, start), first), ((end, layer.key_range.end), last))
+        for side, ((lo, hi), here) in enumerate(sides):
+            if lo >= hi or not here:
                 continue
             name = LayerName.delta(lo, hi, layer.lsn_start, layer.lsn_end)
             with LayerWriter(settings.workdir / f"rewrite-{number}-{side}.parquet") as writer:
@@ -538,7 +543,7 @@ def _propose(
     rewritten: list[Produced],
     uploads: _Uploads,
 ) -> tuple[CommitProposal, list[LayerEntry]]:
-    selected_sizes = {entry.name: entry.size for entry in plan.selected}
+    selected_sizes = {entry.name: entry.size for entry in plan.inputs}
     keep: set[str] = set()
     produced: list[Produced] = []
     for result in results:
@@ -553,11 +558,12 @@ def _propose(
     for piece in rewritten:
         stats.produce_delta_layer(piece.file.size)
     produced.extend(rewritten)
-    # Image layers reaching outside the key range hold keys this job never processed: keep them.
-    for entry in plan.selected:
+    # Image layers reaching outside the meta job's key range hold keys it never processed: keep
+    # them. Those spanning a cut between sub-jobs go: each side compacted its own keys.
+    for entry in plan.inputs:
         if not entry.layer.is_delta and not plan.key_range.covers(entry.layer.key_range):
             keep.add(entry.name)
-    removed = [entry.name for entry in plan.selected if entry.name not in keep]
+    removed = [entry.name for entry in plan.inputs if entry.name not in keep]
     kept = sorted(keep & set(selected_sizes))
     replaced_outside = [
         str(p.name) for p in produced if str(p.name) in plan.manifest.layers and str(p.name) not in removed
@@ -569,12 +575,7 @@ def _propose(
     if plan.job.dry_run:
         uploads.abort()
         return CommitProposal(job=plan.job, read_set=plan.read_set(), removed=removed, added=[], kept=kept), []
-
-    final = set(plan.manifest.layers) - set(removed) | {str(p.name) for p in produced}
-    problem = check_valid_layermap(LayerName.parse(n) for n in final)
-    if problem:
-        uploads.abort()
-        raise CompactionFailed(f"layer map check failed after compaction ({problem}); result not applied")
+    # The layer map is checked on the whole meta job's result, at its commit.
     uploaded = uploads.entries(produced)
     proposal = CommitProposal(job=plan.job, read_set=plan.read_set(), removed=removed, added=uploaded, kept=kept)
     return proposal, uploaded

@@ -1,8 +1,12 @@
 """Planning one gc-compaction: horizon, retain LSNs and layer selection, exactly as the seed's
 ``compact_with_gc_inner`` step 0. Pure: a manifest and a job in, a plan (or a reason to skip) out.
+
+A meta job is planned once, over its whole key range; each sub-job works on that same plan
+restricted to its slice of keys (``JobPlan.restrict``), so every sub-job of a meta job agrees on
+the horizon, the retain LSNs, the selection and the output LSN ranges (docs/design/commit.md).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from storage.errors import CompactorError
 from storage.keys import KeyRange, fully_contains
@@ -29,10 +33,36 @@ class JobPlan:
     max_layer_lsn: int
     has_data_below: bool  # a branch, or an LSN range that starts above 0
     lowest_retain_lsn: int
+    slice: KeyRange | None = None  # the keys one sub-job compacts, inside key_range; None: all of it
+
+    @property
+    def keys(self) -> KeyRange:
+        """The keys this run compacts, ``[start, end)``: its slice, or the whole key range."""
+        return self.slice or self.key_range
+
+    @property
+    def inputs(self) -> list[LayerEntry]:
+        """The selected layers holding keys of ``keys``: a layer spanning a cut between two
+        slices is an input of both, each reading only its own keys."""
+        keys = self.keys
+        return [entry for entry in self.selected if entry.layer.key_range.overlaps(keys)]
+
+    def restrict(self, keys: KeyRange) -> "JobPlan":
+        """This plan for the sub-job that compacts ``keys`` (a non-empty part of the key range)."""
+        if keys.start >= keys.end or not self.key_range.covers(keys):
+            raise PlanningError(f"sub-job keys {keys} are not a part of the meta job's keys {self.key_range}")
+        return replace(self, slice=keys)
+
+    @property
+    def l2_lsn(self) -> int | None:
+        """``gc_compaction.last_completed_lsn`` once this job commits (the seed's Notify): its
+        horizon, for a job over every key and all history (what the seed's auto jobs are); None
+        for a partial job, which says nothing about the timeline as a whole."""
+        return self.horizon if self.job.full_range and not self.job.dry_run else None
 
     @property
     def end_lsn(self) -> int:
-        """The highest LSN end among the selected layers."""
+        """The highest LSN end among the selected layers (of the whole meta job)."""
         return max(entry.layer.lsn_end for entry in self.selected)
 
     @property

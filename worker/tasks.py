@@ -1,6 +1,6 @@
 """The Celery tasks: a thin shell around ``coordinator.meta_jobs`` (planning, what follows a
-sub-job, finalize) and ``worker.runner`` (one gc-compaction). Task names are the stable API of
-docs/task-api.md.
+sub-job, the one commit in finalize) and ``worker.runner`` (one sub-job). Task names are the
+stable API of docs/task-api.md.
 
 Running a sub-job (``compactor.run_sub_job``):
 
@@ -9,11 +9,13 @@ Running a sub-job (``compactor.run_sub_job``):
 2. take the node lock without waiting; a busy node sends the message back to the queue with a
    delay (not holding a worker slot, not counting as an attempt);
 3. claim the record: attempt + 1 and a fresh owner token; over the attempt cap it fails;
-4. run the runner with a heartbeat thread that renews the lock, writes heartbeat and progress
+4. run the sub-job with a heartbeat thread that renews the lock, writes heartbeat and progress
    through the attempt-guarded record, and notices cancellation, a lost lock or a superseded
-   attempt; the engine stops at its next check, and ``before_commit`` verifies lock, attempt
-   and cancellation once more just before the optimistic commit;
-5. record the outcome and hand over to ``meta_jobs.sub_job_ended`` (next in chain, finalize).
+   attempt; the engine stops at its next check, and lock, attempt and cancellation are verified
+   once more before the outcome is recorded (an attempt that may not record it deletes its
+   uploads);
+5. record the outcome (statistics and this sub-job's part of the proposal) and hand over to
+   ``meta_jobs.sub_job_ended`` (finalize, which commits, once every sub-job has ended).
 """
 
 from __future__ import annotations
@@ -60,11 +62,10 @@ from storage.manifest_store import ManifestStore
 from storage.object_store import ObjectStore
 from storage.settings import Settings
 from storage.timeline import Storage
-from worker import metrics
+from worker import metrics, runner
 from worker.celery_app import CeleryPublisher, app, current_settings, node_id
 from worker.engine import EngineSettings, Hooks, Progress
 from worker.node_lock import Heartbeat, NodeLock
-from worker.runner import compact
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ def _run_claimed(
     last_state_report = [0.0]
     log.info(
         "sub-job started sub_job=%s attempt=%d node=%s pid=%d keys=%s-%s",
-        sub_id, attempt, ctx.node_id, os.getpid(), claimed.job.key_start, claimed.job.key_end,
+        sub_id, attempt, ctx.node_id, os.getpid(), claimed.spec.key_start, claimed.spec.key_end,
     )  # fmt: skip
 
     def tick() -> None:
@@ -312,22 +313,15 @@ def _run_claimed(
     def verify() -> None:
         stop.check()
         if not lock.owned():
-            raise NodeLockLost(f"node lock of {ctx.node_id} lost before commit")
+            raise NodeLockLost(f"node lock of {ctx.node_id} lost before the outcome was recorded")
         current = records.get_sub(sub_id)
         if current is None or not current.is_current(attempt, token):
             raise AttemptSuperseded(f"attempt {attempt} of sub-job {sub_id} is no longer current")
         if _cancel_requested(records, meta_id):
-            raise JobCancelled("cancelled before commit; nothing committed")
+            raise JobCancelled("cancelled; nothing committed")
 
-    faults = _Faults(ctx, claimed, stop, progress, token) if settings.faults_enabled else None
+    faults = _Faults(ctx, meta_id, claimed, stop, progress, token) if settings.faults_enabled else None
     storage = ctx.storage if faults is None else _FaultyStorage(ctx.storage, faults.hit)
-
-    def before_commit() -> None:
-        if faults is not None:
-            faults.hit("before_commit")
-        verify()
-        progress[0] = progress[0].model_copy(update={"phase": "committing"})
-        records.heartbeat(sub_id, attempt, token, progress[0])
 
     hooks = Hooks(on_progress=on_progress, check_cancelled=stop.check)
     heartbeat = Heartbeat(settings.heartbeat_interval_s, tick, name=f"heartbeat-{sub_id}").start()
@@ -339,15 +333,12 @@ def _run_claimed(
         workroot.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=workroot, prefix=f"{sub_id}-{attempt}-") as workdir:
             engine = EngineSettings(target_layer_bytes=settings.target_layer_bytes, workdir=Path(workdir))
-            outcome = compact(
-                storage,
-                claimed.job,
-                engine,
-                hooks,
-                max_replans=settings.max_replans,
-                before_commit=before_commit,
-                written_by=f"sub-job {sub_id} attempt {attempt}",
-            )
+            outcome = runner.run_sub_job(storage, claimed.spec, engine, hooks)
+        try:
+            verify()
+        except BaseException:
+            _delete_uploads(ctx, outcome)  # recorded nowhere: nobody else would delete them
+            raise
         state = JobState.SUCCEEDED
     except AttemptSuperseded as err:
         heartbeat.stop()
@@ -380,24 +371,30 @@ def _run_claimed(
         rec.error = error
         rec.progress = final_progress
         if outcome is not None:
-            rec.stats, rec.skipped = outcome.stats, outcome.skipped
-            rec.manifest_number, rec.replans = outcome.manifest_number, rec.replans + outcome.replans
+            rec.stats, rec.skipped, rec.proposal = outcome.stats, outcome.skipped, outcome.proposal
         if rec.stats is not None:
             rec.stats.time_acquire_lock_secs = lock_wait_s
 
     try:
         ended = records.finish(sub_id, attempt, token, state, change)
     except StaleAttempt:
+        _delete_uploads(ctx, outcome)
         return None, {"sub_job_id": sub_id, "state": "superseded", "attempt": attempt}
     _observe(ended, state, outcome)
     log.info(
-        "sub-job ended sub_job=%s attempt=%d state=%s manifest=%s replans=%d error=%r",
-        sub_id, attempt, state.value, ended.manifest_number, ended.replans, error,
+        "sub-job ended sub_job=%s attempt=%d state=%s added=%d removed=%d error=%r",
+        sub_id, attempt, state.value, len(ended.proposal.added) if ended.proposal else 0,
+        len(ended.proposal.removed) if ended.proposal else 0, error,
     )  # fmt: skip
     if retry:
         meta_jobs.enqueue_sub(records, ctx.publisher, sub_id, countdown=settings.lock_retry_delay_s)
     result = {"sub_job_id": sub_id, "state": state.value, "attempt": attempt, "error": error}
     return ended, result
+
+
+def _delete_uploads(ctx: Context, outcome: runner.SubJobOutcome | None) -> None:
+    if outcome is not None and outcome.proposal is not None:
+        ctx.storage.delete_uploads(outcome.proposal.added)
 
 
 def _observe(ended: SubJobRecord, state: JobState, outcome: Any) -> None:
@@ -410,29 +407,38 @@ def _observe(ended: SubJobRecord, state: JobState, outcome: Any) -> None:
             read=stats.delta_layer_visited.size + stats.image_layer_visited.size,
             written=stats.delta_layer_produced.size + stats.image_layer_produced.size,
         )
-    for _ in range(outcome.replans if outcome is not None else 0):
-        metrics.replanned()
 
 
 # ----------------------------------------------------------------------------- fault points
 
 FAULT_WHERE = ("in_download", "in_merge", "in_upload", "before_commit", "in_commit")
-"""Where the fault tests can hold or fail a sub-job (``COMPACTOR_FAULTS_ENABLED`` only): while
-a layer downloads, in the middle of the k-merge, right after an output layer was uploaded, just
-before the commit, and right after the new manifest was written but before the job record says
-so. ``JobRecords.set_fault("pause_<where>", target, {"seconds": s})`` holds the attempt there,
-``"fail_<where>"`` raises InjectedFault; the target is a sub-job id or a meta job id."""
+"""Where the fault tests can hold or fail a job (``COMPACTOR_FAULTS_ENABLED`` only): a sub-job
+while a layer downloads, in the middle of the k-merge, or right after an output layer was
+uploaded; the meta job's finalize just before its commit, and right after the new manifest was
+written but before the job record says so. ``JobRecords.set_fault("pause_<where>", target,
+{"seconds": s})`` holds it there, ``"fail_<where>"`` raises InjectedFault; the target is a
+sub-job id or a meta job id."""
 
 
 class _Faults:
-    """Test-only pauses and failures of one attempt."""
+    """Test-only pauses and failures of one sub-job attempt (``sub``) or of a meta job's
+    finalize (``sub`` None)."""
 
-    def __init__(self, ctx: Context, sub: SubJobRecord, stop: _Stop, progress: list[JobProgress], token: str) -> None:
-        self.ctx, self.sub, self.stop, self.progress, self.token = ctx, sub, stop, progress, token
+    def __init__(
+        self,
+        ctx: Context,
+        meta_id: str,
+        sub: SubJobRecord | None = None,
+        stop: _Stop | None = None,
+        progress: list[JobProgress] | None = None,
+        token: str = "",
+    ) -> None:
+        self.ctx, self.meta_id, self.sub, self.token = ctx, meta_id, sub, token
+        self.stop, self.progress = stop, progress
 
     def hit(self, where: str) -> None:
         records, sub = self.ctx.records, self.sub
-        targets = [sub.id, sub.meta_id]
+        targets = [sub.id, self.meta_id] if sub is not None else [self.meta_id]
         fault = records.take_fault(f"fail_{where}", targets)
         if fault is not None:
             raise InjectedFault(str(fault.get("message", f"injected failure {where.replace('_', ' ')}")))
@@ -440,14 +446,17 @@ class _Faults:
         if fault is None:
             return
         seconds = float(fault.get("seconds", 5.0))
-        # Tests wait for this marker to know the attempt is held where they asked, then kill,
+        # Tests wait for this marker to know the job is held where they asked, then kill,
         # freeze or disturb the node it names.
-        hit = {"node": self.ctx.node_id, "pid": os.getpid(), "attempt": sub.attempt, "at": now()}
-        records.r.set(f"compactor:fault-hit:pause_{where}:{sub.id}", json.dumps(hit), ex=600)
+        hit = {"node": self.ctx.node_id, "pid": os.getpid(), "attempt": sub.attempt if sub else 0, "at": now()}
+        records.r.set(f"compactor:fault-hit:pause_{where}:{targets[0]}", json.dumps(hit), ex=600)
+        log.warning("fault point: paused job=%s where=%s seconds=%s", targets[0], where, seconds)
+        if sub is None or self.progress is None or self.stop is None:
+            time.sleep(seconds)
+            return
         before = self.progress[0]
         self.progress[0] = before.model_copy(update={"phase": "paused"})
         records.heartbeat(sub.id, sub.attempt, self.token, self.progress[0])
-        log.warning("fault point: paused sub_job=%s where=%s seconds=%s", sub.id, where, seconds)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             self.stop.check()
@@ -498,7 +507,14 @@ class _FaultyStorage(Storage):
 
 
 def finalize_meta_job(ctx: Context, job_id: str) -> dict[str, Any]:
-    meta = meta_jobs.finalize(ctx.storage, ctx.records, job_id, ctx.settings)
+    if ctx.settings.faults_enabled:
+        faults = _Faults(ctx, job_id)
+        storage: Storage = _FaultyStorage(ctx.storage, faults.hit)
+        meta = meta_jobs.finalize(
+            storage, ctx.records, ctx.publisher, job_id, ctx.settings, before_commit=lambda: faults.hit("before_commit")
+        )
+    else:
+        meta = meta_jobs.finalize(ctx.storage, ctx.records, ctx.publisher, job_id, ctx.settings)
     return _meta_result(meta)
 
 
