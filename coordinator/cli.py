@@ -11,13 +11,23 @@ from typing import Any
 import click
 
 from coordinator import logs
-from coordinator.cli_common import KEY, LSN, SIZE, lsn_list, one_line_errors, settings_from, storage_from
+from coordinator.cli_common import (
+    KEY,
+    LSN,
+    SIZE,
+    OneLineUsageGroup,
+    lsn_list,
+    one_line_errors,
+    settings_from,
+    storage_from,
+)
 from storage.errors import CompactorError
 from storage.keys import FULL_KEY_RANGE, KeyRange, format_key, key_next
 from storage.timeline import Storage, layer_listing
 
 
-@click.group()
+@click.group(cls=OneLineUsageGroup)
+@click.version_option(package_name="compactor", prog_name="compactor")
 @click.option(
     "--env-file", type=click.Path(dir_okay=False, path_type=Path), help="read COMPACTOR_ settings from this file"
 )
@@ -217,4 +227,4 @@ _register_job_commands(main)
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="compactor")

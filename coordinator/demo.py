@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 
+from coordinator.cli_jobs import watch_job
 from coordinator.draw import layer_map_svg
 from coordinator.embedded import EmbeddedStack
 from coordinator.job_records import CompactRequest, JobRecords, JobState, connect
@@ -97,7 +97,7 @@ def _demo(stack: EmbeddedStack, size_bytes: int, out_dir: Path, max_job_bytes: i
     meta, _ = create_meta_job(records, request)
     t0 = time.monotonic()
     CeleryPublisher().publish(TASK_PLAN, {"job_id": meta.id})
-    final = _watch(records, meta.id, console, before_bytes=Snapshot.of(before).bytes)
+    final = watch_job(records, meta.id, console)
     wall = time.monotonic() - t0
     if final.state != JobState.SUCCEEDED:
         raise CompactorError(f"demo job {final.id} ended {final.state.value}: {final.error or final.skipped}")
@@ -128,30 +128,6 @@ def _demo(stack: EmbeddedStack, size_bytes: int, out_dir: Path, max_job_bytes: i
     console.print(_summary_table(summary))
     console.print(f"layer maps: {out_dir / 'before.svg'}  {out_dir / 'after.svg'}")
     return summary
-
-
-def _watch(records: JobRecords, job_id: str, console: Console, before_bytes: int) -> Any:
-    start = time.monotonic()
-    with Live(console=console, refresh_per_second=4, transient=False) as live:
-        while True:
-            meta = records.require_meta(job_id)
-            subs = records.get_subs(meta.sub_jobs)
-            done = sum(1 for s in subs if s.state.ended)
-            running = sum(1 for s in subs if s.state == JobState.RUNNING)
-            bytes_in = sum(s.progress.bytes_in for s in subs)
-            elapsed = max(time.monotonic() - start, 1e-6)
-            table = Table.grid(padding=(0, 2))
-            table.add_row(
-                f"[bold]meta job[/] {job_id[:8]} {meta.state.value}",
-                f"sub-jobs {done}/{len(subs) or '?'} done, {running} running",
-                f"read {bytes_in / 1e6:.1f} MB",
-                f"{bytes_in / 1e6 / elapsed:.1f} MB/s",
-                f"{elapsed:.1f}s",
-            )
-            live.update(table)
-            if meta.state.ended:
-                return meta
-            time.sleep(0.25)
 
 
 def _summary_table(s: dict[str, Any]) -> Table:
