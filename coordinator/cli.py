@@ -165,6 +165,15 @@ def timeline_read(ctx: click.Context, tenant: str, timeline_id: str, lsn: int, k
 
     storage = storage_from(ctx)
     manifest = storage.manifest(tenant, timeline_id)
+    gc = manifest.gc
+    if lsn < gc.cutoff and lsn not in gc.retained_below(gc.cutoff):
+        # Nothing promises reads there: gc-compaction keeps only the retain LSNs and leases
+        # below the horizon, so the answer may already differ from what was once written.
+        click.echo(
+            f"warning: LSN {lsn:#x} is below the gc horizon {gc.cutoff:#x} and is neither a retain LSN nor a "
+            "lease; history below the horizon may be gone",
+            err=True,
+        )
     key_range = FULL_KEY_RANGE if key is None else KeyRange(key, key_next(key))
     out = {format_key(k): base64.b64encode(v).decode() for k, v in storage.read(manifest, lsn, key_range)}
     click.echo(json.dumps(out))

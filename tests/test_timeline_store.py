@@ -193,6 +193,13 @@ def test_cli_end_to_end(s3_settings: Settings, tmp_path: Path) -> None:
     res = runner.invoke(main, ["timeline", "read", TENANT, PARENT, "--lsn", "0/28"], env=env)
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout) == {"0" * 35 + "1": "dmFsdWVAMHgyOA==", "0" * 35 + "3": "dGhyZWU="}
+    assert res.stderr.splitlines() == [
+        "warning: LSN 0x28 is below the gc horizon 0x30 and is neither a retain LSN nor a lease; "
+        "history below the horizon may be gone"
+    ]
+    for lsn in ("0x20", "0x30", "0x40"):  # a retain LSN, the horizon, above it: reads there are kept
+        res = runner.invoke(main, ["timeline", "read", TENANT, PARENT, "--lsn", lsn], env=env)
+        assert res.exit_code == 0 and res.stderr == "", (lsn, res.stderr)
     res = runner.invoke(main, ["timeline", "read", TENANT, PARENT, "--lsn", "40", "--key", "0" * 35 + "3"], env=env)
     assert json.loads(res.stdout) == {"0" * 35 + "3": "dGhyZWU="}
     res = runner.invoke(main, ["timeline", "layers", TENANT, PARENT, "--json"], env=env)
@@ -203,6 +210,8 @@ def test_cli_end_to_end(s3_settings: Settings, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     res = runner.invoke(main, ["timeline", "export", TENANT, PARENT], env=env)
     assert json.loads(res.stdout)["gc"] == {"cutoff": 64, "retain_lsns": [16, 32], "leases": [20]}
+    res = runner.invoke(main, ["timeline", "read", TENANT, PARENT, "--lsn", "20"], env=env)
+    assert res.exit_code == 0 and res.stderr == "", "a lease is kept"
     # one-line errors
     for args in (["timeline", "read", "bad", PARENT, "--lsn", "1"], ["timeline", "export", TENANT, CHILD]):
         res = runner.invoke(main, args, env=env)
