@@ -51,6 +51,7 @@ from storage.timeline import Storage
 from worker import metrics
 from worker.engine import EngineSettings
 from worker.jobs import CompactionJob
+from worker.plan import JobPlan, plan_job
 from worker.runner import compact
 from worker.statistics import CompactionStatistics
 
@@ -382,7 +383,7 @@ def finalize(storage: Storage, records: JobRecords, job_id: str, settings: Setti
         final.error = final.error or f"finalize failed: {one_line(err)}"
         log.warning("meta job finalize failed job=%s error=%r", job_id, one_line(err))
     if manifest is not None and stats.below_lsn:
-        stats.after_compaction_layer_size = layer_size_below(manifest, stats.below_lsn)
+        stats.after_compaction_layer_size = after_compaction_size(manifest, meta, subs, merged)
     stats.finalize()
     final.statistics = stats
     if manifest is not None:  # not for a timeline that does not exist
@@ -418,6 +419,27 @@ def finalize(storage: Storage, records: JobRecords, job_id: str, settings: Setti
             stored.l2_lsn,
         )  # fmt: skip
     return stored
+
+
+def after_compaction_size(
+    manifest: Manifest, meta: MetaJobRecord, subs: list[SubJobRecord], merged: CompactionStatistics
+) -> int:
+    """Layer bytes below the meta job's ``below_lsn`` once it has ended. A dry run changes no
+    layer, so for it this is a projection: the layers its sub-jobs selected go, and what the
+    engine would have written from them comes in. The engine counts that in key-value bytes,
+    uncompressed (it writes no file in a dry run), so data that compresses well projects high."""
+    size = layer_size_below(manifest, meta.below_lsn)
+    if meta.request is None or not meta.request.dry_run:
+        return size
+    # By name: in a dry run every sub-job selects from the same manifest, so a layer that two
+    # sub-jobs read counts once.
+    selected = {
+        entry.name: entry.size
+        for sub in subs
+        if sub.state == JobState.SUCCEEDED and isinstance(plan := plan_job(manifest, sub.job), JobPlan)
+        for entry in plan.selected
+    }
+    return size - sum(selected.values()) + merged.image_produced.size + merged.wal_produced.size
 
 
 def _write_stats(storage: Storage, meta: MetaJobRecord) -> str | None:
@@ -544,9 +566,8 @@ def run_inline(storage: Storage, request: CompactRequest, settings: Settings) ->
     if state == JobState.SUCCEEDED:
         meta.l2_lsn = advance_l2_lsn(storage, meta)
     if stats.below_lsn:
-        stats.after_compaction_layer_size = layer_size_below(
-            storage.manifest(request.tenant_id, request.timeline_id), stats.below_lsn
-        )
+        manifest = storage.manifest(request.tenant_id, request.timeline_id)
+        stats.after_compaction_layer_size = after_compaction_size(manifest, meta, subs, merged)
     stats.finalize()
     meta.statistics = stats
     meta.stats_object = _write_stats(storage, meta)

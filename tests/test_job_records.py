@@ -707,3 +707,25 @@ def test_watching_a_job_shows_progress_on_stderr(records: JobRecords, terminal: 
             text
             == f"job {meta.id[:8]} succeeded: sub-jobs 0/2 done, 0 running, 0.0 MB of values merged (0.0 MB/s), 0.0s\n"
         )
+
+
+def test_dry_run_reports_the_projected_size_after(flow: tasks.Context) -> None:
+    from click.testing import CliRunner
+
+    from coordinator.cli import main
+
+    flow.storage.import_timeline(json.dumps(banded_timeline(TL).to_json()))
+    before = flow.storage.manifest(TENANT, TL)
+    total = sum(e.size for e in before.layers.values())
+    dry = submit(flow, {"tenant_id": TENANT, "timeline_id": TL, "max_job_bytes": total // 8, "dry_run": True})
+    projected = flow.records.require_meta(dry["job_id"]).statistics
+    assert projected is not None and projected.before_compaction_layer_size == total
+    assert flow.storage.manifest(TENANT, TL).number == before.number, "a dry run changes nothing"
+    env = _cli_env(flow.settings)
+    args = ["compact", TENANT, TL, "--max-job-size", str(total // 8), "--inline"]
+    inline_dry = json.loads(CliRunner().invoke(main, [*args, "--dry-run"], env=env).stdout)["statistics"]
+    assert inline_dry["after_compaction_layer_size"] == projected.after_compaction_layer_size
+    real = json.loads(CliRunner().invoke(main, args, env=env).stdout)["statistics"]
+    # The projection is of the size after, not the input size again: close to what the job did.
+    assert projected.after_compaction_layer_size < 0.8 * total
+    assert projected.retention_ratio == pytest.approx(real["retention_ratio"], rel=0.4)
