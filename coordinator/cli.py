@@ -72,20 +72,20 @@ def up(directory: Path, workers: int) -> None:
 @main.command("demo")
 @click.option("--size", type=SIZE, default="200MiB", show_default=True, help="approximate layer bytes of the timeline")
 @click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True)
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
-              help="where before.svg and after.svg go")  # fmt: skip
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="folder for before.svg and after.svg [default: a new ./compactor-demo folder]")  # fmt: skip
 @click.option("--max-job-size", type=SIZE, default="32MiB", show_default=True, help="sub-job size")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="keep the stack's files here (default: a temporary directory)")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON on stdout")
 @one_line_errors
-def demo(size: int, workers: int, out: Path, max_job_size: int, directory: Path | None, as_json: bool) -> None:
+def demo(size: int, workers: int, out: Path | None, max_job_size: int, directory: Path | None, as_json: bool) -> None:
     """Build a realistic timeline, compact it through the workers, verify every retained read."""
     from rich.console import Console
 
-    from coordinator.demo import run_demo
+    from coordinator.demo import fresh_out_dir, run_demo
 
-    summary = run_demo(size, workers, out, directory, max_job_size, Console(stderr=True))
+    summary = run_demo(size, workers, out or fresh_out_dir(Path.cwd()), directory, max_job_size, Console(stderr=True))
     if as_json:
         click.echo(json.dumps(summary))
 
