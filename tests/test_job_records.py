@@ -491,12 +491,9 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "task-api.md"
 
 
 def test_documented_schemas_are_the_generated_ones() -> None:
-    text = DOC.read_text()
-    documented = {
-        name: json.loads(body)
-        for name, body in re.findall(r"<!-- schema: (\w+) -->\s*```json\n(.*?)\n```", text, flags=re.DOTALL)
-    }
-    assert documented == payload_schemas(), "regenerate with: python -m coordinator.job_records"
+    from coordinator.schema_docs import documented
+
+    assert documented(DOC.read_text()) == payload_schemas(), "regenerate with: python -m coordinator.schema_docs"
 
 
 def test_documented_task_names_are_registered() -> None:

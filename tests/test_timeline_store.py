@@ -234,3 +234,20 @@ def test_layer_cache_stays_within_its_size_limit(s3_endpoint: str, tmp_path: Pat
     assert len(cached) == 1, "only the most recent layer is kept over the limit"
     # evicted layers come back on demand, verified
     assert {key_to_int(k): v for k, v in small.read(manifest, 48)} == expected
+
+
+def test_timeline_format_doc_is_current_and_its_example_imports(s3_settings: Settings) -> None:
+    from coordinator.schema_docs import DOCS, DOCS_DIR, documented, generated
+
+    text = (DOCS_DIR / "timeline-format.md").read_text()
+    assert documented(text) == generated(DOCS["timeline-format.md"]), "regenerate: python -m coordinator.schema_docs"
+    example = text.split("<!-- example -->\n```json\n", 1)[1].split("\n```", 1)[0]
+    storage = Storage(s3_settings)
+    storage.objects.ensure_bucket()
+    manifest = storage.import_timeline(example)
+    exported = storage.export_timeline(manifest.tenant_id, manifest.timeline_id)
+    doc = json.loads(example)
+    assert {k: exported[k] for k in ("format", "tenant_id", "timeline_id", "ancestor", "gc", "keyspace")} == {
+        k: doc[k] for k in ("format", "tenant_id", "timeline_id", "ancestor", "gc", "keyspace")
+    }
+    assert [layer["values"] for layer in exported["layers"]] == [layer["values"] for layer in doc["layers"]]
