@@ -43,7 +43,7 @@ from storage.settings import Settings
 from storage.timeline import Storage
 
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_JOB_ID_PREFIX_RE = re.compile(r"^[0-9a-f]{1,32}$")
+_JOB_ID_PREFIX_RE = re.compile(r"[0-9a-f]{1,32}")
 
 
 def service_errors(func: F) -> F:
@@ -359,7 +359,7 @@ def job_group() -> None:
 def resolve_job_id(records: JobRecords, given: str) -> str:
     """The job id ``given`` names: a whole id, or a unique prefix of one (the demo and the
     progress lines show 8 characters)."""
-    if not _JOB_ID_PREFIX_RE.match(given):
+    if not _JOB_ID_PREFIX_RE.fullmatch(given):  # not match: "$" would let a trailing newline in
         shown = given if len(given) <= 40 else f"{given[:40]}..."
         raise InvalidInput(f"invalid job id {shown!r}: expected up to 32 lowercase hex characters")
     if len(given) == 32:

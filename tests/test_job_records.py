@@ -658,6 +658,10 @@ def test_cli_job_ids_by_unique_prefix(flow: tasks.Context) -> None:
         (["job", "cancel", "abcd1234"], "error: job id prefix abcd1234 is ambiguous: 2 jobs start with it"),
         (["job", "show", "ffff"], "error: no job id starts with ffff"),
         (["job", "show", "abcd*"], "error: invalid job id 'abcd*': expected up to 32 lowercase hex characters"),
+        (
+            ["job", "show", "abcd5678\n"],
+            "error: invalid job id 'abcd5678\\n': expected up to 32 lowercase hex characters",
+        ),
     ):
         result = runner.invoke(main, args, env=env)
         assert result.exit_code == 1 and result.stderr.splitlines() == [error], (args, result.output)
