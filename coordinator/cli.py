@@ -11,13 +11,23 @@ from typing import Any
 import click
 
 from coordinator import logs
-from coordinator.cli_common import KEY, LSN, SIZE, lsn_list, one_line_errors, settings_from, storage_from
+from coordinator.cli_common import (
+    KEY,
+    LSN,
+    SIZE,
+    OneLineUsageGroup,
+    lsn_list,
+    one_line_errors,
+    settings_from,
+    storage_from,
+)
 from storage.errors import CompactorError
 from storage.keys import FULL_KEY_RANGE, KeyRange, format_key, key_next
 from storage.timeline import Storage, layer_listing
 
 
-@click.group()
+@click.group(cls=OneLineUsageGroup)
+@click.version_option(package_name="compactor", prog_name="compactor")
 @click.option(
     "--env-file", type=click.Path(dir_okay=False, path_type=Path), help="read COMPACTOR_ settings from this file"
 )
@@ -62,20 +72,20 @@ def up(directory: Path, workers: int) -> None:
 @main.command("demo")
 @click.option("--size", type=SIZE, default="200MiB", show_default=True, help="approximate layer bytes of the timeline")
 @click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True)
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
-              help="where before.svg and after.svg go")  # fmt: skip
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="folder for before.svg and after.svg [default: a new ./compactor-demo folder]")  # fmt: skip
 @click.option("--max-job-size", type=SIZE, default="32MiB", show_default=True, help="sub-job size")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="keep the stack's files here (default: a temporary directory)")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON on stdout")
 @one_line_errors
-def demo(size: int, workers: int, out: Path, max_job_size: int, directory: Path | None, as_json: bool) -> None:
+def demo(size: int, workers: int, out: Path | None, max_job_size: int, directory: Path | None, as_json: bool) -> None:
     """Build a realistic timeline, compact it through the workers, verify every retained read."""
     from rich.console import Console
 
-    from coordinator.demo import run_demo
+    from coordinator.demo import fresh_out_dir, run_demo
 
-    summary = run_demo(size, workers, out, directory, max_job_size, Console(stderr=True))
+    summary = run_demo(size, workers, out or fresh_out_dir(Path.cwd()), directory, max_job_size, Console(stderr=True))
     if as_json:
         click.echo(json.dumps(summary))
 
@@ -155,6 +165,15 @@ def timeline_read(ctx: click.Context, tenant: str, timeline_id: str, lsn: int, k
 
     storage = storage_from(ctx)
     manifest = storage.manifest(tenant, timeline_id)
+    gc = manifest.gc
+    if lsn < gc.cutoff and lsn not in gc.retained_below(gc.cutoff):
+        # Nothing promises reads there: gc-compaction keeps only the retain LSNs and leases
+        # below the horizon, so the answer may already differ from what was once written.
+        click.echo(
+            f"warning: LSN {lsn:#x} is below the gc horizon {gc.cutoff:#x} and is neither a retain LSN nor a "
+            "lease; history below the horizon may be gone",
+            err=True,
+        )
     key_range = FULL_KEY_RANGE if key is None else KeyRange(key, key_next(key))
     out = {format_key(k): base64.b64encode(v).decode() for k, v in storage.read(manifest, lsn, key_range)}
     click.echo(json.dumps(out))
@@ -217,4 +236,4 @@ _register_job_commands(main)
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="compactor")

@@ -3,6 +3,7 @@ sizes) and loading settings from the environment or ``--env-file``."""
 
 import functools
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -32,6 +33,11 @@ def one_line_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except BrokenPipeError:
+            # The reader went away (`compactor jobs | head -1`): that is its choice, not a failure.
+            # Python would report the unflushed rest of stdout again at exit; send it nowhere.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
         except CompactorError as err:
             fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
         except ValidationError as err:
@@ -41,6 +47,37 @@ def one_line_errors(func: F) -> F:
             fail(f"{type(err).__name__}: {err}")
 
     return wrapper  # type: ignore[return-value]
+
+
+class _UsageLine(click.ClickException):
+    exit_code = 2  # click's status for usage errors, kept
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+class OneLineUsageGroup(click.Group):
+    """The root command group: click's usage errors (three lines: usage, hint, error) become the
+    one ``error: ...`` line every other failure is, with the help to look at."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as err:
+            raise _one_line_usage(err) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as err:
+            raise _one_line_usage(err) from None
+
+
+def _one_line_usage(err: click.UsageError) -> click.ClickException:
+    if isinstance(err, click.exceptions.NoArgsIsHelpError):
+        return err  # a bare group prints its help, as asked
+    where = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
+    return _UsageLine(" ".join(err.format_message().split()) + where)
 
 
 class LsnType(click.ParamType):  # type: ignore[type-arg]

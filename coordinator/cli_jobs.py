@@ -15,30 +15,35 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import click
 import redis
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from coordinator.cli_common import KEY, LSN, SIZE, F, fail, one_line_errors, settings_from
 from coordinator.job_records import (
+    KEY_JOBS,
     CompactRequest,
     JobRecords,
     JobState,
     MetaJobRecord,
+    SubJobRecord,
     check_connectivity,
     connect,
     one_line,
 )
-from storage.errors import CompactorError, InvalidInput
+from storage.errors import CompactorError, InvalidInput, NotFound
 from storage.keys import format_key
 from storage.lsn import LSN_MAX
 from storage.settings import Settings
 from storage.timeline import Storage
 
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-DEFAULT_MAX_JOB_SIZE = "4GiB"
+_JOB_ID_PREFIX_RE = re.compile(r"[0-9a-f]{1,32}")
 
 
 def service_errors(func: F) -> F:
@@ -107,7 +112,8 @@ def _echo_json(value: Any) -> None:
 @click.option("--key-end", type=KEY, default=None, help="end key, exclusive; default: the highest key")
 @click.option("--lsn-start", type=LSN, default=0, show_default=True, help="compact history above this LSN only")
 @click.option("--lsn-end", type=LSN, default=None, help="compact below this LSN (capped by the gc cutoff)")
-@click.option("--max-job-size", type=SIZE, default=DEFAULT_MAX_JOB_SIZE, show_default=True, help="sub-job size")
+@click.option("--max-job-size", type=SIZE, default=None,
+              help="sub-job size  [default: COMPACTOR_MAX_JOB_BYTES of the planning worker, 4GiB]")  # fmt: skip
 @click.option("--no-sub-compaction", is_flag=True, help="one job for the whole range instead of sub-jobs")
 @click.option("--dry-run", is_flag=True, help="compute statistics, commit nothing")
 @click.option("--wait", is_flag=True, help="block until the job ends and print its final JSON status")
@@ -124,14 +130,17 @@ def compact_command(
     key_end: bytes | None,
     lsn_start: int,
     lsn_end: int | None,
-    max_job_size: int,
+    max_job_size: int | None,
     no_sub_compaction: bool,
     dry_run: bool,
     wait: bool,
     timeout: float | None,
     inline: bool,
 ) -> None:
-    """Schedule a gc-compaction meta job and print its id."""
+    """Schedule a gc-compaction meta job and print its id.
+
+    With --wait, progress goes to stderr (a progress bar on a terminal, plain lines otherwise)
+    and stdout gets only the final JSON status."""
     settings = settings_from(ctx)
     fields: dict[str, Any] = {
         "tenant_id": tenant,
@@ -164,10 +173,10 @@ def compact_command(
     publisher = _publisher(settings)
     meta, _ = create_meta_job(records, request)
     publisher.publish(TASK_PLAN, {"job_id": meta.id})
-    click.echo(meta.id)
     if not wait:
+        click.echo(meta.id)
         return
-    final = _wait_for(records, meta.id, timeout)
+    final = watch_job(records, meta.id, Console(stderr=True), timeout)
     _echo_json(status(records, final))
     if not final.state.ended:
         fail(f"timed out after {timeout:g}s waiting for job {meta.id} (state {final.state.value})")
@@ -175,15 +184,101 @@ def compact_command(
         fail(f"job {meta.id} {final.state.value}: {final.error or final.skipped or 'see status'}")
 
 
-def _wait_for(records: JobRecords, job_id: str, timeout: float | None) -> MetaJobRecord:
-    deadline = None if timeout is None else time.monotonic() + timeout
+def watch_job(records: JobRecords, job_id: str, console: Console, timeout: float | None = None) -> MetaJobRecord:
+    """Wait until a meta job ends (or ``timeout`` passes) and return its record, showing its
+    progress on ``console``: a live bar on a terminal; otherwise a whole line each time the
+    job's state or sub-job counts change, so that logs and pipes never get a half line."""
+    start = time.monotonic()
+    deadline = None if timeout is None else start + timeout
     delay = 0.1
-    while True:
-        meta = records.require_meta(job_id)
-        if meta.state.ended or (deadline is not None and time.monotonic() >= deadline):
-            return meta
-        time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
-        delay = min(delay * 1.5, 1.0)
+    with _ProgressBar(console, job_id) if console.is_terminal else _ProgressLines(console, job_id) as shown:
+        while True:
+            meta = records.require_meta(job_id)
+            shown.update(JobCounts.of(meta, records.get_subs(meta.sub_jobs)), time.monotonic() - start)
+            if meta.state.ended or (deadline is not None and time.monotonic() >= deadline):
+                return meta
+            time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
+            delay = min(delay * 1.5, 1.0)
+
+
+@dataclass(frozen=True)
+class JobCounts:
+    state: str
+    sub_jobs: int  # 0 until planned
+    done: int
+    running: int
+    # Value bytes the sub-jobs' merges have read (uncompressed), not layer (file) bytes.
+    values_merged: int
+
+    @classmethod
+    def of(cls, meta: MetaJobRecord, subs: list[SubJobRecord]) -> JobCounts:
+        return cls(
+            meta.state.value,
+            len(subs),
+            sum(1 for s in subs if s.state.ended),
+            sum(1 for s in subs if s.state == JobState.RUNNING),
+            sum(s.progress.bytes_in for s in subs),
+        )
+
+    def detail(self, elapsed: float) -> str:
+        mb = self.values_merged / 1e6
+        return f"{self.running} running, {mb:.1f} MB of values merged ({mb / max(elapsed, 1e-6):.1f} MB/s)"
+
+
+class _ProgressBar:
+    def __init__(self, console: Console, job_id: str) -> None:
+        self.job_id = job_id
+        self.progress = Progress(
+            TextColumn("[bold]job[/] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("sub-jobs  {task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self.task: TaskID | None = None
+
+    def __enter__(self) -> _ProgressBar:
+        self.progress.start()
+        self.task = self.progress.add_task(self.job_id[:8], total=None, detail="")
+        return self
+
+    def update(self, counts: JobCounts, elapsed: float) -> None:
+        assert self.task is not None
+        self.progress.update(
+            self.task,
+            description=f"{self.job_id[:8]} {counts.state}",
+            total=counts.sub_jobs or None,
+            completed=counts.done,
+            detail=counts.detail(elapsed),
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+class _ProgressLines:
+    def __init__(self, console: Console, job_id: str) -> None:
+        self.console = console
+        self.job_id = job_id
+        self.last: tuple[str, int, int, int] | None = None
+
+    def __enter__(self) -> _ProgressLines:
+        return self
+
+    def update(self, counts: JobCounts, elapsed: float) -> None:
+        changed = (counts.state, counts.sub_jobs, counts.done, counts.running)
+        if changed == self.last:
+            return
+        self.last = changed
+        line = (
+            f"job {self.job_id[:8]} {counts.state}: sub-jobs {counts.done}/{counts.sub_jobs or '?'} done, "
+            f"{counts.detail(elapsed)}, {elapsed:.1f}s"
+        )
+        self.console.print(line, soft_wrap=True, markup=False, highlight=False)
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -261,6 +356,24 @@ def job_group() -> None:
     """Show or cancel one meta job."""
 
 
+def resolve_job_id(records: JobRecords, given: str) -> str:
+    """The job id ``given`` names: a whole id, or a unique prefix of one (the demo and the
+    progress lines show 8 characters)."""
+    if not _JOB_ID_PREFIX_RE.fullmatch(given):  # not match: "$" would let a trailing newline in
+        shown = given if len(given) <= 40 else f"{given[:40]}..."
+        raise InvalidInput(f"invalid job id {shown!r}: expected up to 32 lowercase hex characters")
+    if len(given) == 32:
+        return given
+    # Expired jobs linger in the index until listed; only jobs that still exist count.
+    found = {m.decode() if isinstance(m, bytes) else m for m, _ in records.r.zscan_iter(KEY_JOBS, match=f"{given}*")}
+    matches = sorted(job_id for job_id in found if records.get_meta(job_id) is not None)
+    if not matches:
+        raise NotFound(f"no job id starts with {given}")
+    if len(matches) > 1:
+        raise InvalidInput(f"job id prefix {given} is ambiguous: {len(matches)} jobs start with it")
+    return matches[0]
+
+
 @job_group.command("show")
 @click.argument("job_id", metavar="ID")
 @click.pass_context
@@ -271,7 +384,7 @@ def job_show(ctx: click.Context, job_id: str) -> None:
     from coordinator.meta_jobs import status
 
     records = _connect(settings_from(ctx))
-    _echo_json(status(records, records.require_meta(job_id)))
+    _echo_json(status(records, records.require_meta(resolve_job_id(records, job_id))))
 
 
 @job_group.command("cancel")
@@ -285,7 +398,7 @@ def job_cancel(ctx: click.Context, job_id: str) -> None:
 
     settings = settings_from(ctx)
     records = _connect(settings)
-    meta, cancelled = cancel(records, _publisher(settings), job_id)
+    meta, cancelled = cancel(records, _publisher(settings), resolve_job_id(records, job_id))
     _echo_json({"job_id": meta.id, "cancel_requested": True, "cancelled_sub_jobs": cancelled})
 
 

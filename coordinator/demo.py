@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 
-from coordinator.draw import layer_map_svg
+from coordinator.cli_jobs import watch_job
+from coordinator.draw import Axes, layer_map_svg
 from coordinator.embedded import EmbeddedStack
 from coordinator.job_records import CompactRequest, JobRecords, JobState, connect
 from coordinator.meta_jobs import TASK_PLAN, create_meta_job
@@ -61,6 +61,16 @@ def read_digest(storage: Storage, manifest: Manifest, lsn: int) -> tuple[int, st
     return keys, digest.hexdigest()
 
 
+def fresh_out_dir(parent: Path) -> Path:
+    """``parent/compactor-demo``, or the first of ``compactor-demo-2``, ``-3``, ... not taken: a
+    second demo never overwrites the pictures of the first."""
+    candidate, n = parent / "compactor-demo", 1
+    while candidate.exists():
+        n += 1
+        candidate = parent / f"compactor-demo-{n}"
+    return candidate
+
+
 def run_demo(
     size_bytes: int, workers: int, out_dir: Path, directory: Path | None, max_job_bytes: int, console: Console
 ) -> dict[str, Any]:
@@ -82,7 +92,6 @@ def _demo(stack: EmbeddedStack, size_bytes: int, out_dir: Path, max_job_bytes: i
         generate(storage, TENANT, TIMELINE, spec)
     console.print(f"timeline built in {time.monotonic() - started:.1f}s")
     before = storage.manifest(TENANT, TIMELINE)
-    (out_dir / "before.svg").write_text(layer_map_svg(before, "before gc-compaction"))
     lsns = retained_lsns(before)
     child = child_timeline_id(TIMELINE)
     with console.status(f"reading every key at {len(lsns)} retained LSNs (and the child branch) for verification"):
@@ -97,13 +106,15 @@ def _demo(stack: EmbeddedStack, size_bytes: int, out_dir: Path, max_job_bytes: i
     meta, _ = create_meta_job(records, request)
     t0 = time.monotonic()
     CeleryPublisher().publish(TASK_PLAN, {"job_id": meta.id})
-    final = _watch(records, meta.id, console, before_bytes=Snapshot.of(before).bytes)
+    final = watch_job(records, meta.id, console)
     wall = time.monotonic() - t0
     if final.state != JobState.SUCCEEDED:
         raise CompactorError(f"demo job {final.id} ended {final.state.value}: {final.error or final.skipped}")
 
     after = storage.manifest(TENANT, TIMELINE)
-    (out_dir / "after.svg").write_text(layer_map_svg(after, "after gc-compaction"))
+    axes = Axes.spanning(before, after)  # the same key and LSN scale, so the two can be compared
+    (out_dir / "before.svg").write_text(layer_map_svg(before, "before gc-compaction", axes))
+    (out_dir / "after.svg").write_text(layer_map_svg(after, "after gc-compaction", axes))
     with console.status("verifying every retained read"):
         for lsn in lsns:
             got = read_digest(storage, after, lsn)
@@ -130,30 +141,6 @@ def _demo(stack: EmbeddedStack, size_bytes: int, out_dir: Path, max_job_bytes: i
     return summary
 
 
-def _watch(records: JobRecords, job_id: str, console: Console, before_bytes: int) -> Any:
-    start = time.monotonic()
-    with Live(console=console, refresh_per_second=4, transient=False) as live:
-        while True:
-            meta = records.require_meta(job_id)
-            subs = records.get_subs(meta.sub_jobs)
-            done = sum(1 for s in subs if s.state.ended)
-            running = sum(1 for s in subs if s.state == JobState.RUNNING)
-            bytes_in = sum(s.progress.bytes_in for s in subs)
-            elapsed = max(time.monotonic() - start, 1e-6)
-            table = Table.grid(padding=(0, 2))
-            table.add_row(
-                f"[bold]meta job[/] {job_id[:8]} {meta.state.value}",
-                f"sub-jobs {done}/{len(subs) or '?'} done, {running} running",
-                f"read {bytes_in / 1e6:.1f} MB",
-                f"{bytes_in / 1e6 / elapsed:.1f} MB/s",
-                f"{elapsed:.1f}s",
-            )
-            live.update(table)
-            if meta.state.ended:
-                return meta
-            time.sleep(0.25)
-
-
 def _summary_table(s: dict[str, Any]) -> Table:
     table = Table(title="gc-compaction summary")
     table.add_column("")
@@ -162,9 +149,9 @@ def _summary_table(s: dict[str, Any]) -> Table:
     table.add_row("layers", str(s["layers_before"]), str(s["layers_after"]))
     table.add_row("delta layers", str(s["deltas_before"]), str(s["deltas_after"]))
     table.add_row("image layers", str(s["images_before"]), str(s["images_after"]))
-    table.add_row("bytes", f"{s['bytes_before'] / 1e6:.1f} MB", f"{s['bytes_after'] / 1e6:.1f} MB")
+    table.add_row("layer bytes", f"{s['bytes_before'] / 1e6:.1f} MB", f"{s['bytes_after'] / 1e6:.1f} MB")
     table.add_row("retention ratio", "", f"{s['retention_ratio']:.3f}")
     table.add_row("wall time", "", f"{s['wall_seconds']:.1f} s ({s['sub_jobs']} sub-jobs)")
-    table.add_row("throughput", "", f"{s['input_mb_per_s']:.1f} MB/s of input")
+    table.add_row("throughput", "", f"{s['input_mb_per_s']:.1f} MB/s of input layers")
     table.add_row("verified", "", f"{s['keys_verified']} key reads at {len(s['verified_lsns'])} retained LSNs + child")
     return table

@@ -1,11 +1,14 @@
 """SVG pictures of a timeline's layer map: keys across, LSNs up, one rectangle per layer.
 
 Keys are spread by rank (every distinct layer key boundary gets an equal share of the width), so
-narrow layers stay visible next to wide ones; LSNs are linear. Images are drawn as thin bars at
-their LSN. The gc horizon, retain LSNs and leases are marked across the whole picture.
+narrow layers stay visible next to wide ones; LSNs are linear. Images are drawn as bars at their
+LSN, tall enough to see, over the deltas. The gc horizon, retain LSNs and leases are marked
+across the whole picture. Pictures meant to be compared (before and after a compaction) share
+their axes (``Axes.spanning``), so that a layer is drawn at the same place in both.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from html import escape
 
 from storage.keys import format_key
@@ -15,15 +18,32 @@ from storage.manifest import Manifest
 WIDTH, HEIGHT = 900, 560
 LEFT, RIGHT, TOP, BOTTOM = 90, 170, 40, 50
 COLORS = {"delta": "#4C78A8", "l0": "#E45756", "image": "#F58518"}
+MIN_DELTA_HEIGHT, IMAGE_HEIGHT = 3.0, 8.0
 
 
-def layer_map_svg(manifest: Manifest, title: str = "") -> str:
-    names = sorted(manifest.layer_names(), key=lambda n: (n.lsn_start, n.key_range))
-    bounds = sorted({k for n in names for k in n.key_range})
+@dataclass(frozen=True)
+class Axes:
+    key_bounds: list[bytes]  # sorted; each gets an equal share of the width
+    lsn_lo: int
+    lsn_hi: int
+
+    @classmethod
+    def spanning(cls, *manifests: Manifest) -> "Axes":
+        """Axes on which every layer and gc marker of all ``manifests`` fits."""
+        names = [n for m in manifests for n in m.layer_names()]
+        lsn_lo = min((n.lsn_start for n in names), default=0)
+        marks = [lsn for m in manifests for lsn in (m.gc.cutoff, *m.gc.retain_lsns, *m.gc.leases) if lsn]
+        lsn_hi = max([n.lsn_end for n in names] + [lsn + 1 for lsn in marks] + [lsn_lo + 1])
+        return cls(sorted({k for n in names for k in n.key_range}), lsn_lo, lsn_hi)
+
+
+def layer_map_svg(manifest: Manifest, title: str = "", axes: Axes | None = None) -> str:
+    """The layer map as SVG, on ``axes`` (default: those of this manifest alone)."""
+    axes = axes or Axes.spanning(manifest)
+    # Deltas first: images are drawn over them, or the deltas above an image would hide it.
+    names = sorted(manifest.layer_names(), key=lambda n: (not n.is_delta, n.lsn_start, n.key_range))
+    bounds, lsn_lo, lsn_hi = axes.key_bounds, axes.lsn_lo, axes.lsn_hi
     rank = {k: i for i, k in enumerate(bounds)}
-    lsn_lo = min((n.lsn_start for n in names), default=0)
-    marks = [manifest.gc.cutoff, *manifest.gc.retain_lsns, *manifest.gc.leases]
-    lsn_hi = max([n.lsn_end for n in names] + [m + 1 for m in marks if m] + [lsn_lo + 1])
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
     def x(key: bytes) -> float:
@@ -77,9 +97,9 @@ def _rect(name: LayerName, x: Callable[[bytes], float], y: Callable[[int], float
     x0, x1 = x(name.key_range.start), x(name.key_range.end)
     top, bottom = y(name.lsn_end), y(name.lsn_start)
     kind = "image" if not name.is_delta else ("l0" if name.is_l0 else "delta")
-    h = max(bottom - top, 3.0)
+    h = max(bottom - top, MIN_DELTA_HEIGHT)
     if kind == "image":
-        top, h = bottom - 3.0, 3.0
+        top, h = bottom - IMAGE_HEIGHT, IMAGE_HEIGHT
     return (
         f'<rect x="{x0:.1f}" y="{top:.1f}" width="{max(x1 - x0, 1.0):.1f}" height="{h:.1f}" fill="{COLORS[kind]}" '
         f'fill-opacity="0.55" stroke="{COLORS[kind]}" stroke-width="0.8"><title>{escape(str(name))}</title></rect>'

@@ -477,7 +477,9 @@ def finalize(
     if final.state != JobState.SUCCEEDED:
         final.l2_lsn = None
     if manifest is not None and stats.below_lsn:
-        stats.after_compaction_layer_size = layer_size_below(manifest, stats.below_lsn)
+        parts = [sub.proposal for sub in subs if sub.proposal is not None]
+        proposal = CommitProposal.combine(parts) if parts and final.state == JobState.SUCCEEDED else None
+        stats.after_compaction_layer_size = after_compaction_size(manifest, meta, proposal, merged)
     stats.finalize()
     final.statistics = stats
     if manifest is not None:  # not for a timeline that does not exist
@@ -514,6 +516,20 @@ def finalize(
             stored.l2_lsn, stored.error,
         )  # fmt: skip
     return stored
+
+
+def after_compaction_size(
+    manifest: Manifest, meta: MetaJobRecord, proposal: CommitProposal | None, merged: CompactionStatistics | None
+) -> int:
+    """Layer bytes below the meta job's ``below_lsn`` once it has ended. A dry run changes no
+    layer, so for it this is a projection: the layers its proposal removes go, and what the
+    engine would have written comes in. The engine counts that in key-value bytes, uncompressed
+    (it writes no file in a dry run), so data that compresses well projects high."""
+    size = layer_size_below(manifest, meta.below_lsn)
+    if meta.request is None or not meta.request.dry_run or proposal is None or merged is None:
+        return size
+    removed = sum(manifest.layers[name].size for name in proposal.removed if name in manifest.layers)
+    return size - removed + merged.image_produced.size + merged.wal_produced.size
 
 
 def _write_stats(storage: Storage, meta: MetaJobRecord) -> str | None:
@@ -656,7 +672,8 @@ def run_inline(storage: Storage, request: CompactRequest, settings: Settings) ->
     after = storage.manifest(request.tenant_id, request.timeline_id)
     meta.l2_lsn = after.gc_compaction.last_completed_lsn if meta.state == JobState.SUCCEEDED else None
     if below:
-        stats.after_compaction_layer_size = layer_size_below(after, below)
+        proposal = outcome.proposal if meta.state == JobState.SUCCEEDED else None
+        stats.after_compaction_layer_size = after_compaction_size(after, meta, proposal, meta.compaction_statistics)
     stats.finalize()
     meta.statistics = stats
     meta.stats_object = _write_stats(storage, meta)

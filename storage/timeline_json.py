@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from storage.errors import InvalidInput
 from storage.ids import HexId
@@ -33,7 +33,19 @@ def _b64(value: Any) -> bytes:
         raise ValueError("not valid base64") from None
 
 
-Base64Bytes = Annotated[bytes, BeforeValidator(_b64)]
+Base64Bytes = Annotated[
+    bytes, BeforeValidator(_b64), WithJsonSchema({"type": "string", "contentEncoding": "base64"})
+]
+# What the validators check, said in the published schema (docs/timeline-format.md) too.
+Key = Annotated[KeyHex, WithJsonSchema({"type": "string", "pattern": "^[0-9A-Fa-f]{36}$"})]
+Id = Annotated[HexId, WithJsonSchema({"type": "string", "pattern": "^[0-9a-f]{32}$"})]
+_WAL_RECORD: dict[str, Any] = {
+    "type": "object",
+    "description": "a WAL record; op names a registered redo op, which defines the other fields "
+    "(op test: append, base64; clear; will_init; only_if, base64 or null)",
+    "properties": {"op": {"type": "string"}},
+    "required": ["op"],
+}
 
 
 class _Model(BaseModel):
@@ -41,38 +53,46 @@ class _Model(BaseModel):
 
 
 class ImageValueJson(_Model):
-    key: KeyHex
+    key: Key
     image: Base64Bytes
 
 
 class DeltaValueJson(_Model):
-    key: KeyHex
+    """One version: exactly one of image and wal."""
+
+    key: Key
     lsn: Lsn
     image: Base64Bytes | None = None
-    wal: dict[str, Any] | None = None
+    wal: Annotated[dict[str, Any], WithJsonSchema(_WAL_RECORD)] | None = None
 
 
 class ImageLayerJson(_Model):
+    """An image layer at one LSN: covers keys [key_range[0], key_range[1])."""
+
     kind: Literal["image"]
-    key_range: tuple[KeyHex, KeyHex]
+    key_range: tuple[Key, Key]
     lsn: Lsn
     values: list[ImageValueJson]
 
 
 class DeltaLayerJson(_Model):
+    """A delta layer: keys [key_range[0], key_range[1]), LSNs [lsn_range[0], lsn_range[1])."""
+
     kind: Literal["delta"]
-    key_range: tuple[KeyHex, KeyHex]
+    key_range: tuple[Key, Key]
     lsn_range: tuple[Lsn, Lsn]
     values: list[DeltaValueJson]
 
 
 class TimelineJson(_Model):
+    """A timeline in the compactor.timeline/v1 format (docs/timeline-format.md)."""
+
     format: Literal["compactor.timeline/v1"]
-    tenant_id: HexId
-    timeline_id: HexId
+    tenant_id: Id
+    timeline_id: Id
     ancestor: Ancestor | None = None
     gc: GcInfo = Field(default_factory=GcInfo)
-    keyspace: list[tuple[KeyHex, KeyHex]] | None = None
+    keyspace: list[tuple[Key, Key]] | None = None
     settings: TimelineSettings = Field(default_factory=TimelineSettings)
     layers: list[Annotated[ImageLayerJson | DeltaLayerJson, Field(discriminator="kind")]]
 

@@ -392,16 +392,19 @@ def test_cli_compact_wait_jobs_and_show(stack: Any, storage: Storage, records: A
     tl = import_timeline(storage, tid, bands=4)
     result = cli(stack, "compact", TENANT, tid, "--max-job-size", "4KiB", "--wait", "--timeout", "60")
     assert result.returncode == 0, result.stderr
-    job_id, status_line = result.stdout.strip().splitlines()
-    status = json.loads(status_line)
-    assert status["job_id"] == job_id and status["state"] == "succeeded"
+    status = json.loads(result.stdout)  # the final status alone, ready for jq
+    job_id = status["job_id"]
+    assert status["state"] == "succeeded"
+    # Not a terminal: progress as whole lines on stderr, the last one the end state.
+    progress = [line for line in result.stderr.splitlines() if line.startswith(f"job {job_id[:8]} ")]
+    assert progress and progress[-1].startswith(f"job {job_id[:8]} succeeded: sub-jobs ")
     assert status["statistics"]["succeeded_sub_compaction_jobs"] == len(status["sub_jobs"]) >= 2
     assert_reads_exact(storage, {tid: tl}, tid)
 
     listing = cli(stack, "jobs", "--json")
     assert listing.returncode == 0, listing.stderr
     assert job_id in {job["job_id"] for job in json.loads(listing.stdout)["jobs"]}
-    show = cli(stack, "job", "show", job_id)
+    show = cli(stack, "job", "show", job_id[:8])
     assert show.returncode == 0 and json.loads(show.stdout)["state"] == "succeeded"
 
     missing = cli(stack, "job", "show", "0" * 32)

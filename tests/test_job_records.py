@@ -5,6 +5,7 @@ in one process (real S3 endpoint, messages dispatched by hand) for the exact rea
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -490,12 +491,9 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "task-api.md"
 
 
 def test_documented_schemas_are_the_generated_ones() -> None:
-    text = DOC.read_text()
-    documented = {
-        name: json.loads(body)
-        for name, body in re.findall(r"<!-- schema: (\w+) -->\s*```json\n(.*?)\n```", text, flags=re.DOTALL)
-    }
-    assert documented == payload_schemas(), "regenerate with: python -m coordinator.job_records"
+    from coordinator.schema_docs import documented
+
+    assert documented(DOC.read_text()) == payload_schemas(), "regenerate with: python -m coordinator.schema_docs"
 
 
 def test_documented_task_names_are_registered() -> None:
@@ -599,3 +597,136 @@ def test_auto_trigger_skips_in_flight_and_broken_timelines(flow: tasks.Context) 
         flow.records.record_outcome(failed, failures_to_open=flow.settings.breaker_failures, cooldown_s=3600)
     report = scheduler.tick()
     assert "circuit breaker open" in report.skipped[f"{TENANT}/{TL}"]
+
+
+def test_cli_usage_errors_and_version_are_one_line() -> None:
+    from click.testing import CliRunner
+
+    from coordinator.cli import main
+
+    runner = CliRunner()
+    for args in (
+        ["compact"],
+        ["bogus"],
+        ["timeline", "read", TENANT],
+        ["jobs", "--bogus"],
+        ["compact", "a", "b", "--max-job-size", "4XB"],
+    ):
+        result = runner.invoke(main, args, prog_name="compactor")
+        assert result.exit_code == 2, (args, result.output)
+        assert result.stdout == "" and len(result.stderr.splitlines()) == 1, (args, result.stderr)
+        assert result.stderr.startswith("error: ") and "--help" in result.stderr
+    result = runner.invoke(main, ["--version"], prog_name="compactor")
+    assert result.exit_code == 0 and result.stdout.startswith("compactor, version ")
+
+
+def test_cli_compact_leaves_the_sub_job_size_to_the_setting(flow: tasks.Context) -> None:
+    from click.testing import CliRunner
+
+    from coordinator.cli import main
+
+    flow.storage.import_timeline(json.dumps(banded_timeline(TL, bands=4).to_json()))
+    env = _cli_env(flow.settings) | {"COMPACTOR_MAX_JOB_BYTES": "12345"}
+    runner = CliRunner()
+    default = runner.invoke(main, ["compact", TENANT, TL], env=env)
+    given = runner.invoke(main, ["compact", TENANT, TL, "--max-job-size", "4KiB"], env=env)
+    assert default.exit_code == 0 and given.exit_code == 0, default.output + given.output
+    sent = flow.records.require_meta(default.stdout.strip())
+    assert sent.request is not None and sent.request.max_job_bytes is None, "the planner's setting decides"
+    planned = meta_jobs.plan(
+        flow.storage, flow.records, Published(), sent.id, flow.settings.model_copy(update={"max_job_bytes": 12345})
+    )
+    assert planned.max_job_bytes == 12345
+    explicit = flow.records.require_meta(given.stdout.strip())
+    assert explicit.request is not None and explicit.request.max_job_bytes == 4096
+
+
+def test_cli_job_ids_by_unique_prefix(flow: tasks.Context) -> None:
+    from click.testing import CliRunner
+
+    from coordinator.cli import main
+
+    for job_id in ("abcd1234" + "0" * 24, "abcd1234" + "1" * 24, "abcd5678" + "0" * 24):
+        meta_jobs.create_meta_job(flow.records, CompactRequest(tenant_id=TENANT, timeline_id=TL, job_id=job_id))
+    runner = CliRunner()
+    env = _cli_env(flow.settings)
+    shown = runner.invoke(main, ["job", "show", "abcd5678"], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["job_id"] == "abcd5678" + "0" * 24
+    for args, error in (
+        (["job", "show", "abcd1234"], "error: job id prefix abcd1234 is ambiguous: 2 jobs start with it"),
+        (["job", "cancel", "abcd1234"], "error: job id prefix abcd1234 is ambiguous: 2 jobs start with it"),
+        (["job", "show", "ffff"], "error: no job id starts with ffff"),
+        (["job", "show", "abcd*"], "error: invalid job id 'abcd*': expected up to 32 lowercase hex characters"),
+        (
+            ["job", "show", "abcd5678\n"],
+            "error: invalid job id 'abcd5678\\n': expected up to 32 lowercase hex characters",
+        ),
+    ):
+        result = runner.invoke(main, args, env=env)
+        assert result.exit_code == 1 and result.stderr.splitlines() == [error], (args, result.output)
+    cancelled = runner.invoke(main, ["job", "cancel", "abcd12341"], env=env)
+    assert cancelled.exit_code == 0, cancelled.output
+    assert json.loads(cancelled.stdout)["job_id"] == "abcd1234" + "1" * 24
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly(flow: tasks.Context) -> None:
+    import subprocess
+    import sys
+
+    for n in range(3):
+        meta_jobs.create_meta_job(flow.records, CompactRequest(tenant_id=TENANT, timeline_id=TL, job_id=f"{n:032x}"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPACTOR_")} | _cli_env(flow.settings)
+    # The reader is gone before the command writes a byte, as `compactor jobs | head -1` often is.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coordinator.cli", "jobs"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and stderr == ""
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_watching_a_job_shows_progress_on_stderr(records: JobRecords, terminal: bool) -> None:
+    import io
+
+    from rich.console import Console
+
+    from coordinator.cli_jobs import watch_job
+
+    meta = make_meta(records, 2)
+    records.update_meta(meta.id, lambda m: m.model_copy(update={"state": JobState.SUCCEEDED}))
+    out = io.StringIO()
+    final = watch_job(records, meta.id, Console(file=out, force_terminal=terminal, width=200))
+    assert final.state == JobState.SUCCEEDED
+    text = out.getvalue()
+    if terminal:
+        assert "━" in text and "0/2" in text, "a progress bar"
+    else:
+        assert (
+            text
+            == f"job {meta.id[:8]} succeeded: sub-jobs 0/2 done, 0 running, 0.0 MB of values merged (0.0 MB/s), 0.0s\n"
+        )
+
+
+def test_dry_run_reports_the_projected_size_after(flow: tasks.Context) -> None:
+    from click.testing import CliRunner
+
+    from coordinator.cli import main
+
+    flow.storage.import_timeline(json.dumps(banded_timeline(TL).to_json()))
+    before = flow.storage.manifest(TENANT, TL)
+    total = sum(e.size for e in before.layers.values())
+    dry = submit(flow, {"tenant_id": TENANT, "timeline_id": TL, "max_job_bytes": total // 8, "dry_run": True})
+    projected = flow.records.require_meta(dry["job_id"]).statistics
+    assert projected is not None and projected.before_compaction_layer_size == total
+    assert flow.storage.manifest(TENANT, TL).number == before.number, "a dry run changes nothing"
+    env = _cli_env(flow.settings)
+    args = ["compact", TENANT, TL, "--max-job-size", str(total // 8), "--inline"]
+    inline_dry = json.loads(CliRunner().invoke(main, [*args, "--dry-run"], env=env).stdout)["statistics"]
+    assert inline_dry["after_compaction_layer_size"] == projected.after_compaction_layer_size
+    real = json.loads(CliRunner().invoke(main, args, env=env).stdout)["statistics"]
+    # The projection is of the size after, not the input size again: close to what the job did.
+    assert projected.after_compaction_layer_size < 0.8 * total
+    assert projected.retention_ratio == pytest.approx(real["retention_ratio"], rel=0.4)

@@ -193,6 +193,13 @@ def test_cli_end_to_end(s3_settings: Settings, tmp_path: Path) -> None:
     res = runner.invoke(main, ["timeline", "read", TENANT, PARENT, "--lsn", "0/28"], env=env)
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout) == {"0" * 35 + "1": "dmFsdWVAMHgyOA==", "0" * 35 + "3": "dGhyZWU="}
+    assert res.stderr.splitlines() == [
+        "warning: LSN 0x28 is below the gc horizon 0x30 and is neither a retain LSN nor a lease; "
+        "history below the horizon may be gone"
+    ]
+    for lsn in ("0x20", "0x30", "0x40"):  # a retain LSN, the horizon, above it: reads there are kept
+        res = runner.invoke(main, ["timeline", "read", TENANT, PARENT, "--lsn", lsn], env=env)
+        assert res.exit_code == 0 and res.stderr == "", (lsn, res.stderr)
     res = runner.invoke(main, ["timeline", "read", TENANT, PARENT, "--lsn", "40", "--key", "0" * 35 + "3"], env=env)
     assert json.loads(res.stdout) == {"0" * 35 + "3": "dGhyZWU="}
     res = runner.invoke(main, ["timeline", "layers", TENANT, PARENT, "--json"], env=env)
@@ -203,6 +210,8 @@ def test_cli_end_to_end(s3_settings: Settings, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     res = runner.invoke(main, ["timeline", "export", TENANT, PARENT], env=env)
     assert json.loads(res.stdout)["gc"] == {"cutoff": 64, "retain_lsns": [16, 32], "leases": [20]}
+    res = runner.invoke(main, ["timeline", "read", TENANT, PARENT, "--lsn", "20"], env=env)
+    assert res.exit_code == 0 and res.stderr == "", "a lease is kept"
     # one-line errors
     for args in (["timeline", "read", "bad", PARENT, "--lsn", "1"], ["timeline", "export", TENANT, CHILD]):
         res = runner.invoke(main, args, env=env)
@@ -225,3 +234,20 @@ def test_layer_cache_stays_within_its_size_limit(s3_endpoint: str, tmp_path: Pat
     assert len(cached) == 1, "only the most recent layer is kept over the limit"
     # evicted layers come back on demand, verified
     assert {key_to_int(k): v for k, v in small.read(manifest, 48)} == expected
+
+
+def test_timeline_format_doc_is_current_and_its_example_imports(s3_settings: Settings) -> None:
+    from coordinator.schema_docs import DOCS, DOCS_DIR, documented, generated
+
+    text = (DOCS_DIR / "timeline-format.md").read_text()
+    assert documented(text) == generated(DOCS["timeline-format.md"]), "regenerate: python -m coordinator.schema_docs"
+    example = text.split("<!-- example -->\n```json\n", 1)[1].split("\n```", 1)[0]
+    storage = Storage(s3_settings)
+    storage.objects.ensure_bucket()
+    manifest = storage.import_timeline(example)
+    exported = storage.export_timeline(manifest.tenant_id, manifest.timeline_id)
+    doc = json.loads(example)
+    assert {k: exported[k] for k in ("format", "tenant_id", "timeline_id", "ancestor", "gc", "keyspace")} == {
+        k: doc[k] for k in ("format", "tenant_id", "timeline_id", "ancestor", "gc", "keyspace")
+    }
+    assert [layer["values"] for layer in exported["layers"]] == [layer["values"] for layer in doc["layers"]]

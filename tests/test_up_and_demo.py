@@ -79,17 +79,27 @@ def test_up_writes_env_serves_and_stops_everything(tmp_path: Path) -> None:
 
 
 def test_demo_runs_end_to_end_and_leaves_nothing(tmp_path: Path) -> None:
-    out_dir = tmp_path / "pictures"
     work = tmp_path / "work"
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPACTOR_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    (tmp_path / "compactor-demo").mkdir()  # an earlier demo's pictures stay as they are
     res = subprocess.run(
-        cli("demo", "--size", "24MiB", "--max-job-size", "4MiB", "--out", str(out_dir), "--dir", str(work), "--json"),
-        env=env, capture_output=True, text=True, timeout=600,
+        cli("demo", "--size", "24MiB", "--max-job-size", "4MiB", "--dir", str(work), "--json"),
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout)
     assert summary["sub_jobs"] >= 2 and summary["keys_verified"] > 0
     assert summary["layers_after"] <= summary["layers_before"]
+    out_dir = tmp_path / "compactor-demo-2"
     assert (out_dir / "before.svg").read_text().startswith("<svg")
     assert (out_dir / "after.svg").read_text().startswith("<svg")
+    assert not list(tmp_path.glob("*.svg")) and not list((tmp_path / "compactor-demo").iterdir())
+    # stderr is not a terminal: progress comes as whole lines, and the summary starts on its own.
+    lines = res.stderr.splitlines()
+    progress = [line for line in lines if line.startswith(f"job {summary['job_id'][:8]} ")]
+    assert progress and progress[-1].startswith(f"job {summary['job_id'][:8]} succeeded: sub-jobs ")
+    assert all("MB of values merged" in line for line in progress)
+    assert any(line.strip() == "gc-compaction summary" for line in lines), res.stderr[-2000:]
+    assert any("MB/s of input layers" in line for line in lines)
     assert processes_in(work) == [], "the demo left processes behind"
