@@ -61,6 +61,8 @@ def test_exporter_serves_every_defined_metric_after_the_helpers(port: int) -> No
     commits.race_lost("t", "tl", 8)
     metrics.replanned()
     store.retry("put", "put")
+    store.request("put", 10)
+    store.request("put", 0)
     store.download(1.5, 76)
     after = scrape(port)
 
@@ -83,6 +85,7 @@ def test_exporter_serves_every_defined_metric_after_the_helpers(port: int) -> No
     assert delta("compactor_commit_races_lost_total") == 2
     assert delta("compactor_replans_total") == 1
     assert delta("compactor_s3_retries_total", operation="put") == 1
+    assert delta("compactor_s3_requests_total", kind="put") == 2
     assert delta("compactor_layer_download_seconds_count") == 1
     assert delta("compactor_layer_download_seconds_sum") == pytest.approx(1.5)
 
@@ -99,6 +102,7 @@ def test_exporter_serves_every_defined_metric_after_the_helpers(port: int) -> No
         "compactor_commit_races_lost_total",
         "compactor_replans_total",
         "compactor_s3_retries_total",
+        "compactor_s3_requests_total",
         "compactor_layer_download_seconds_bucket",
     }
     assert required <= exposed, sorted(required - exposed)

@@ -28,6 +28,7 @@ Exposed names (what the dashboard and alerts query):
 ``compactor_commit_conflicts_total``        counter    commits aborted on a real conflict
 ``compactor_commit_races_lost_total``       counter    create-only manifest writes lost to a racer
 ``compactor_replans_total``                 counter    jobs sent back to be planned again
+``compactor_s3_requests_total{kind}``       counter    S3 requests sent, by kind (get, put, part, ...)
 ``compactor_s3_retries_total{operation}``   counter    S3 requests retried, by kind (get, put, ...)
 ``compactor_layer_download_seconds``        histogram  time to fetch one layer file
 ==========================================  =========  ===============================================
@@ -89,6 +90,7 @@ LOCK_CONTENDED: Counter
 COMMIT_CONFLICTS: Counter
 COMMIT_RACES_LOST: Counter
 REPLANS: Counter
+S3_REQUESTS: Counter
 S3_RETRIES: Counter
 LAYER_DOWNLOAD: Histogram
 
@@ -98,7 +100,7 @@ def _define(registry: CollectorRegistry | None) -> None:
     switches to multiprocess mode (:func:`export_pool_processes`): prometheus_client picks how
     a metric stores its value when the metric is built."""
     global JOBS, JOBS_IN_STATE, BYTES_READ, BYTES_WRITTEN, JOB_DURATION, LOCK_WAIT, LOCK_CONTENDED
-    global COMMIT_CONFLICTS, COMMIT_RACES_LOST, REPLANS, S3_RETRIES, LAYER_DOWNLOAD
+    global COMMIT_CONFLICTS, COMMIT_RACES_LOST, REPLANS, S3_REQUESTS, S3_RETRIES, LAYER_DOWNLOAD
     JOBS = Counter(
         "compactor_jobs_total",
         "Jobs that ended, by kind (e.g. meta, sub) and final state (e.g. succeeded, failed, aborted).",
@@ -147,6 +149,12 @@ def _define(registry: CollectorRegistry | None) -> None:
     )
     REPLANS = Counter(
         "compactor_replans_total", "Jobs sent back to the coordinator to be planned again.", registry=registry
+    )
+    S3_REQUESTS = Counter(
+        "compactor_s3_requests_total",
+        "Object-store requests sent, every attempt, by kind (get, put, part, multipart, list, delete, head).",
+        ["kind"],
+        registry=registry,
     )
     S3_RETRIES = Counter(
         "compactor_s3_retries_total",
@@ -233,7 +241,10 @@ def replanned() -> None:
 
 
 class StoreMetrics(StoreObserver):
-    """Object-store retries and layer downloads into the metrics (give it to ``Storage``)."""
+    """Object-store requests, retries and layer downloads into the metrics (give it to ``Storage``)."""
+
+    def request(self, kind: RequestKind, payload_bytes: int) -> None:
+        S3_REQUESTS.labels(kind=kind).inc()
 
     def retry(self, kind: RequestKind, operation: str) -> None:
         S3_RETRIES.labels(operation=kind).inc()
