@@ -297,7 +297,7 @@ class ObjectStore:
         return StoreError(self._redact(f"s3 {op} {self._where(key)} failed{tries}: {_describe(err)}"))
 
     def _before_retry(self, op: str, kind: RequestKind, key: str) -> Callable[[RetryCallState], None]:
-        def log(state: RetryCallState) -> None:
+        def report(state: RetryCallState) -> None:
             self.observer.retry(kind, op)
             err = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0.0
@@ -313,7 +313,7 @@ class ObjectStore:
                 extra={"s3_op": op, "s3_bucket": self._bucket, "s3_key": key, "s3_attempt": state.attempt_number},
             )
 
-        return log
+        return report
 
     def _call(
         self, op: str, kind: RequestKind, key: str, fn: Callable[[], T], payload: Callable[[T], int] = _no_payload
