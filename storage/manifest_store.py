@@ -49,8 +49,31 @@ def _validation_summary(err: ValidationError) -> str:
     return " ".join(f"{loc}: {first.get('msg', 'invalid')}{more}".split())
 
 
+class CommitObserver:
+    """What :meth:`ManifestStore.commit` reports; every method does nothing here, so an
+    observer overrides only what it needs (the worker counts them in its metrics). Methods
+    must be quick and must not raise."""
+
+    def race_lost(self, tenant: str, timeline: str, number: int) -> None:
+        """Another writer created manifest ``number`` first (or it fell below the boundary);
+        the commit re-reads and tries again."""
+
+    def conflict(self, tenant: str, timeline: str, reason: str) -> None:
+        """The update function refused the newest manifest (it raised ManifestConflict): the
+        commit is abandoned."""
+
+
 class ManifestStore:
-    def __init__(self, store: ObjectStore, *, race_backoff_s: float = 0.02, race_backoff_max_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        race_backoff_s: float = 0.02,
+        race_backoff_max_s: float = 1.0,
+        observer: CommitObserver | None = None,
+    ) -> None:
+        self.observer = observer or CommitObserver()
+        """Told of lost races and conflicts in :meth:`commit`; may be replaced at any time."""
         self._store = store
         self._race_backoff_s = race_backoff_s
         self._race_backoff_max_s = race_backoff_max_s
@@ -236,7 +259,11 @@ class ManifestStore:
             current = self.latest(tenant, timeline)
             if current is None:
                 raise NotFound(f"timeline {tenant}/{timeline} has no manifest")
-            successor = update(current)
+            try:
+                successor = update(current)
+            except ManifestConflict as err:
+                self.observer.conflict(tenant, timeline, str(err))
+                raise
             if successor is None:
                 return None
             expected = (tenant, timeline, current.number + 1)
@@ -252,6 +279,7 @@ class ManifestStore:
             except ManifestRaceLost as err:
                 lost += 1
                 self.races_lost += 1
+                self.observer.race_lost(tenant, timeline, successor.number)
                 logger.info("manifest race lost tenant=%s timeline=%s lost=%d: %s", tenant, timeline, lost, err)
                 if lost >= attempts:
                     raise ManifestConflict(f"commit to {tenant}/{timeline} gave up after {lost} lost races") from None

@@ -18,13 +18,14 @@ import os
 import re
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import boto3
 import botocore.exceptions as bexc
@@ -117,6 +118,36 @@ def _shared_session() -> boto3.session.Session:
     return _SESSION
 
 
+RequestKind = Literal["get", "put", "part", "multipart", "list", "delete", "head"]
+"""What an S3 request is, as S3 bills and throttles it: ``part`` is one uploaded part of a
+multipart upload, ``multipart`` its creation, completion or abort."""
+
+
+class StoreObserver:
+    """What an :class:`ObjectStore` reports while it works; every method does nothing here, so
+    an observer overrides only what it needs. storage/ knows nothing of metrics: a process
+    that exports them (the worker) sets one with its counters.
+
+    Methods run on the thread that made the call (multipart parts run on a pool): they must be
+    quick, thread-safe and must not raise.
+    """
+
+    def request(self, kind: RequestKind, payload_bytes: int) -> None:
+        """One request was sent; every attempt of a retried call is one. ``payload_bytes`` is
+        the object data it moved up or down: 0 for metadata requests and failed attempts."""
+
+    def retry(self, kind: RequestKind, operation: str) -> None:
+        """A call failed transiently and is about to be sent again."""
+
+    def download(self, seconds: float, size: int) -> None:
+        """:meth:`ObjectStore.download_file` put a verified file in place; ``seconds`` covers
+        every attempt."""
+
+
+def _no_payload(_result: object) -> int:
+    return 0
+
+
 class AlreadyExists(StoreError):
     """A create-only write found the object already there (HTTP 412, or 409 on a concurrent
     conditional write)."""
@@ -189,7 +220,10 @@ class ObjectStore:
         *,
         backoff_base_s: float = 0.25,
         backoff_max_s: float = 10.0,
+        observer: StoreObserver | None = None,
     ) -> None:
+        self.observer = observer or StoreObserver()
+        """Told of every request, retry and download; may be replaced at any time."""
         self._settings = settings
         self._bucket = settings.s3_bucket
         self._max_attempts = settings.s3_max_attempts
@@ -262,8 +296,9 @@ class ObjectStore:
         tries = f" after {attempts} attempt{'s' if attempts != 1 else ''}" if attempts else ""
         return StoreError(self._redact(f"s3 {op} {self._where(key)} failed{tries}: {_describe(err)}"))
 
-    def _log_retry(self, op: str, key: str) -> Callable[[RetryCallState], None]:
-        def log(state: RetryCallState) -> None:
+    def _before_retry(self, op: str, kind: RequestKind, key: str) -> Callable[[RetryCallState], None]:
+        def report(state: RetryCallState) -> None:
+            self.observer.retry(kind, op)
             err = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0.0
             logger.warning(
@@ -278,21 +313,35 @@ class ObjectStore:
                 extra={"s3_op": op, "s3_bucket": self._bucket, "s3_key": key, "s3_attempt": state.attempt_number},
             )
 
-        return log
+        return report
 
-    def _call(self, op: str, key: str, fn: Callable[[], T]) -> T:
-        """Run ``fn`` under the retry policy. Non-transient ``ClientError``s are re-raised as is
-        for the caller to map (404, 412, ...); everything else that is the store's fault becomes
-        a one-line StoreError. Our own errors and local OSErrors pass through."""
+    def _call(
+        self, op: str, kind: RequestKind, key: str, fn: Callable[[], T], payload: Callable[[T], int] = _no_payload
+    ) -> T:
+        """Run ``fn``, which sends one request of ``kind``, under the retry policy; ``payload``
+        tells the observer how much object data a successful attempt moved. Non-transient
+        ``ClientError``s are re-raised as is for the caller to map (404, 412, ...); everything
+        else that is the store's fault becomes a one-line StoreError. Our own errors and local
+        OSErrors pass through."""
+
+        def attempt() -> T:
+            try:
+                result = fn()
+            except BaseException:
+                self.observer.request(kind, 0)
+                raise
+            self.observer.request(kind, payload(result))
+            return result
+
         retrying = Retrying(
             stop=stop_after_attempt(self._max_attempts),
             wait=wait_random_exponential(multiplier=self._backoff_base_s, max=self._backoff_max_s),
             retry=retry_if_exception(is_transient),
-            before_sleep=self._log_retry(op, key),
+            before_sleep=self._before_retry(op, kind, key),
             reraise=True,
         )
         try:
-            return retrying(fn)
+            return retrying(attempt)
         except CompactorError:
             raise
         except bexc.ClientError as err:
@@ -316,7 +365,7 @@ class ObjectStore:
     def ensure_bucket(self) -> None:
         """Create the bucket unless it exists and is ours."""
         try:
-            self._call("head-bucket", "", lambda: self._client.head_bucket(Bucket=self._bucket))
+            self._call("head-bucket", "head", "", lambda: self._client.head_bucket(Bucket=self._bucket))
             return
         except bexc.ClientError as err:
             if _error_status(err) != 404 and _error_code(err) not in {"404", "NoSuchBucket", "NotFound"}:
@@ -327,6 +376,7 @@ class ObjectStore:
             if region and region != "us-east-1":
                 self._call(
                     "create-bucket",
+                    "put",
                     "",
                     lambda: self._client.create_bucket(
                         Bucket=self._bucket,
@@ -334,7 +384,7 @@ class ObjectStore:
                     ),
                 )
             else:
-                self._call("create-bucket", "", lambda: self._client.create_bucket(Bucket=self._bucket))
+                self._call("create-bucket", "put", "", lambda: self._client.create_bucket(Bucket=self._bucket))
             logger.info("s3 created bucket=%s", self._bucket)
         except bexc.ClientError as err:
             if _error_code(err) == "BucketAlreadyOwnedByYou":
@@ -345,7 +395,7 @@ class ObjectStore:
         """Raise a one-line error unless the bucket exists and answers: a start-up check for
         processes that need the store but never create the bucket (workers)."""
         try:
-            self._call("head-bucket", "", lambda: self._client.head_bucket(Bucket=self._bucket))
+            self._call("head-bucket", "head", "", lambda: self._client.head_bucket(Bucket=self._bucket))
         except bexc.ClientError as err:
             if _error_status(err) == 404 or _error_code(err) in {"404", "NoSuchBucket", "NotFound"}:
                 where = self._settings.s3_endpoint_url or "AWS"
@@ -413,7 +463,7 @@ class ObjectStore:
             self._client.put_object(**request)
 
         try:
-            self._call("put", key, put)
+            self._call("put", "put", key, put, lambda _: len(data))
         except bexc.ClientError as err:
             condition_failed = _is_precondition_failed(err) or (if_match is not None and _is_not_found(err))
             if not (conditional and condition_failed):
@@ -468,7 +518,7 @@ class ObjectStore:
                 )
 
         try:
-            self._call("put", key, put)
+            self._call("put", "put", key, put, lambda _: size)
         except bexc.ClientError as err:
             raise self._map_client_error("put", key, err) from err
 
@@ -484,6 +534,7 @@ class ObjectStore:
         try:
             upload_id = self._call(
                 "create-multipart",
+                "multipart",
                 key,
                 lambda: self._client.create_multipart_upload(Bucket=self._bucket, Key=key, Metadata=meta)["UploadId"],
             )
@@ -504,7 +555,8 @@ class ObjectStore:
                 Body=data,
                 ContentMD5=_b64_md5(data),
             )
-            return {"PartNumber": number, "ETag": self._call(f"upload-part {number}", key, upload_part)["ETag"]}
+            sent = self._call(f"upload-part {number}", "part", key, upload_part, lambda _: len(data))
+            return {"PartNumber": number, "ETag": sent["ETag"]}
 
         try:
             count = math.ceil(size / chunk)
@@ -537,7 +589,7 @@ class ObjectStore:
             )
 
         try:
-            self._call("complete-multipart", key, complete)
+            self._call("complete-multipart", "multipart", key, complete)
         except bexc.ClientError as err:
             # A retried complete whose first attempt landed finds the upload gone.
             if attempts > 1 and _error_code(err) == "NoSuchUpload":
@@ -549,6 +601,7 @@ class ObjectStore:
     def _abort_multipart(self, key: str, upload_id: str) -> None:
         # One attempt only: this runs while failing (maybe under a time limit). A leftover upload
         # is reclaimed by the bucket's AbortIncompleteMultipartUpload lifecycle rule.
+        self.observer.request("multipart", 0)
         try:
             self._client.abort_multipart_upload(Bucket=self._bucket, Key=key, UploadId=upload_id)
         except Exception as err:
@@ -581,7 +634,7 @@ class ObjectStore:
             return data, info
 
         try:
-            return self._call("get", key, get)
+            return self._call("get", "get", key, get, lambda result: result[1].size)
         except bexc.ClientError as err:
             raise self._map_client_error("get", key, err) from err
 
@@ -598,14 +651,14 @@ class ObjectStore:
                 return body.read()
 
         try:
-            return self._call("get-range", key, get)
+            return self._call("get-range", "get", key, get, len)
         except bexc.ClientError as err:
             raise self._map_client_error("get-range", key, err) from err
 
     def head(self, key: str) -> ObjectInfo | None:
         """The object's info, or None if it does not exist."""
         try:
-            resp = self._call("head", key, lambda: self._client.head_object(Bucket=self._bucket, Key=key))
+            resp = self._call("head", "head", key, lambda: self._client.head_object(Bucket=self._bucket, Key=key))
         except bexc.ClientError as err:
             if _is_not_found(err):
                 return None
@@ -635,8 +688,9 @@ class ObjectStore:
         """
         dest = Path(path)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
 
-        def download() -> str:
+        def download() -> tuple[str, int]:
             resp = self._client.get_object(Bucket=self._bucket, Key=key)
             body = resp["Body"]
             try:
@@ -662,7 +716,7 @@ class ObjectStore:
                             f"object {self._where(key)} has sha256 {hexdigest}, expected {expected_sha256}"
                         )
                     os.replace(tmp, dest)
-                    return hexdigest
+                    return hexdigest, received
                 except BaseException:
                     Path(tmp).unlink(missing_ok=True)
                     raise
@@ -670,9 +724,11 @@ class ObjectStore:
                 body.close()
 
         try:
-            return self._call("download", key, download)
+            hexdigest, size = self._call("download", "get", key, download, lambda result: result[1])
         except bexc.ClientError as err:
             raise self._map_client_error("download", key, err) from err
+        self.observer.download(time.perf_counter() - started, size)
+        return hexdigest
 
     # ------------------------------------------------------------------ listing
 
@@ -703,7 +759,7 @@ class ObjectStore:
         while True:
             prefix = request.get("Prefix", "")
             try:
-                page = self._call(op, prefix, functools.partial(self._client.list_objects_v2, **request))
+                page = self._call(op, "list", prefix, functools.partial(self._client.list_objects_v2, **request))
             except bexc.ClientError as err:
                 raise self._fail(op, prefix, err) from err
             yield page
@@ -717,7 +773,7 @@ class ObjectStore:
     def delete(self, key: str) -> None:
         """Delete ``key``; deleting a missing object is not an error."""
         try:
-            self._call("delete", key, lambda: self._client.delete_object(Bucket=self._bucket, Key=key))
+            self._call("delete", "delete", key, lambda: self._client.delete_object(Bucket=self._bucket, Key=key))
         except bexc.ClientError as err:
             if _is_not_found(err):
                 return
@@ -735,6 +791,7 @@ class ObjectStore:
             try:
                 resp = self._call(
                     "delete-many",
+                    "delete",
                     where,
                     lambda: self._client.delete_objects(
                         Bucket=self._bucket, Delete={"Objects": objects, "Quiet": True}

@@ -20,8 +20,8 @@ from storage.layer_file import LayerFileInfo, LayerWriter, RowGroup, footer_leng
 from storage.layer_name import LayerName
 from storage.layout import new_layer_key
 from storage.manifest import GcInfo, LayerEntry, Manifest
-from storage.manifest_store import ManifestStore
-from storage.object_store import ObjectStore
+from storage.manifest_store import CommitObserver, ManifestStore
+from storage.object_store import ObjectStore, StoreObserver
 from storage.read_path import read_range
 from storage.settings import Settings
 from storage.timeline_json import FORMAT, ParsedTimeline, parse_timeline, render_layer
@@ -36,10 +36,16 @@ _FOOTER_READ_BYTES = 64 * 1024
 class Storage:
     """Everything a process needs to work with timelines in one bucket."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store_observer: StoreObserver | None = None,
+        commit_observer: CommitObserver | None = None,
+    ) -> None:
         self.settings = settings
-        self.objects = ObjectStore(settings)
-        self.manifests = ManifestStore(self.objects)
+        self.objects = ObjectStore(settings, observer=store_observer)
+        self.manifests = ManifestStore(self.objects, observer=commit_observer)
         self.cache = LayerCache(self.objects, settings.cache_dir / "layers", settings.cache_max_bytes)
 
     # --- reading --------------------------------------------------------------------------

@@ -55,12 +55,15 @@ def test_exporter_serves_every_defined_metric_after_the_helpers(port: int) -> No
     metrics.set_jobs_in_state({"running": 3, "queued": 5})
     metrics.observe_lock_wait(0.2, contended=True)
     metrics.observe_lock_wait(0.0, contended=False)
-    metrics.commit_conflict()
-    metrics.commit_race_lost()
-    metrics.commit_race_lost()
+    commits, store = metrics.CommitMetrics(), metrics.StoreMetrics()
+    commits.conflict("t", "tl", "selected layer gone")
+    commits.race_lost("t", "tl", 7)
+    commits.race_lost("t", "tl", 8)
     metrics.replanned()
-    metrics.s3_retry("put")
-    metrics.observe_layer_download(1.5, size_bytes=76)
+    store.retry("put", "put")
+    store.request("put", 10)
+    store.request("put", 0)
+    store.download(1.5, 76)
     after = scrape(port)
 
     def delta(name: str, **labels: str) -> float:
@@ -74,7 +77,7 @@ def test_exporter_serves_every_defined_metric_after_the_helpers(port: int) -> No
     assert delta("compactor_job_duration_seconds_bucket", kind="sub", le="7200.0") == 2
     assert value(after, "compactor_jobs_in_state", state="running") == 3
     assert value(after, "compactor_jobs_in_state", state="queued") == 5
-    assert delta("compactor_bytes_read_total") == 1000 + 24 + 76
+    assert delta("compactor_bytes_read_total") == 1000 + 24, "downloads are not counted twice"
     assert delta("compactor_bytes_written_total") == 300
     assert delta("compactor_lock_wait_seconds_count") == 2
     assert delta("compactor_lock_contended_total") == 1
@@ -82,6 +85,7 @@ def test_exporter_serves_every_defined_metric_after_the_helpers(port: int) -> No
     assert delta("compactor_commit_races_lost_total") == 2
     assert delta("compactor_replans_total") == 1
     assert delta("compactor_s3_retries_total", operation="put") == 1
+    assert delta("compactor_s3_requests_total", kind="put") == 2
     assert delta("compactor_layer_download_seconds_count") == 1
     assert delta("compactor_layer_download_seconds_sum") == pytest.approx(1.5)
 
@@ -98,6 +102,7 @@ def test_exporter_serves_every_defined_metric_after_the_helpers(port: int) -> No
         "compactor_commit_races_lost_total",
         "compactor_replans_total",
         "compactor_s3_retries_total",
+        "compactor_s3_requests_total",
         "compactor_layer_download_seconds_bucket",
     }
     assert required <= exposed, sorted(required - exposed)
@@ -178,6 +183,55 @@ def test_serve_none_starts_nothing() -> None:
         "assert metrics.served_port() is None; assert threading.active_count() == 1"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+POOL_SCRIPT = """
+import os, pathlib, tempfile, time, urllib.request
+from worker import metrics
+
+# What a crashed worker that had this pid left behind.
+stale = pathlib.Path(tempfile.gettempdir()) / f"compactor-metrics-{os.getpid()}"
+stale.mkdir(exist_ok=True)
+(stale / "counter_1.db").write_bytes(b"stale")
+directory = metrics.export_pool_processes()
+assert directory == stale and not (stale / "counter_1.db").exists()
+metrics.serve(0, addr="127.0.0.1")
+
+children = []
+for state, running in (("succeeded", 5), ("failed", 1)):  # one after the other: 1 is newer
+    pid = os.fork()
+    if pid == 0:
+        metrics.observe_job("sub", state, 3.0)
+        metrics.set_jobs_in_state({"running": running})
+        os._exit(0)
+    os.waitpid(pid, 0)
+    children.append(pid)
+metrics.pool_process_exited(children[1])
+
+url = f"http://127.0.0.1:{metrics.served_port()}/metrics"
+print(urllib.request.urlopen(url, timeout=5).read().decode())
+metrics.stop_exporting_pool_processes()
+assert not directory.exists()
+"""
+
+
+def test_a_worker_exports_the_sum_of_its_pool_processes() -> None:
+    """Jobs run in forked pool processes while the worker's parent serves /metrics (prefork)."""
+    done = subprocess.run(
+        [sys.executable, "-c", POOL_SCRIPT], cwd=ROOT, check=True, timeout=60, capture_output=True, text=True
+    )
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(done.stdout)
+        for sample in family.samples
+    }
+    assert value(samples, "compactor_jobs_total", kind="sub", state="succeeded") == 1
+    assert value(samples, "compactor_jobs_total", kind="sub", state="failed") == 1
+    assert value(samples, "compactor_job_duration_seconds_count", kind="sub") == 2
+    assert value(samples, "compactor_job_duration_seconds_sum", kind="sub") == 6
+    # The newest value of a process that still runs: the second child's 1 went with it.
+    assert value(samples, "compactor_jobs_in_state", state="running") == 5
+    assert ("compactor_replans_total", ()) in samples, "families of the parent itself are exported too"
 
 
 # ------------------------------------------------------------------------ container healthcheck

@@ -24,12 +24,13 @@ import socket
 from typing import Any
 
 import kombu.entity
-from celery import Celery
+from celery import Celery, signals
 from celery.worker.consumer import Consumer as _CeleryConsumer
 
 from coordinator.job_records import celery_redis_url, one_line
 from coordinator.meta_jobs import QUEUE_GC, QUEUE_LIGHT, TASK_QUEUES
 from storage.settings import Settings
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,25 @@ def reset_connections() -> None:
     local = getattr(app, "_local", None)
     if local is not None and hasattr(local, "backend"):
         del local.backend
+
+
+def _collect_pool_metrics(**_: Any) -> None:
+    # In the worker's parent, before the pool forks: its children inherit the switch.
+    if current_settings().metrics_port is not None:
+        metrics.export_pool_processes()
+
+
+def _pool_process_exited(pid: int, **_: Any) -> None:
+    metrics.pool_process_exited(pid)
+
+
+def _stop_collecting_pool_metrics(**_: Any) -> None:
+    metrics.stop_exporting_pool_processes()
+
+
+signals.worker_init.connect(_collect_pool_metrics)
+signals.worker_process_shutdown.connect(_pool_process_exited)
+signals.worker_shutdown.connect(_stop_collecting_pool_metrics)
 
 
 def current_settings() -> Settings:

@@ -123,7 +123,9 @@ def context() -> Context:
             settings = current_settings()
             _context = Context(
                 settings=settings,
-                storage=Storage(settings),
+                storage=Storage(
+                    settings, store_observer=metrics.StoreMetrics(), commit_observer=metrics.CommitMetrics()
+                ),
                 records=JobRecords(connect(settings)),
                 publisher=CeleryPublisher(),
                 node_id=node_id(settings),
