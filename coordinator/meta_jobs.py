@@ -275,6 +275,7 @@ def _replan(
     stored = records.store_plan(meta.id, apply, subs, replan=True)
     if stored is None:
         return None
+    metrics.replanned()
     log.warning(
         "meta job re-planned after a conflict job=%s sub_jobs=%d manifest=%d replans=%d reason=%r",
         meta.id, len(subs), planned.manifest_number, stored.replans, reason,

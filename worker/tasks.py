@@ -59,7 +59,6 @@ from storage.layer_file import LayerFileInfo
 from storage.layer_name import LayerName
 from storage.manifest import LayerEntry, Manifest
 from storage.manifest_store import ManifestStore
-from storage.object_store import ObjectStore
 from storage.settings import Settings
 from storage.timeline import Storage
 from worker import metrics, runner
@@ -468,8 +467,8 @@ class _Faults:
 
 
 class _FaultyManifests(ManifestStore):
-    def __init__(self, store: ObjectStore, hit: Callable[[str], None]) -> None:
-        super().__init__(store)
+    def __init__(self, inner: ManifestStore, hit: Callable[[str], None]) -> None:
+        super().__init__(inner.store, observer=inner.observer)
         self._hit = hit
 
     def create(self, manifest: Manifest) -> None:
@@ -483,7 +482,7 @@ class _FaultyStorage(Storage):
     def __init__(self, inner: Storage, hit: Callable[[str], None]) -> None:
         # Shares the process's clients and layer cache; only the hooks differ.
         self.settings, self.objects, self.cache = inner.settings, inner.objects, inner.cache
-        self.manifests = _FaultyManifests(inner.objects, hit)
+        self.manifests = _FaultyManifests(inner.manifests, hit)
         self._hit = hit
 
     def fetch(self, entry: LayerEntry) -> None:
