@@ -268,9 +268,10 @@ def set_fault(fs: FaultStack, point: str, target: str, **value: Any) -> None:
 
 
 def wait_hit(fs: FaultStack, point: str, target: str, timeout_s: float = 30.0) -> dict[str, Any]:
-    """The marker an attempt leaves when it reaches ``point``: ``node``, ``pid``, ``attempt``
-    and ``sub_job``. ``target`` is a sub-job id, or a meta job id for any of its sub-jobs."""
-    pattern = f"compactor:fault-hit:{point}:{target}" + ("" if "." in target else ".*")
+    """The marker a job leaves when it reaches ``point``: ``node``, ``pid``, ``attempt`` and
+    ``sub_job`` (the sub-job id, or the meta job id for the commit points, which finalize
+    reaches). ``target`` is a sub-job id, or a meta job id for itself or any of its sub-jobs."""
+    pattern = f"compactor:fault-hit:{point}:{target}*"
 
     def hit() -> dict[str, Any] | None:
         for key in fs.records.r.scan_iter(match=pattern):
@@ -285,7 +286,8 @@ def wait_hit(fs: FaultStack, point: str, target: str, timeout_s: float = 30.0) -
 
 
 def commits_by(fs: FaultStack, tid: str) -> dict[str, list[str]]:
-    """Per writer (``sub-job <id>``, ``finalize <id>``), the attempts that wrote a manifest."""
+    """Per writer (``meta job <id>`` for a meta job's one commit), the manifests it wrote (the
+    attempt, for writers that name one)."""
     store = fs.direct.manifests
     newest = fs.direct.manifest(TENANT, tid)
     out: dict[str, list[str]] = {}

@@ -46,7 +46,7 @@ from tests.conftest import make_s3_settings
 from tests.test_distributed import assert_reads_exact, banded_timeline, manifests_written_by
 from tests.timelines import TENANT
 from worker import tasks
-from worker.jobs import CompactionJob
+from worker.jobs import CompactionJob, SubJobSpec
 
 TL = "aa" * 16
 TL2 = "bb" * 16
@@ -59,23 +59,27 @@ def records(redis_url: str) -> Iterator[JobRecords]:
     client.close()
 
 
-def make_meta(records: JobRecords, n_subs: int, chains: list[list[int]] | None = None) -> MetaJobRecord:
+def make_meta(records: JobRecords, n_subs: int) -> MetaJobRecord:
     request = CompactRequest(tenant_id=TENANT, timeline_id=TL)
     meta, created = meta_jobs.create_meta_job(records, request)
     assert created
-    chains = chains or [[i] for i in range(n_subs)]
-    plan = meta_jobs.Plan(
-        jobs=[CompactionJob(tenant_id=TENANT, timeline_id=TL, lsn_end=100) for _ in range(n_subs)],
-        chains=chains,
-        below_lsn=100,
-        before_size=0,
-        max_job_bytes=1,
-        skipped=None,
+    job = CompactionJob(tenant_id=TENANT, timeline_id=TL, lsn_end=100)
+    specs = [
+        SubJobSpec(
+            job=job,
+            manifest_number=0,
+            key_start=format_key(key_from_int(i * 10)),
+            key_end=format_key(key_from_int(i * 10 + 10)),
+        )
+        for i in range(n_subs)
+    ]
+    plan = meta_jobs.MetaPlan(
+        specs=specs, manifest_number=0, below_lsn=100, before_size=0, max_job_bytes=1, l2_lsn=None, skipped=None
     )
     subs = meta_jobs.sub_job_records(meta.id, plan)
 
     def apply(m: MetaJobRecord) -> MetaJobRecord:
-        m.state, m.planned_at, m.sub_jobs, m.chains = JobState.RUNNING, time.time(), [s.id for s in subs], chains
+        m.state, m.planned_at, m.sub_jobs = JobState.RUNNING, time.time(), [s.id for s in subs]
         return m
 
     stored = records.store_plan(meta.id, apply, subs)
@@ -240,8 +244,7 @@ def test_claim_rules(records: JobRecords) -> None:
 
 
 def test_finalize_claimed_once_never_early(records: JobRecords) -> None:
-    # Chains [0, 1] and [2]: 1 runs after 0.
-    meta = make_meta(records, 3, chains=[[0, 1], [2]])
+    meta = make_meta(records, 3)
     s0, s1, s2 = meta.sub_jobs
     published = Published()
 
@@ -251,14 +254,14 @@ def test_finalize_claimed_once_never_early(records: JobRecords) -> None:
         return records.finish(sid, r.attempt, r.owner.token, JobState.SUCCEEDED)
 
     ended0 = end(s0)
-    # Duplicated "ended" handling, concurrently: the next sub-job is enqueued (at most a
-    # harmless duplicate), finalize is not, since 1 and 2 have not ended.
+    # Duplicated "ended" handling, concurrently: nothing follows, since 1 and 2 have not ended
+    # (every sub-job was enqueued at planning: none waits on another).
     threads = [threading.Thread(target=meta_jobs.sub_job_ended, args=(records, published, ended0)) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert {kw["sub_job_id"] for kw in published.of(TASK_RUN)} == {s1}
+    assert published.of(TASK_RUN) == []
     assert published.of(TASK_FINALIZE) == []
 
     ended2 = end(s2)
@@ -279,7 +282,7 @@ def test_finalize_claimed_once_never_early(records: JobRecords) -> None:
 
 
 def test_cancel_waiting_and_running(records: JobRecords) -> None:
-    meta = make_meta(records, 3, chains=[[0, 1], [2]])
+    meta = make_meta(records, 3)
     s0, s1, s2 = meta.sub_jobs
     published = Published()
     _, running = claim(records, s0)
@@ -292,7 +295,6 @@ def test_cancel_waiting_and_running(records: JobRecords) -> None:
     ended = records.finish(s0, running.attempt, running.owner.token, JobState.CANCELLED)
     meta_jobs.sub_job_ended(records, published, ended)
     assert published.of(TASK_FINALIZE) == [{"job_id": meta.id}]
-    # A waiting sub-job cancelled here is not enqueued when its predecessor ends.
     assert published.of(TASK_RUN) == []
     records.update_meta(meta.id, lambda m: m.model_copy(update={"state": JobState.CANCELLED}))
     with pytest.raises(InvalidInput, match="already ended"):
@@ -403,11 +405,8 @@ def test_meta_job_in_process_is_exact_and_advances_l2(flow: tasks.Context) -> No
     flow.publisher.publish(TASK_FINALIZE, {"job_id": meta.id})
     flow.publisher.publish(TASK_PLAN, {"job_id": meta.id})
     drain(flow)
-    assert flow.storage.manifest(TENANT, TL).number == after.number
-    counts = manifests_written_by(flow.storage, TENANT, TL)
-    assert all(n == 1 for n in counts.values()) and sum(n for k, n in counts.items() if k.startswith("sub-job")) == len(
-        meta.sub_jobs
-    )
+    assert flow.storage.manifest(TENANT, TL).number == after.number == before.number + 1
+    assert manifests_written_by(flow.storage, TENANT, TL) == {f"meta job {meta.id}": 1}
 
 
 def test_failed_sub_job_fails_the_meta_job_without_l2(flow: tasks.Context) -> None:
@@ -415,14 +414,21 @@ def test_failed_sub_job_fails_the_meta_job_without_l2(flow: tasks.Context) -> No
     flow.storage.import_timeline(json.dumps(tl.to_json()))
     total = sum(e.size for e in flow.storage.manifest(TENANT, TL).layers.values())
     job_id = "e" * 32
-    flow.records.set_fault("fail_before_commit", sub_job_id(job_id, 1), {"message": "disk on fire", "once": True})
+    flow.records.set_fault("fail_in_merge", sub_job_id(job_id, 1), {"message": "disk on fire", "once": True})
+    before = flow.storage.manifest(TENANT, TL)
     result = submit(flow, {"tenant_id": TENANT, "timeline_id": TL, "max_job_bytes": total // 8, "job_id": job_id})
     meta = flow.records.require_meta(result["job_id"])
     assert meta.state == JobState.FAILED
     assert meta.error is not None and "sub-job 1: disk on fire" in meta.error and "\n" not in meta.error
-    assert flow.storage.manifest(TENANT, TL).gc_compaction.last_completed_lsn == 0, "L2 only when all succeeded"
+    subs = flow.records.get_subs(meta.sub_jobs)
+    assert sum(s.state == JobState.SUCCEEDED for s in subs) == len(subs) - 1
+    after = flow.storage.manifest(TENANT, TL)
+    assert after.number == before.number, "a failed meta job commits nothing, not even its good sub-jobs"
     assert flow.records.breaker(TENANT, TL).consecutive_failures == 1
-    assert_reads_exact(flow.storage, {TL: tl}, TL)  # the others committed, reads unchanged
+    # Every upload of the succeeded sub-jobs is deleted again.
+    in_bucket = {info.key for info in flow.storage.objects.list_keys(layout.layers_prefix(TENANT, TL))}
+    assert in_bucket == {e.object_key for e in after.layers.values()}
+    assert_reads_exact(flow.storage, {TL: tl}, TL)
 
 
 def test_invalid_payloads_end_in_one_line_errors(flow: tasks.Context) -> None:
@@ -536,7 +542,7 @@ def test_cli_compact_inline_runs_without_redis(flow: tasks.Context, tmp_path: Pa
     result = CliRunner().invoke(main, ["compact", TENANT, TL, "--max-job-size", "4KiB", "--inline"], env=env)
     assert result.exit_code == 0, result.output
     status = json.loads(result.stdout.strip().splitlines()[-1])
-    assert status["state"] == "succeeded" and len(status["sub_jobs"]) >= 2
+    assert status["state"] == "succeeded" and status["statistics"]["total_sub_compaction_jobs"] >= 2
     assert status["l2_lsn"] == 60 and status["statistics"]["retention_ratio"] > 0
     assert_reads_exact(flow.storage, {TL: tl}, TL)
 

@@ -11,7 +11,9 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from storage.keys import format_key, key_from_int
+from storage.keys import KEY_MAX, format_key, key_from_int, key_to_int
+
+KEY_MAX_INT = key_to_int(KEY_MAX)
 
 TENANT = "3aa8fcc61f6d357410b7de754b1d9001"
 PARENT = "11223344556677889900aabbccddeeff"
@@ -186,10 +188,11 @@ def values_for_key(draw: st.DrawFn, key: int, lsns: list[int], allow_incomplete:
 
 @st.composite
 def timeline_layers(
-    draw: st.DrawFn, *, n_keys: int, lsn_floor: int, allow_incomplete: bool, allow_images: bool = True
+    draw: st.DrawFn, *, n_keys: int, lsn_floor: int, allow_incomplete: bool, allow_images: bool = True, l0: bool = False
 ) -> list[Layer]:
     """Bands of delta layers (keys split at random points inside a band), some single-key
-    deltas, and image layers at LSNs between bands: always a valid layer map."""
+    deltas, and image layers at LSNs between bands: always a valid layer map. With ``l0``, a
+    band of one layer is sometimes an L0 (every key, ``[MIN, MAX)``), as a pageserver flushes."""
     layers: list[Layer] = []
     lsn = lsn_floor
     seen_keys: set[int] = set()
@@ -218,8 +221,10 @@ def timeline_layers(
                 seen_keys.add(key)
             if layer.values:
                 keys = sorted(layer.values)
-                # shrink to the keys actually present sometimes, as split writers do
-                if draw(st.booleans()):
+                if l0 and bounds == [0, n_keys] and draw(st.booleans()):
+                    layer.keys = (0, KEY_MAX_INT)
+                elif draw(st.booleans()):
+                    # shrink to the keys actually present sometimes, as split writers do
                     layer.keys = (keys[0], keys[-1] + 1)
                 layers.append(layer)
         lsn = band[1]
@@ -238,10 +243,14 @@ def timeline_layers(
 
 
 @st.composite
-def timelines(draw: st.DrawFn, *, branch: bool | None = None, allow_incomplete: bool = False) -> dict[str, Timeline]:
+def timelines(
+    draw: st.DrawFn, *, branch: bool | None = None, allow_incomplete: bool = False, l0: bool = False
+) -> dict[str, Timeline]:
     """A parent timeline and, sometimes, a child branched from it."""
     n_keys = draw(st.integers(2, 8))
-    parent = Timeline(PARENT, draw(timeline_layers(n_keys=n_keys, lsn_floor=0, allow_incomplete=allow_incomplete)))
+    parent = Timeline(
+        PARENT, draw(timeline_layers(n_keys=n_keys, lsn_floor=0, allow_incomplete=allow_incomplete, l0=l0))
+    )
     if draw(st.booleans()):
         a = draw(st.integers(0, n_keys - 1))
         parent.keyspace = [(a, draw(st.integers(a + 1, n_keys)))]

@@ -205,9 +205,12 @@ def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | Non
                 # Whatever happened: no download goes on behind the job's back.
                 downloads.close()
                 stats.time_download_layer_secs += downloads.waited
-            if not keys:
+            if not keys and plan.keys == plan.key_range:
                 # The seed fails here ("no keys produced"); a range with no live keys simply has
-                # nothing to compact, and rewriting around it would only churn layers.
+                # nothing to compact, and rewriting around it would only churn layers. One
+                # sub-job's slice without keys goes on, though: its neighbours remove the layers
+                # it shares with them, and the pieces of straddling deltas at its edge of the
+                # meta job's range are its to write.
                 log.info("gc-compaction found no live keys tenant=%s timeline=%s keys=%s",
                          job.tenant_id, job.timeline_id, plan.keys)  # fmt: skip
                 if images:
