@@ -333,7 +333,7 @@ def worker_command(
     Storage(settings).objects.check_bucket()
     from worker.celery_app import configure
 
-    app = configure(settings)
+    configure(settings)
     import worker.tasks  # noqa: F401  (registers the tasks)
 
     _exit_with_parent()
@@ -341,8 +341,13 @@ def worker_command(
 
     # Served by this (parent) process; see worker/metrics.py for the pools that export it all.
     metrics.serve(settings.metrics_port)
-    app.worker_main(
-        argv=[
+    from celery.bin.celery import celery as celery_main
+
+    # Celery's own command line on the app configured above: app.worker_main and app.start
+    # both drop the exit code Celery stops with, its main returns it.
+    code = celery_main.main(
+        args=[
+            "--app=worker.celery_app:app",
             "worker",
             f"--hostname={node}@{socket.gethostname()}",
             f"--queues={','.join(wanted)}",
@@ -351,8 +356,12 @@ def worker_command(
             f"--loglevel={loglevel or os.environ.get('COMPACTOR_LOG_LEVEL', 'WARNING')}",
             "--without-mingle",
             "--without-gossip",
-        ]
+        ],
+        standalone_mode=False,
     )
+    if code:
+        # A supervisor that restarts on failure only must see Celery giving up as one.
+        fail(f"the Celery worker stopped with exit code {code}; see its log above", code)
 
 
 @click.command("coordinator")
