@@ -74,7 +74,9 @@ def _exit_with_parent() -> None:
     is gone, so that a killed ``compactor up`` or test run leaves no worker behind."""
     import os
 
-    parent = os.environ.get("COMPACTOR_EMBEDDED_PARENT_PID")
+    from coordinator.embedded import PARENT_PID_VARIABLE
+
+    parent = os.environ.get(PARENT_PID_VARIABLE)
     if not parent or not parent.isdigit():
         return
     parent_pid = int(parent)
