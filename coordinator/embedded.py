@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -321,7 +320,17 @@ class EmbeddedStack:
 
     @staticmethod
     def hostname(node_id: str) -> str:
-        return f"{node_id}@{socket.gethostname()}"
+        """Celery's name for the gc worker of ``node_id``."""
+        from worker.celery_app import worker_hostname
+
+        return worker_hostname(node_id, ["gc"])
+
+    @staticmethod
+    def hostnames(node_id: str) -> list[str]:
+        """Celery's names for both workers of ``node_id``: gc, and light beside it."""
+        from worker.celery_app import worker_hostname
+
+        return [worker_hostname(node_id, ["gc"]), worker_hostname(node_id, ["light"])]
 
     def _metrics_port(self, offset: int) -> dict[str, str]:
         """The metrics port of the process ``offset`` above the configured one: processes on one
@@ -371,11 +380,11 @@ class EmbeddedStack:
 
         from worker.celery_app import app
 
-        pending = {self.hostname(n) for n in (node_ids if node_ids is not None else list(self.workers))}
+        pending = {h for n in (node_ids if node_ids is not None else list(self.workers)) for h in self.hostnames(n)}
         deadline = time.monotonic() + self.startup_timeout_s
         while pending:
             for node, proc in self.workers.items():
-                if self.hostname(node) in pending and not proc.alive():
+                if pending.intersection(self.hostnames(node)) and not proc.alive():
                     raise RuntimeError(f"worker {node} exited during startup; see {proc.log_path}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"workers not ready within {self.startup_timeout_s:.0f}s: {sorted(pending)}")

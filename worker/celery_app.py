@@ -137,6 +137,13 @@ def node_id(settings: Settings) -> str:
     return settings.node_id or socket.gethostname()
 
 
+def worker_hostname(node: str, queues: list[str]) -> str:
+    """Celery's name for a worker of ``node`` consuming ``queues``: the gc worker (one per node)
+    is named after the node, a worker for the light queue alone gets a suffix, so that both can
+    run on one machine."""
+    return f"{node}{'' if QUEUE_GC in queues else '.light'}@{socket.gethostname()}"
+
+
 class CeleryPublisher:
     """``coordinator.meta_jobs.Publisher`` over this app: every task to its own queue."""
 
