@@ -340,21 +340,20 @@ class EmbeddedStack:
             return {}
         return {"COMPACTOR_METRICS_PORT": str(base + offset if base else 0)}
 
+    def worker_args(self, node_id: str) -> list[str]:
+        """``compactor`` arguments of a node's worker: both queues, as docker-compose.yml and
+        deploy/k8s run them (gc with one slot, light beside it)."""
+        return [
+            *("worker", "--node-id", node_id, "--concurrency", str(self.concurrency), "--queues", "gc,light"),
+            *(["--loglevel", self.worker_loglevel] if self.worker_loglevel else []),
+        ]
+
     def start_worker(self, node_id: str, *, wait: bool = True) -> ManagedProcess:
         if node_id in self.workers and self.workers[node_id].alive():
             raise RuntimeError(f"worker {node_id} is running already")
         if node_id in self.workers:
             self._retired.append(self.workers.pop(node_id))
-        args = self._cli(
-            "worker",
-            "--node-id",
-            node_id,
-            "--concurrency",
-            str(self.concurrency),
-            "--queues",
-            "gc,light",
-            *(["--loglevel", self.worker_loglevel] if self.worker_loglevel else []),
-        )
+        args = self._cli(*self.worker_args(node_id))
         # A restarted worker keeps its port, so a scrape target stays the same node.
         offset = self._metrics_ports.setdefault(node_id, len(self._metrics_ports) + 1)
         self.workers[node_id] = self._spawn(

@@ -10,8 +10,9 @@ running twice live here, in the app every process shares (DESIGN.md, lessons lea
 - the broker's ``visibility_timeout`` exceeds the hard time limit, or Redis would hand a still
   running task to a second worker.
 
-Two queues: ``gc`` for sub-jobs (heavy, one per node at a time through the node lock) and
-``light`` for planning and finalize. Configuration is read lazily from the environment; a
+Two queues: ``gc`` for sub-jobs (heavy, one per node at a time: ``compactor worker`` consumes it
+with one slot, and the node lock guards it) and ``light`` for planning and finalize, consumed by
+a second Celery worker on the node (:func:`worker_hostname`). Configuration is read lazily from the environment; a
 process that has its own :class:`Settings` (``--env-file``) calls :func:`configure` first.
 """
 
