@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.test_distributed import STACK_ENV
+from tests.test_up_and_demo import parents
 
 pytestmark = pytest.mark.integration
 
@@ -125,21 +126,9 @@ def start_node(stack: Any, node: str, tmp_path: Path) -> subprocess.Popen[bytes]
     return proc
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 def light_worker_of(proc: subprocess.Popen[bytes]) -> int:
-    [light] = [p for p in children(proc.pid) if b"light" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    children = [pid for pid, parent in parents().items() if parent == proc.pid]
+    [light] = [pid for pid in children if b"light" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     return light
 
 

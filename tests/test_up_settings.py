@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_up_and_demo import cli, descendants
+from tests.test_up_and_demo import cli, descendants, parents, wait_env_file
 
 pytestmark = pytest.mark.integration
 
@@ -45,11 +45,6 @@ def cmdline_of(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
 
-def parent_of(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat[stat.rindex(")") + 2 :].split()[1])
-
-
 def serves_metrics(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
@@ -71,12 +66,7 @@ def test_up_hands_its_settings_to_workers_and_coordinator(tmp_path: Path) -> Non
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPACTOR_")} | given
     proc = subprocess.Popen(cli("up", "--dir", str(stack_dir), "--workers", "2"), env=env, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while not (stack_dir / "env").exists():
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            assert time.monotonic() < deadline, "DIR/env never appeared"
-            time.sleep(0.5)
-        written = dict(line.split("=", 1) for line in (stack_dir / "env").read_text().splitlines() if line)
+        written = wait_env_file(proc, stack_dir)
         assert written["COMPACTOR_HEARTBEAT_INTERVAL_S"] == "0.7" and written["COMPACTOR_MAX_ATTEMPTS"] == "5"
         assert written["COMPACTOR_REDIS_URL"].startswith("unix://"), written["COMPACTOR_REDIS_URL"]
 
@@ -84,13 +74,14 @@ def test_up_hands_its_settings_to_workers_and_coordinator(tmp_path: Path) -> Non
         commands = {
             pid: args[args.index("coordinator.cli") + 1] for pid, args in started.items() if "coordinator.cli" in args
         }
+        parent_of = parents()
         ports: dict[str, list[str | None]] = {}
         for pid, command in commands.items():
             environ = environ_of(pid)
             assert environ["COMPACTOR_HEARTBEAT_INTERVAL_S"] == "0.7", (command, pid)
             assert environ["COMPACTOR_MAX_ATTEMPTS"] == "5", (command, pid)
             assert environ["COMPACTOR_REDIS_URL"] == written["COMPACTOR_REDIS_URL"], (command, pid)
-            if parent_of(pid) == proc.pid:  # not the pool processes, which share their parent's port
+            if parent_of.get(pid) == proc.pid:  # not the pool processes, which share their parent's port
                 ports.setdefault(command, []).append(environ.get("COMPACTOR_METRICS_PORT"))
         print(f"\nmetrics ports of the processes `up` started: {ports}")
         assert ports["coordinator"] == [str(base)]
