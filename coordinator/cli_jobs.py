@@ -340,11 +340,11 @@ def _start_light_worker(
         *(["--env-file", str(env_file)] if env_file else []),
         *("worker", "--node-id", node, "--queues", "light", "--concurrency", str(concurrency), "--pool", pool),
         *(["--loglevel", loglevel] if loglevel else []),
-        "--no-metrics",  # this process exports on the metrics port
+        "--no-metrics",  # the gc worker exports on the node's metrics port
     ]
     light = _LightWorker(args, {**os.environ, PARENT_PID_VARIABLE: str(os.getpid())})
 
-    def forward(sig: str, how: str, **_: Any) -> None:
+    def forward(how: str, **_: Any) -> None:
         # SIGTERM, not the SIGINT a terminal may have sent both: a second SIGINT would turn
         # the light worker's warm shutdown into a cold one.
         light.stop(signal.SIGQUIT if how == "Cold" else signal.SIGTERM)
