@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import re
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import click
@@ -78,7 +80,6 @@ def _publisher(settings: Settings) -> Any:
 def _exit_with_parent() -> None:
     """Under the embedded stack, stop (SIGTERM to ourselves) once the process that started us
     is gone, so that a killed ``compactor up`` or test run leaves no worker behind."""
-    import os
 
     from coordinator.embedded import PARENT_PID_VARIABLE
 
@@ -422,7 +423,6 @@ class _LightWorker:
         threading.Thread(target=self._watch, name="light-worker-watch", daemon=True).start()
 
     def _watch(self) -> None:
-        import os
 
         code = self.proc.wait()
         if not self.stopping:
@@ -440,7 +440,6 @@ class _LightWorker:
 def _start_light_worker(
     ctx: click.Context, node: str, concurrency: int, pool: str, loglevel: str | None
 ) -> _LightWorker:
-    import os
     import sys
 
     from celery.signals import worker_shutting_down
@@ -503,7 +502,6 @@ def worker_command(
     no_metrics: bool,
 ) -> None:
     """Run this node's Celery workers: the gc queue with one slot, the light queue beside it."""
-    import os
 
     settings = settings_from(ctx)
     if node_id is not None:
@@ -534,6 +532,11 @@ def worker_command(
 
     # Served by this (parent) process; see worker/metrics.py for the pools that export it all.
     metrics.serve(None if no_metrics else settings.metrics_port)
+    shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if no_metrics and shared:
+        metrics.join_pool_processes(Path(shared))  # the node's gc worker serves what we count
+    elif settings.metrics_port is not None and not no_metrics:
+        metrics.export_pool_processes()  # before the light worker starts: it inherits the directory
     # One gc slot per node: a second pool process would take sub-jobs only to bounce them off
     # the node lock ("node busy"), holding their messages where a kill loses them.
     here = ["gc"] if "gc" in wanted else ["light"]

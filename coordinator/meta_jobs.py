@@ -46,7 +46,7 @@ from coordinator.job_records import (
     one_line,
     sub_job_id,
 )
-from coordinator.split import RowGroups, compact_below_lsn, slices
+from coordinator.split import RowGroups, compact_below_lsn, or_whole_layer, slices
 from storage import layout
 from storage.errors import CompactorError, InvalidInput, ManifestConflict
 from storage.keys import format_key
@@ -214,7 +214,7 @@ def _planned(meta: MetaJobRecord, planned: MetaPlan, subs: list[SubJobRecord], a
 def _plan_on_newest(storage: Storage, meta: MetaJobRecord, settings: Settings) -> MetaPlan:
     assert meta.request is not None  # only rejected payloads lack one, and they end at once
     manifest = storage.manifest(meta.tenant_id, meta.timeline_id)
-    return plan_meta_job(manifest, meta.request, settings.max_job_bytes, storage.row_groups)
+    return plan_meta_job(manifest, meta.request, settings.max_job_bytes, or_whole_layer(storage.row_groups))
 
 
 def plan(storage: Storage, records: JobRecords, publisher: Publisher, job_id: str, settings: Settings) -> MetaJobRecord:
@@ -659,7 +659,9 @@ def run_inline(storage: Storage, request: CompactRequest, settings: Settings) ->
                 storage,
                 job,
                 engine,
-                cut=(lambda plan: slices(plan, storage.row_groups, max_bytes)) if request.sub_compaction else None,
+                cut=(lambda plan: slices(plan, or_whole_layer(storage.row_groups), max_bytes))
+                if request.sub_compaction
+                else None,
                 max_replans=settings.max_replans,
                 written_by=f"inline {job_id}",
             )

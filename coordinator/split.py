@@ -9,10 +9,12 @@ when one lies within a quarter of a slice's bytes, so a meta job run again on it
 usually cuts at the same keys, writes the same layers, and changes nothing.
 """
 
+import logging
 from collections.abc import Callable
 from itertools import pairwise
 from math import ceil
 
+from storage.errors import CompactorError
 from storage.keys import KeyRange, key_from_int, key_to_int
 from storage.layer_file import RowGroup
 from storage.lsn import LSN_MAX
@@ -26,6 +28,24 @@ SNAP_FRACTION = 0.25
 
 RowGroups = Callable[[LayerEntry], list[RowGroup]]
 """The row-group index of a layer (``storage.timeline.Storage.row_groups``)."""
+
+log = logging.getLogger(__name__)
+
+
+def or_whole_layer(row_groups: RowGroups) -> RowGroups:
+    """``row_groups``, or one group over the whole layer when its footer cannot be read now.
+    The index only balances the slices: a flaky store or a damaged object must not fail the
+    plan (a damaged layer fails its sub-jobs, with the reason, when they read it)."""
+
+    def index(entry: LayerEntry) -> list[RowGroup]:
+        try:
+            return row_groups(entry)
+        except CompactorError as err:
+            log.warning("layer footer not read, its bytes spread evenly layer=%s error=%r", entry.name, str(err))
+            keys = entry.layer.key_range
+            return [RowGroup(keys.start, key_from_int(key_to_int(keys.end) - 1), 1, entry.size)]
+
+    return index
 
 
 def compact_below_lsn(manifest: Manifest, job: CompactionJob) -> int:

@@ -3,7 +3,8 @@ invalidated by a concurrent commit and lost a manifest race: every family the Gr
 plots must have moved (issue 13).
 
 The stack: the embedded Redis and moto server behind the fault proxy (``tests.faultproxy``), one
-``compactor worker`` with its default prefork pool of two processes, and a coordinator for the
+``compactor worker`` (its gc worker with a prefork pool, and the light worker beside it, both
+counting into the node's one exporter), and a coordinator for the
 job-record gauge; each exports ``/metrics`` on a port of its own. The test process commits to the
 timeline straight to moto, never through the proxy.
 """
@@ -11,6 +12,7 @@ timeline straight to moto, never through the proxy.
 from __future__ import annotations
 
 import json
+import random
 import re
 import socket
 import urllib.request
@@ -35,10 +37,20 @@ DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana-dashboard.
 HOLD_S = 4.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free ports, below the kernel's ephemeral range so that
+    the servers the stack starts on port 0 (moto, the proxy) cannot take one meanwhile."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rnd = random.Random()
+    while True:
+        base = rnd.randrange(10_000, low - count)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as sock:
+                    sock.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return base
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -66,13 +78,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FaultStack
     directory = tmp_path_factory.mktemp("metrics-prefork")
     holder: dict[str, Any] = {}
     proxy = FaultProxy(lambda: holder["stack"].s3.endpoint_url, seed=13).start()
-    worker_port, coordinator_port = free_port(), free_port()
+    # As the embedded stack numbers them: the coordinator on the base port, node k on base + k.
+    coordinator_port = free_ports(2)
+    worker_port = coordinator_port + 1
     env = {
         **STACK_ENV,
-        # The fault points wrap the worker's Storage in one without its observers.
         "COMPACTOR_FAULTS_ENABLED": "false",
         "COMPACTOR_S3_ENDPOINT_URL": proxy.url,
-        "COMPACTOR_METRICS_PORT": str(worker_port),
+        "COMPACTOR_METRICS_PORT": str(coordinator_port),
     }
     embedded = EmbeddedStack(directory, workers=1, concurrency=2, coordinator=False, env=env)
     holder["stack"] = embedded
@@ -105,16 +118,19 @@ def test_prefork_worker_exports_every_family_the_dashboard_plots(stack: tuple[Fa
     tid, tl = new_timeline(fs, bands=4)
     layers = f"/{tid}/layers/"
     retried = fs.proxy.add(Rule("error", method="GET", path=layers, status=503, code="SlowDown", times=1))
-    held = fs.proxy.add(Rule("slow", method="GET", path=layers, delay_s=HOLD_S, times=1))
     # S3's answer to a create-only write when another writer created that manifest first.
     raced = fs.proxy.add(
         Rule("error", method="PUT", path=f"/{tid}/manifests/", status=412, code="PreconditionFailed", times=1)
     )
-    # Two sub-jobs on one node: the second finds the node lock held while the first waits.
+    # The node lock still held by an attempt that died a moment ago: the first sub-job finds
+    # the node busy and goes back to the queue until the lock expires.
+    fs.records.r.set("compactor:node-lock:node-1", "a-killed-attempt", px=3000)
     job_id = submit(fs, tid, parts=2)
+    wait_for("planning", lambda: (m := fs.records.get_meta(job_id)) and m.sub_jobs, timeout_s=60)
+    held = fs.proxy.add(Rule("slow", method="GET", path=layers, delay_s=HOLD_S, times=1))
 
     wait_for("the held layer download", lambda: held.injected, timeout_s=60)
-    # A lease below the horizon: the running sub-job's proposal no longer applies.
+    # A lease below the horizon: the meta job's proposal no longer applies; it is planned again.
     fs.direct.set_gc(TENANT, tid, tl.cutoff, leases=[35])
 
     coordinator_seen: dict[str, float] = {}

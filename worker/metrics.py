@@ -267,6 +267,7 @@ class CommitMetrics(CommitObserver):
 # --- prefork pools ----------------------------------------------------------------------------------
 
 _multiprocess_dir: Path | None = None
+_owns_multiprocess_dir = False
 
 
 def export_pool_processes() -> Path:
@@ -278,18 +279,29 @@ def export_pool_processes() -> Path:
     everything a job counts would stay in a child. The directory is named after this process
     and emptied first, so counts of an earlier worker that had the same pid never come back.
     """
-    global _multiprocess_dir
+    global _owns_multiprocess_dir
+    if _multiprocess_dir is not None:
+        return _multiprocess_dir
     directory = Path(tempfile.gettempdir()) / f"compactor-metrics-{os.getpid()}"
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(mode=0o700)
     # prometheus_client reads the directory from the environment, in this process and its
     # children, and decides how values are stored when a metric is built: hence the rebuild.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    join_pool_processes(directory)
+    _owns_multiprocess_dir = True
+    log.info("metrics of pool processes collected in %s", directory)
+    return directory
+
+
+def join_pool_processes(directory: Path) -> None:
+    """Count this process's metrics, and its pool's, into another process's directory of
+    :func:`export_pool_processes`: the light-queue worker of a node, whose gc worker serves the
+    node's metrics (finalize, and so every meta-job counter, runs in the light worker)."""
+    global _multiprocess_dir
     values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
     _define(registry=None)
     _multiprocess_dir = directory
-    log.info("metrics of pool processes collected in %s", directory)
-    return directory
 
 
 def pool_process_exited(pid: int) -> None:
@@ -300,7 +312,7 @@ def pool_process_exited(pid: int) -> None:
 
 def stop_exporting_pool_processes() -> None:
     """Remove the directory of :func:`export_pool_processes` when the worker shuts down."""
-    if _multiprocess_dir is not None:
+    if _multiprocess_dir is not None and _owns_multiprocess_dir:
         shutil.rmtree(_multiprocess_dir, ignore_errors=True)
 
 
