@@ -37,6 +37,7 @@ from coordinator.job_records import (
     SubJobRecord,
     check_connectivity,
     connect,
+    most_at_once,
     one_line,
 )
 from storage.errors import CompactorError, InvalidInput, NotFound
@@ -211,6 +212,7 @@ class JobCounts:
     sub_jobs: int  # 0 until planned
     done: int
     running: int
+    most_at_once: int  # the most sub-jobs that have run at the same moment so far
     # Value bytes the sub-jobs' merges have read (uncompressed), not layer (file) bytes.
     values_merged: int
 
@@ -221,12 +223,16 @@ class JobCounts:
             len(subs),
             sum(1 for s in subs if s.state.ended),
             sum(1 for s in subs if s.state == JobState.RUNNING),
+            most_at_once(subs),
             sum(s.progress.bytes_in for s in subs),
         )
 
     def detail(self, elapsed: float) -> str:
         mb = self.values_merged / 1e6
-        return f"{self.running} running, {mb:.1f} MB of values merged ({mb / max(elapsed, 1e-6):.1f} MB/s)"
+        return (
+            f"{self.running} running (at most {self.most_at_once} at once), "
+            f"{mb:.1f} MB of values merged ({mb / max(elapsed, 1e-6):.1f} MB/s)"
+        )
 
 
 class _ProgressBar:

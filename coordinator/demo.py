@@ -18,7 +18,7 @@ from rich.table import Table
 from coordinator.cli_jobs import watch_job
 from coordinator.draw import Axes, layer_map_svg
 from coordinator.embedded import EmbeddedStack
-from coordinator.job_records import CompactRequest, JobRecords, JobState, connect
+from coordinator.job_records import CompactRequest, JobRecords, JobState, connect, most_at_once
 from coordinator.meta_jobs import TASK_PLAN, create_meta_job
 from coordinator.workload import child_timeline_id, generate, preset
 from storage.errors import CompactorError
@@ -126,6 +126,8 @@ def _demo(stack: EmbeddedStack, size_bytes: int, out_dir: Path, max_job_bytes: i
     summary = {
         "job_id": final.id,
         "sub_jobs": len(final.sub_jobs),
+        "most_sub_jobs_at_once": most_at_once(records.get_subs(final.sub_jobs)),
+        "workers": len(stack.workers),
         "layers_before": b.layers, "layers_after": a.layers,
         "deltas_before": b.deltas, "deltas_after": a.deltas,
         "images_before": b.images, "images_after": a.images,
@@ -152,6 +154,7 @@ def _summary_table(s: dict[str, Any]) -> Table:
     table.add_row("layer bytes", f"{s['bytes_before'] / 1e6:.1f} MB", f"{s['bytes_after'] / 1e6:.1f} MB")
     table.add_row("retention ratio", "", f"{s['retention_ratio']:.3f}")
     table.add_row("wall time", "", f"{s['wall_seconds']:.1f} s ({s['sub_jobs']} sub-jobs)")
+    table.add_row("sub-jobs at once", "", f"at most {s['most_sub_jobs_at_once']}, on {s['workers']} workers")
     table.add_row("throughput", "", f"{s['input_mb_per_s']:.1f} MB/s of input layers")
     table.add_row("verified", "", f"{s['keys_verified']} key reads at {len(s['verified_lsns'])} retained LSNs + child")
     return table

@@ -41,6 +41,7 @@ from coordinator.job_records import (
     MetaJobRecord,
     MetaStatistics,
     SubJobRecord,
+    most_at_once,
     new_job_id,
     now,
     one_line,
@@ -588,21 +589,6 @@ def cancel(records: JobRecords, publisher: Publisher, job_id: str) -> tuple[Meta
 
 
 # ----------------------------------------------------------------------------- status
-
-
-def most_at_once(subs: list[SubJobRecord]) -> int:
-    """The most sub-jobs that ran at the same moment, from their recorded attempt intervals."""
-    events = sorted(
-        (at, step)
-        for sub in subs
-        for attempt in sub.attempts
-        for at, step in ((attempt.started_at, 1), (attempt.ended_at or now(), -1))
-    )
-    running = most = 0
-    for _, step in events:  # at equal times an end (-1) sorts before a start
-        running += step
-        most = max(most, running)
-    return most
 
 
 def status(records: JobRecords, meta: MetaJobRecord) -> dict[str, Any]:

@@ -712,7 +712,8 @@ def test_watching_a_job_shows_progress_on_stderr(records: JobRecords, terminal: 
     else:
         assert (
             text
-            == f"job {meta.id[:8]} succeeded: sub-jobs 0/2 done, 0 running, 0.0 MB of values merged (0.0 MB/s), 0.0s\n"
+            == f"job {meta.id[:8]} succeeded: sub-jobs 0/2 done, 0 running (at most 0 at once), "
+            "0.0 MB of values merged (0.0 MB/s), 0.0s\n"
         )
 
 

@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 
-from coordinator.job_records import JobRecords, JobState, connect
-from coordinator.meta_jobs import most_at_once
+from coordinator.job_records import JobRecords, JobState, connect, most_at_once
 from storage.timeline import Storage
 from tests.test_distributed import (
     STACK_ENV,
