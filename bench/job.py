@@ -5,7 +5,7 @@
 Configuration comes from ``COMPACTOR_*`` variables, as for a worker. The local layer cache is
 ``WORKDIR/cache`` and starts empty (a cold cache). Prints one JSON object on stdout.
 
-``compact`` runs one inline sub-job over the whole timeline (``worker.runner.compact``: plan,
+``compact`` runs one inline sub-job over the whole timeline (``compactor.worker.runtime.runner.compact``: plan,
 download, compact, upload, commit). ``copy`` is the copy-through limit of the same selection:
 each selected layer is downloaded, decoded in full (``LayerReader.iter_batches``), encoded again
 (``LayerWriter.add_batch``, the same format and settings) and uploaded, with no merge; the copies
@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from storage.layer_file import LayerWriter
-from storage.settings import Settings
-from storage.timeline import Storage
-from worker.engine import EngineSettings
-from worker.jobs import CompactionJob
-from worker.plan import plan_job
-from worker.runner import compact
+from compactor.storage.layer_file import LayerWriter
+from compactor.storage.settings import Settings
+from compactor.storage.timeline import Storage
+from compactor.worker.engine.jobs import CompactionJob
+from compactor.worker.engine.plan import plan_job
+from compactor.worker.engine.run import EngineSettings
+from compactor.worker.runtime.runner import compact
 
 MIB = 1 << 20
 

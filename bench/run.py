@@ -1,12 +1,12 @@
 """The gc-compaction benchmark: ``python -m bench [options]`` (see ``docs/benchmarks.md``).
 
-Starts one moto S3 server on loopback (``coordinator.s3server``) and measures everything
+Starts one moto S3 server on loopback (``compactor.coordinator.local.s3server``) and measures everything
 against it:
 
 1. the store itself: PUT/GET MB/s of 64 MiB objects (``put_bytes``/``get_bytes``) and of
    layer-sized files (``upload_file``/``download_file``, as the worker moves layers);
-2. per workload (``coordinator.workload.WORKLOADS``): throughput of one sub-job on one worker
-   (``worker.runner.compact`` inline in a fresh process with a cold cache) in MB/s of input
+2. per workload (``compactor.coordinator.local.workload.WORKLOADS``): throughput of one sub-job on one worker
+   (``compactor.worker.runtime.runner.compact`` inline in a fresh process with a cold cache) in MB/s of input
    layer bytes, and the copy-through limit over the same layers (download, decode, encode,
    upload; no merge); their ratio is the headline;
 3. cost growth and peak RSS on workload ``pages`` at several input sizes (``--sizes``): wall
@@ -40,12 +40,12 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
-from coordinator.s3server import S3Server
-from coordinator.workload import WORKLOADS, WorkloadSpec, preset
-from coordinator.workload import generate as generate_workload
-from storage.manifest import Manifest
-from storage.settings import Settings
-from storage.timeline import Storage
+from compactor.coordinator.local.s3server import S3Server
+from compactor.coordinator.local.workload import WORKLOADS, WorkloadSpec, preset
+from compactor.coordinator.local.workload import generate as generate_workload
+from compactor.storage.manifest import Manifest
+from compactor.storage.settings import Settings
+from compactor.storage.timeline import Storage
 
 MB = 1_000_000
 MIB = 1 << 20
@@ -572,7 +572,7 @@ def main(argv: list[str] | None = None) -> None:
             "commit": git_commit(),
             "command": command.strip(),
             "machine": machine(),
-            "store": "moto server (coordinator.s3server) on loopback, one process",
+            "store": "moto server (compactor.coordinator.local.s3server) on loopback, one process",
             "units": "MB = 10^6 bytes, MiB = 2^20 bytes",
             "load_average_start": load_average(),
         },

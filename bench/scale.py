@@ -2,7 +2,7 @@
 
     python -m bench.scale WORKERS TENANT TIMELINE MAX_JOB_BYTES DIRECTORY
 
-Starts the embedded stack (``coordinator.embedded``: real Redis, ``WORKERS`` Celery worker
+Starts the embedded stack (``compactor.coordinator.local.embedded``: real Redis, ``WORKERS`` Celery worker
 processes, one node each) against the store named by the ``COMPACTOR_S3_*`` variables, runs one
 meta job over the timeline through the Celery path and prints one JSON object: wall time from
 publishing the plan task to the meta job's end, and the sub-jobs. (A fresh process per run:
@@ -16,15 +16,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coordinator.embedded import EmbeddedStack
-from coordinator.job_records import CompactRequest, JobRecords, connect
-from coordinator.meta_jobs import TASK_PLAN, create_meta_job
+from compactor.coordinator.jobs.meta_jobs import create_meta_job
+from compactor.coordinator.local.embedded import EmbeddedStack
+from compactor.worker.runtime.dispatch import TASK_PLAN
+from compactor.worker.runtime.records import CompactRequest, JobRecords, connect
 
 
 def run(workers: int, tenant: str, timeline: str, max_job_bytes: int, directory: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k.startswith("COMPACTOR_")}
     with EmbeddedStack(directory, workers=workers, concurrency=1, coordinator=False, env=env) as stack:
-        from worker.celery_app import CeleryPublisher  # configured for the stack by its start
+        from compactor.worker.runtime.app import CeleryPublisher  # configured for the stack by its start
 
         records = JobRecords(connect(stack.settings))
         request = CompactRequest(tenant_id=tenant, timeline_id=timeline, max_job_bytes=max_job_bytes)

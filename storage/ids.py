@@ -5,7 +5,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
-from storage.errors import InvalidInput
+from compactor.storage.errors import InvalidInput
 
 _ID_RE = re.compile(r"[0-9a-f]{32}")
 

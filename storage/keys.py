@@ -7,7 +7,7 @@ plain bytes cost nothing to move between Parquet columns and the merge.
 
 from typing import NamedTuple, TypeVar
 
-from storage.errors import InvalidInput
+from compactor.storage.errors import InvalidInput
 
 KEY_SIZE = 18
 KEY_HEX_LEN = KEY_SIZE * 2

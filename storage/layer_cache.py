@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from storage.errors import CorruptLayer, NotFound
-from storage.keys import KeyRange
-from storage.layer_file import LayerReader
-from storage.manifest import LayerEntry
-from storage.object_store import ObjectStore
-from storage.values import Version
+from compactor.storage.errors import CorruptLayer, NotFound
+from compactor.storage.keys import KeyRange
+from compactor.storage.layer_file import LayerReader
+from compactor.storage.manifest import LayerEntry
+from compactor.storage.object_store import ObjectStore
+from compactor.storage.values import Version
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Schema (image and delta layers alike), rows sorted by ``(key, lsn, kind)`` with 
 
     key   fixed_size_binary(18)   not null
     lsn   uint64                  not null
-    kind  uint8                   not null   storage.values.ValueKind
+    kind  uint8                   not null   compactor.storage.values.ValueKind
     value binary                  not null   page image or encoded WAL record
 
 Footer key-value metadata: ``compactor.format`` (``"1"``), ``compactor.layer`` (the layer name),
@@ -40,10 +40,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.errors import CompactorError, CorruptLayer, InvalidInput
-from storage.keys import KEY_SIZE, KeyRange, format_key
-from storage.layer_name import LayerName
-from storage.values import ValueKind, Version
+from compactor.storage.errors import CompactorError, CorruptLayer, InvalidInput
+from compactor.storage.keys import KEY_SIZE, KeyRange, format_key
+from compactor.storage.layer_name import LayerName
+from compactor.storage.values import ValueKind, Version
 
 FORMAT_VERSION: Final = "1"
 META_FORMAT: Final = b"compactor.format"

@@ -4,8 +4,8 @@
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 
-from storage.keys import KeyRange, overlaps
-from storage.layer_name import LayerName
+from compactor.storage.keys import KeyRange, overlaps
+from compactor.storage.layer_name import LayerName
 
 
 def check_valid_layermap(names: Iterable[LayerName]) -> str | None:

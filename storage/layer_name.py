@@ -8,9 +8,9 @@ image: ``{key_start}-{key_end}__{lsn:016X}`` covering LSNs ``[lsn, lsn + 1)``.
 import re
 from typing import NamedTuple
 
-from storage.errors import InvalidInput
-from storage.keys import KEY_MAX, KEY_MIN, KeyRange, format_key, key_next, parse_key
-from storage.lsn import LSN_MAX
+from compactor.storage.errors import InvalidInput
+from compactor.storage.keys import KEY_MAX, KEY_MIN, KeyRange, format_key, key_next, parse_key
+from compactor.storage.lsn import LSN_MAX
 
 _NAME_RE = re.compile(
     r"(?P<ks>[0-9A-Fa-f]{36})-(?P<ke>[0-9A-Fa-f]{36})__(?P<l1>[0-9A-Fa-f]{16})(?:-(?P<l2>[0-9A-Fa-f]{16}))?"

@@ -11,8 +11,8 @@ tenants/{tenant}/timelines/{timeline}/meta-stats/{job id}.json       meta-job st
 
 import uuid
 
-from storage.ids import validate_id
-from storage.layer_name import LayerName
+from compactor.storage.ids import validate_id
+from compactor.storage.layer_name import LayerName
 
 MANIFEST_DIGITS = 20
 

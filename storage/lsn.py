@@ -1,6 +1,6 @@
 """LSNs: unsigned 64-bit integers; the CLI also takes ``0x`` hex and Postgres ``X/Y`` form."""
 
-from storage.errors import InvalidInput
+from compactor.storage.errors import InvalidInput
 
 LSN_MAX = (1 << 64) - 1
 

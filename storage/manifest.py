@@ -1,6 +1,6 @@
 """The index manifest of a timeline: which layers make it up, and its gc state.
 
-Manifests are immutable and numbered; see ``storage.manifest_store`` for how the next one is
+Manifests are immutable and numbered; see ``compactor.storage.manifest_store`` for how the next one is
 written. Every field crossing the wire is validated here.
 """
 
@@ -9,11 +9,11 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from storage.errors import InvalidInput
-from storage.ids import HexId
-from storage.keys import KeyRange, parse_key
-from storage.layer_name import LayerName
-from storage.lsn import LSN_MAX
+from compactor.storage.errors import InvalidInput
+from compactor.storage.ids import HexId
+from compactor.storage.keys import KeyRange, parse_key
+from compactor.storage.layer_name import LayerName
+from compactor.storage.lsn import LSN_MAX
 
 FORMAT_VERSION = 1
 

@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterator
 
 from pydantic import ValidationError
 
-from storage import layout
-from storage.errors import CompactorError, InvalidInput, ManifestConflict, NotFound
-from storage.manifest import Manifest
-from storage.object_store import AlreadyExists, ObjectStore, PreconditionFailed
+from compactor.storage import layout
+from compactor.storage.errors import CompactorError, InvalidInput, ManifestConflict, NotFound
+from compactor.storage.manifest import Manifest
+from compactor.storage.object_store import AlreadyExists, ObjectStore, PreconditionFailed
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Every call goes through :meth:`ObjectStore._call`, which retries transient failures (5xx,
 throttling, connection errors and timeouts) with full-jitter exponential backoff, and nothing
 else: botocore's own retries are switched off because layered retries multiply. Errors leave
-this module as :mod:`storage.errors` types with a one-line message naming the operation,
+this module as :mod:`compactor.storage.errors` types with a one-line message naming the operation,
 bucket and key; credentials never appear in messages or logs.
 """
 
@@ -33,8 +33,8 @@ from botocore.config import Config
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 from urllib3.exceptions import ProtocolError
 
-from storage.errors import CompactorError, CorruptLayer, InvalidInput, NotFound, StoreError
-from storage.settings import Settings
+from compactor.storage.errors import CompactorError, CorruptLayer, InvalidInput, NotFound, StoreError
+from compactor.storage.settings import Settings
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -560,9 +560,12 @@ class ObjectStore:
 
         try:
             count = math.ceil(size / chunk)
-            with open(path, "rb") as fh, ThreadPoolExecutor(
-                max_workers=min(self._settings.multipart_concurrency, count), thread_name_prefix="s3-part"
-            ) as pool:
+            with (
+                open(path, "rb") as fh,
+                ThreadPoolExecutor(
+                    max_workers=min(self._settings.multipart_concurrency, count), thread_name_prefix="s3-part"
+                ) as pool,
+            ):
                 futures = [pool.submit(send, fh.fileno(), number) for number in range(1, count + 1)]
                 try:
                     parts = [future.result() for future in futures]

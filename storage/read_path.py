@@ -10,12 +10,12 @@ import heapq
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
-from storage.errors import RedoError
-from storage.keys import KeyRange, key_next
-from storage.layer_name import LayerName
-from storage.manifest import LayerEntry, Manifest
-from storage.redo import reconstruct
-from storage.values import Version
+from compactor.storage.errors import RedoError
+from compactor.storage.keys import KeyRange, key_next
+from compactor.storage.layer_name import LayerName
+from compactor.storage.manifest import LayerEntry, Manifest
+from compactor.storage.redo import reconstruct
+from compactor.storage.values import Version
 
 
 class LayerSource(Protocol):

@@ -10,9 +10,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from storage.errors import InvalidInput, RedoError
-from storage.keys import format_key
-from storage.values import ValueKind, Version
+from compactor.storage.errors import InvalidInput, RedoError
+from compactor.storage.keys import format_key
+from compactor.storage.values import ValueKind, Version
 
 
 class RecordOp(Protocol):

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     target_layer_bytes: int = Field(default=128 * 1024 * 1024, ge=1)
     node_id: str | None = None
 
-    # distributed jobs (worker.celery_app, coordinator.scheduler); durations in seconds
+    # distributed jobs (compactor.worker.runtime.app, compactor.coordinator.jobs.scheduler); durations in seconds
     task_hard_time_limit_s: float = Field(default=4 * 3600.0, gt=0)
     task_soft_time_limit_s: float = Field(default=4 * 3600.0 - 300.0, gt=0)
     heartbeat_interval_s: float = Field(default=10.0, gt=0)
@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     breaker_cooldown_s: float = Field(default=3600.0, ge=0)
     coordinator_interval_s: float = Field(default=10.0, gt=0)
     redis_timeout_s: float = Field(default=5.0, gt=0)
-    # orphan cleanup by the coordinator loop (coordinator.orphans); 0 turns the periodic run off
+    # orphan cleanup by the coordinator loop (compactor.coordinator.jobs.orphans); 0 turns the periodic run off
     orphan_interval_s: float = Field(default=3600.0, ge=0, description="seconds between orphan cleanups")
     orphan_grace_s: float = Field(default=6 * 3600.0, ge=0, description="minimum age of an orphan before deletion")
     faults_enabled: bool = Field(default=False, description="honour fault points set in Redis (tests only)")

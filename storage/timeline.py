@@ -12,20 +12,20 @@ from typing import Any
 
 import pyarrow as pa
 
-from storage.errors import InvalidInput, NotFound
-from storage.ids import validate_id
-from storage.keys import FULL_KEY_RANGE, KeyRange
-from storage.layer_cache import LayerCache
-from storage.layer_file import LayerFileInfo, LayerWriter, RowGroup, footer_length, row_groups_from_tail
-from storage.layer_name import LayerName
-from storage.layout import new_layer_key
-from storage.manifest import GcInfo, LayerEntry, Manifest
-from storage.manifest_store import CommitObserver, ManifestStore
-from storage.object_store import ObjectStore, StoreObserver
-from storage.read_path import read_range
-from storage.settings import Settings
-from storage.timeline_json import FORMAT, ParsedTimeline, parse_timeline, render_layer
-from storage.values import Version
+from compactor.storage.errors import InvalidInput, NotFound
+from compactor.storage.ids import validate_id
+from compactor.storage.keys import FULL_KEY_RANGE, KeyRange
+from compactor.storage.layer_cache import LayerCache
+from compactor.storage.layer_file import LayerFileInfo, LayerWriter, RowGroup, footer_length, row_groups_from_tail
+from compactor.storage.layer_name import LayerName
+from compactor.storage.layout import new_layer_key
+from compactor.storage.manifest import GcInfo, LayerEntry, Manifest
+from compactor.storage.manifest_store import CommitObserver, ManifestStore
+from compactor.storage.object_store import ObjectStore, StoreObserver
+from compactor.storage.read_path import read_range
+from compactor.storage.settings import Settings
+from compactor.storage.timeline_json import FORMAT, ParsedTimeline, parse_timeline, render_layer
+from compactor.storage.values import Version
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Storage:
     def layer_versions(self, entry: LayerEntry) -> list[Version]:
         return list(self.cache.versions(entry, FULL_KEY_RANGE))
 
-    # --- what the compaction engine needs (worker.engine.LayerIO) ----------------------------
+    # --- what the compaction engine needs (compactor.worker.engine.run.LayerIO) ----------------------------
 
     def needs_download(self, entry: LayerEntry) -> bool:
         return not self.cache.path_for(entry).exists()

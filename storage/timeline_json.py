@@ -12,14 +12,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
 
-from storage.errors import InvalidInput
-from storage.ids import HexId
-from storage.keys import KeyRange, format_key, parse_key
-from storage.layer_map import check_valid_layermap
-from storage.layer_name import LayerName
-from storage.manifest import Ancestor, GcInfo, KeyHex, Lsn, TimelineSettings
-from storage.redo import record_from_json, record_to_json
-from storage.values import ValueKind, Version
+from compactor.storage.errors import InvalidInput
+from compactor.storage.ids import HexId
+from compactor.storage.keys import KeyRange, format_key, parse_key
+from compactor.storage.layer_map import check_valid_layermap
+from compactor.storage.layer_name import LayerName
+from compactor.storage.manifest import Ancestor, GcInfo, KeyHex, Lsn, TimelineSettings
+from compactor.storage.redo import record_from_json, record_to_json
+from compactor.storage.values import ValueKind, Version
 
 FORMAT = "compactor.timeline/v1"
 
@@ -33,9 +33,7 @@ def _b64(value: Any) -> bytes:
         raise ValueError("not valid base64") from None
 
 
-Base64Bytes = Annotated[
-    bytes, BeforeValidator(_b64), WithJsonSchema({"type": "string", "contentEncoding": "base64"})
-]
+Base64Bytes = Annotated[bytes, BeforeValidator(_b64), WithJsonSchema({"type": "string", "contentEncoding": "base64"})]
 # What the validators check, said in the published schema (docs/timeline-format.md) too.
 Key = Annotated[KeyHex, WithJsonSchema({"type": "string", "pattern": "^[0-9A-Fa-f]{36}$"})]
 Id = Annotated[HexId, WithJsonSchema({"type": "string", "pattern": "^[0-9a-f]{32}$"})]

@@ -1,7 +1,7 @@
 """Versions of a key: ``(key, lsn, kind, payload)``.
 
 The payload is raw bytes in both cases: the page itself for an image, the encoded record for a
-WAL record (see ``storage.redo``). Records are decoded only when a page must be rebuilt, so
+WAL record (see ``compactor.storage.redo``). Records are decoded only when a page must be rebuilt, so
 moving versions between layers costs no decoding. ``kind`` orders an image before a record at
 the same key and LSN, which is the order the layer files and the merge rely on.
 """

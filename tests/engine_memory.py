@@ -8,14 +8,14 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
-from storage.errors import RedoError
-from storage.keys import KeyRange, key_from_int
-from storage.layer_file import LayerFileInfo, LayerReader, versions_to_batch
-from storage.layer_name import LayerName
-from storage.manifest import LayerEntry, Manifest
-from storage.read_path import read_key, read_range
-from storage.timeline_json import parse_timeline
-from storage.values import Version
+from compactor.storage.errors import RedoError
+from compactor.storage.keys import KeyRange, key_from_int
+from compactor.storage.layer_file import LayerFileInfo, LayerReader, versions_to_batch
+from compactor.storage.layer_name import LayerName
+from compactor.storage.manifest import LayerEntry, Manifest
+from compactor.storage.read_path import read_key, read_range
+from compactor.storage.timeline_json import parse_timeline
+from compactor.storage.values import Version
 from tests.timelines import Timeline
 
 _ids = itertools.count()

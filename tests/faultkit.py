@@ -32,14 +32,14 @@ from typing import Any, TypeVar
 
 import pytest
 
-from coordinator.job_records import JobRecords, JobState, MetaJobRecord, SubJobRecord, connect
-from coordinator.orphans import collect_orphans, inflight_from_records
-from storage import layout
-from storage.keys import key_to_int
-from storage.layer_map import check_valid_layermap
-from storage.layer_name import LayerName
-from storage.settings import Settings
-from storage.timeline import Storage
+from compactor.coordinator.jobs.orphans import collect_orphans, inflight_from_records
+from compactor.storage import layout
+from compactor.storage.keys import key_to_int
+from compactor.storage.layer_map import check_valid_layermap
+from compactor.storage.layer_name import LayerName
+from compactor.storage.settings import Settings
+from compactor.storage.timeline import Storage
+from compactor.worker.runtime.records import JobRecords, JobState, MetaJobRecord, SubJobRecord, connect
 from tests.faultproxy import FaultProxy
 from tests.test_distributed import STACK_ENV, banded_timeline, retained_lsns
 from tests.timelines import TENANT, Timeline, reference_read
@@ -112,7 +112,7 @@ def fault_summary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultSum
 
 @dataclass
 class FaultStack:
-    stack: Any  # coordinator.embedded.EmbeddedStack
+    stack: Any  # compactor.coordinator.local.embedded.EmbeddedStack
     proxy: FaultProxy
     direct: Storage  # straight to moto, never through the proxy
     records: JobRecords
@@ -123,7 +123,7 @@ class FaultStack:
         return self.stack.settings  # type: ignore[no-any-return]
 
     def publisher(self) -> Any:
-        from worker.celery_app import CeleryPublisher
+        from compactor.worker.runtime.app import CeleryPublisher
 
         return CeleryPublisher()
 
@@ -153,7 +153,7 @@ def make_fault_stack(
     directory: Path, summary: FaultSummary, *, prepare: Callable[[Any], None] | None = None, **stack_kwargs: Any
 ) -> Iterator[FaultStack]:
     """The stack behind a fault proxy; ``prepare(stack)`` runs before it starts."""
-    from coordinator.embedded import EmbeddedStack
+    from compactor.coordinator.local.embedded import EmbeddedStack
 
     holder: dict[str, Any] = {}
     # The proxy learns the moto port once the stack has started its S3 server.
@@ -210,7 +210,7 @@ def submit(fs: FaultStack, tid: str, *, job_id: str | None = None, parts: int = 
     into about ``parts`` sub-jobs."""
     from celery import Celery
 
-    from coordinator.job_records import celery_redis_url
+    from compactor.worker.runtime.records import celery_redis_url
 
     job_id = job_id or os.urandom(16).hex()
     url = celery_redis_url(fs.settings.redis_url)
@@ -262,7 +262,7 @@ def describe(fs: FaultStack, job_id: str) -> str:
 
 def set_fault(fs: FaultStack, point: str, target: str, **value: Any) -> None:
     """Hold (``pause_*``) or fail (``fail_*``) the sub-jobs of ``target`` at a fault point of
-    ``worker.tasks.FAULT_WHERE``; counted as one injected fault."""
+    ``compactor.worker.runtime.tasks.FAULT_WHERE``; counted as one injected fault."""
     fs.records.set_fault(point, target, value)
     fs.summary.faults_injected += 1
 

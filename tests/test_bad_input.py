@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from coordinator.job_records import JobState, celery_redis_url
-from storage import layout
-from storage.manifest import LayerEntry
+from compactor.storage import layout
+from compactor.storage.manifest import LayerEntry
+from compactor.worker.runtime.records import JobState, celery_redis_url
 from tests.faultkit import (
     FaultStack,
     FaultSummary,
@@ -67,7 +67,11 @@ def cli(env: dict[str, str], *args: str, timeout_s: float = 60.0) -> subprocess.
     full.update(env)
     full["PYTHONPATH"] = str(ROOT)
     return subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", *args], env=full, capture_output=True, text=True, timeout=timeout_s
+        [sys.executable, "-m", "compactor.coordinator.cli.main", *args],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
     )
 
 
@@ -323,8 +327,8 @@ def test_malformed_newest_manifest(fs: FaultStack, kind: str) -> None:
 def test_overlapping_layers_fail_planning_clearly(fs: FaultStack) -> None:
     """A manifest whose deltas overlap in keys and LSNs (the seed's layer-map rule broken):
     the job fails at planning with a one-line error and commits nothing."""
-    from storage.keys import key_from_int
-    from storage.layer_name import LayerName
+    from compactor.storage.keys import key_from_int
+    from compactor.storage.layer_name import LayerName
 
     tid, _ = new_timeline(fs, bands=3, seed=7)
     current = fs.direct.manifest(TENANT, tid)

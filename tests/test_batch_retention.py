@@ -1,5 +1,5 @@
-"""The columnar retention (``worker.batch_retention``) and the k-merge into Arrow chunks
-(``worker.merge``) against the per-key reference (``worker.retention``)."""
+"""The columnar retention (``compactor.worker.engine.batch_retention``) and the k-merge into Arrow chunks
+(``compactor.worker.engine.merge``) against the per-key reference (``compactor.worker.engine.retention``)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from storage.errors import RedoError
-from storage.keys import key_from_int
-from storage.layer_file import versions_to_batch
-from storage.redo import TestRecord as _TestRecord
-from storage.values import ValueKind, Version
-from worker.batch_retention import key_starts, retain_chunk, simple_keys
-from worker.merge import key_array, merged_chunks
-from worker.retention import generate_key_retention, place
+from compactor.storage.errors import RedoError
+from compactor.storage.keys import key_from_int
+from compactor.storage.layer_file import versions_to_batch
+from compactor.storage.redo import TestRecord as _TestRecord
+from compactor.storage.values import ValueKind, Version
+from compactor.worker.engine.batch_retention import key_starts, retain_chunk, simple_keys
+from compactor.worker.engine.merge import key_array, merged_chunks
+from compactor.worker.engine.retention import generate_key_retention, place
 
 
 def append(data: bytes, **flags: bool | bytes | None) -> bytes:
@@ -109,7 +109,7 @@ def test_only_simple_histories_take_the_columnar_path() -> None:
 def test_verification_catches_a_lost_record(monkeypatch: pytest.MonkeyPatch, dropped_lsn: int) -> None:
     """A defect in choosing the rows to keep (here: one record lost, below the horizon in a cut
     without an image, or above the horizon) fails verification with the key and LSN."""
-    import worker.batch_retention as br
+    import compactor.worker.engine.batch_retention as br
 
     histories = [[image(1, 5, b"a"), rec(1, 6, b"b"), rec(1, 7, b"c"), rec(1, 11, b"d"), rec(1, 12, b"e")]]
     table = table_of(histories)
@@ -169,8 +169,8 @@ def test_split_writers_cut_at_the_same_keys_however_rows_arrive(
 ) -> None:
     """The same rows, given one key at a time or as tables cut anywhere between keys, make the
     same layers: a second compaction of the same versions then changes nothing."""
-    from storage.layer_file import SCHEMA
-    from worker.split_writers import SplitDeltaWriter, SplitImageWriter
+    from compactor.storage.layer_file import SCHEMA
+    from compactor.worker.engine.split_writers import SplitDeltaWriter, SplitImageWriter
 
     workdir = tmp_path_factory.mktemp("split")
     rows = [image(key, 7, random.Random(key).randbytes(size)) for key, size in enumerate(sizes)]

@@ -3,7 +3,7 @@ deploy/prometheus.yml and the Grafana dashboard.
 
 Docker is not available where the tests run, so the files are parsed and their properties
 asserted: references resolve, images are pinned, exposed services require auth and bind to
-loopback, and every ``COMPACTOR_*`` name is a field of ``storage.settings.Settings`` (so the
+loopback, and every ``COMPACTOR_*`` name is a field of ``compactor.storage.settings.Settings`` (so the
 files cannot drift from the code).
 """
 
@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from storage.settings import Settings
-from worker import metrics
+from compactor.storage.settings import Settings
+from compactor.worker.runtime import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -35,8 +35,8 @@ DASHBOARD_FILE = DEPLOY / "grafana-dashboard.json"
 # Settings the deploy files already set but ``Settings`` does not have yet. The lead adds them;
 # once a name is a field it is checked like every other one (this set only ever shrinks).
 PENDING_SETTINGS: dict[str, str] = {
-    "COMPACTOR_METRICS_PORT": "metrics_port: int | None = None (worker.metrics.serve(settings.metrics_port))",
-    "COMPACTOR_LOG_LEVEL": "log_level: str = 'WARNING' (read today by coordinator/logs.py from os.environ)",
+    "COMPACTOR_METRICS_PORT": "metrics_port: int | None = None (metrics.serve(settings.metrics_port))",
+    "COMPACTOR_LOG_LEVEL": "log_level: str = 'WARNING' (read today by coordinator/cli/logs.py from os.environ)",
 }
 
 APP_SERVICES = ("coordinator", "worker-1", "worker-2", "flower")
@@ -421,7 +421,7 @@ def test_flower_requires_basic_auth(services: dict[str, dict[str, Any]]) -> None
     assert [*(entry if isinstance(entry, list) else shlex.split(entry)), *command_of(flower)][:4] == [
         "celery",
         "-A",
-        "worker.celery_app",
+        "compactor.worker.runtime.app",
         "flower",
     ]
     credentials = [p.split("=", 1)[1] for p in command_of(flower) if p.startswith("--basic_auth=")]
@@ -450,10 +450,10 @@ def test_worker_node_ids_are_distinct(services: dict[str, dict[str, Any]]) -> No
 def test_node_ids_are_accepted_by_the_worker_command(
     services: dict[str, dict[str, Any]], k8s: dict[str, list[tuple[Path, dict[str, Any]]]]
 ) -> None:
-    cli_jobs = pytest.importorskip("coordinator.cli_jobs")
+    cli_jobs = pytest.importorskip("compactor.coordinator.cli.jobs")
     pattern = getattr(cli_jobs, "_NODE_ID_RE", None)
     if pattern is None:
-        pytest.skip("coordinator.cli_jobs no longer exposes _NODE_ID_RE")
+        pytest.skip("compactor.coordinator.cli.jobs no longer exposes _NODE_ID_RE")
     for name in ("coordinator", "worker-1", "worker-2"):
         assert pattern.match(env_of(services[name])["COMPACTOR_NODE_ID"]), name
     # a Deployment's pods are named <deployment>-<10-char ReplicaSet hash>-<5-char suffix>
@@ -491,7 +491,7 @@ def test_every_compactor_variable_is_a_settings_field() -> None:
             used.setdefault(match, set()).add(name)
     assert len(used) >= 10, f"suspiciously few COMPACTOR_ names found: {sorted(used)}"
     unknown = {name: sorted(files) for name, files in used.items() if name not in known | set(PENDING_SETTINGS)}
-    assert not unknown, f"COMPACTOR_* names that storage.settings.Settings does not read: {unknown}"
+    assert not unknown, f"COMPACTOR_* names that compactor.storage.settings.Settings does not read: {unknown}"
     # the allowance is for names the files use; drop entries nobody uses any more
     assert set(PENDING_SETTINGS) <= set(used)
 
@@ -618,10 +618,9 @@ def test_dockerfile_copies_only_files_in_the_build_context() -> None:
 def test_dockerignore_ships_the_packages_and_nothing_else() -> None:
     import tomllib
 
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    for pattern in packages["include"]:
-        package = pattern.rstrip("*")
-        assert not dockerignore_excludes(f"{package}/__init__.py"), package
+    folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    for folder in folders:
+        assert not dockerignore_excludes(f"{folder}/__init__.py"), folder
     assert not dockerignore_excludes("pyproject.toml")
     for path in (".venv/bin/python", ".git/HEAD", "tests/test_engine.py", "storage/__pycache__/keys.cpython-311.pyc"):
         assert dockerignore_excludes(path), path
@@ -742,7 +741,7 @@ def test_worker_deployment(k8s: dict[str, list[tuple[Path, dict[str, Any]]]]) ->
 
 def worker_options(args: list[str]) -> dict[str, Any]:
     """The options ``compactor worker`` takes from ``args``, parsed by the command itself."""
-    cli_jobs = pytest.importorskip("coordinator.cli_jobs")
+    cli_jobs = pytest.importorskip("compactor.coordinator.cli.jobs")
     assert args[0] == "worker", args
     params = cli_jobs.worker_command.make_context("worker", list(args[1:])).params
     assert isinstance(params, dict)
@@ -755,7 +754,7 @@ def test_every_node_runs_one_gc_slot_and_the_light_queue_the_same_way(
     """Issue 12: one `compactor worker` per node consumes both queues, so that it runs the gc
     queue with one slot (no sub-job taken only to be bounced off the node lock) and starts the
     light queue's worker beside it; compose, k8s and the embedded stack all run it that way."""
-    from coordinator.embedded import EmbeddedStack
+    from compactor.coordinator.local.embedded import EmbeddedStack
 
     commands = {name: service["command"] for name, service in services.items() if name.startswith("worker-")}
     commands["k8s"] = only_container(deployment_for(k8s, "worker"))["args"]
@@ -778,7 +777,7 @@ def test_coordinator_and_flower_deployments(k8s: dict[str, list[tuple[Path, dict
 
     flower = deployment_for(k8s, "flower")
     container = only_container(flower)
-    assert [*container["command"], *container["args"]][:4] == ["celery", "-A", "worker.celery_app", "flower"]
+    assert [*container["command"], *container["args"]][:4] == ["celery", "-A", "compactor.worker.runtime.app", "flower"]
     auth = [item for item in container["env"] if item["name"] == "FLOWER_BASIC_AUTH"]
     assert auth and "secretKeyRef" in auth[0]["valueFrom"], "Flower basic auth from the Secret"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthcheck"
@@ -845,7 +844,7 @@ def test_prometheus_targets_match_compose_services(services: dict[str, dict[str,
 
 
 def exposed_sample_names() -> dict[str, set[str]]:
-    """Family name -> sample names, for every metric worker.metrics defines."""
+    """Family name -> sample names, for every metric compactor.worker.runtime.metrics defines."""
     from prometheus_client.metrics import MetricWrapperBase
 
     suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}

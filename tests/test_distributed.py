@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
-from storage.keys import key_to_int
-from storage.timeline import Storage
+from compactor.storage.keys import key_to_int
+from compactor.storage.timeline import Storage
 from tests.timelines import TENANT, Layer, Timeline, Value, record, reference_read
 
 T = TypeVar("T")
@@ -133,7 +133,7 @@ def _leftover_processes(stack: Any) -> list[str]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from coordinator.embedded import EmbeddedStack
+    from compactor.coordinator.local.embedded import EmbeddedStack
 
     directory = tmp_path_factory.mktemp("stack")
     embedded = EmbeddedStack(
@@ -155,7 +155,7 @@ def storage(stack: Any) -> Storage:
 
 @pytest.fixture(scope="module")
 def records(stack: Any) -> Any:
-    from coordinator.job_records import JobRecords, connect
+    from compactor.worker.runtime.records import JobRecords, connect
 
     return JobRecords(connect(stack.settings))
 
@@ -175,7 +175,7 @@ def send_compact(stack: Any, *, wait_result: bool = False, **payload: Any) -> st
     app, no import of our code, the payload as keyword arguments."""
     from celery import Celery
 
-    from coordinator.job_records import celery_redis_url
+    from compactor.worker.runtime.records import celery_redis_url
 
     url = celery_redis_url(stack.settings.redis_url)
     client = Celery(broker=url, backend=url if wait_result else None)
@@ -201,13 +201,17 @@ def cli(stack: Any, *args: str, timeout_s: float = 60.0) -> subprocess.Completed
     env.update(stack.env)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
     return subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", *args], env=env, capture_output=True, text=True, timeout=timeout_s
+        [sys.executable, "-m", "compactor.coordinator.cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
     )
 
 
 def run_intervals(records: Any) -> dict[str, list[tuple[float, float, str]]]:
     """Per node, the intervals during which it held its lock for an attempt."""
-    from coordinator.job_records import MetaJobRecord
+    from compactor.worker.runtime.records import MetaJobRecord
 
     per_node: dict[str, list[tuple[float, float, str]]] = {}
     for meta in records.list_meta(limit=1000):
@@ -227,7 +231,7 @@ def overlaps(a: tuple[float, float, str], b: tuple[float, float, str]) -> bool:
 
 
 def test_sub_jobs_run_in_parallel_commit_once_and_finalize_once(stack: Any, storage: Storage, records: Any) -> None:
-    from coordinator.job_records import JobState
+    from compactor.worker.runtime.records import JobState
 
     tid = "a1" * 16
     tl = import_timeline(storage, tid)
@@ -264,7 +268,7 @@ def test_sub_jobs_run_in_parallel_commit_once_and_finalize_once(stack: Any, stor
 
 
 def test_two_timelines_on_two_nodes_one_compaction_per_node(stack: Any, storage: Storage, records: Any) -> None:
-    from coordinator.job_records import JobState
+    from compactor.worker.runtime.records import JobState
 
     tids = ["b1" * 16, "b2" * 16]
     tls = {tid: import_timeline(storage, tid, seed=i + 2) for i, tid in enumerate(tids)}
@@ -289,10 +293,10 @@ def test_two_timelines_on_two_nodes_one_compaction_per_node(stack: Any, storage:
 def test_meta_job_replans_when_a_concurrent_commit_changes_its_inputs(
     stack: Any, storage: Storage, records: Any, tmp_path: Path
 ) -> None:
-    from coordinator.job_records import JobState
-    from worker.engine import EngineSettings
-    from worker.jobs import CompactionJob
-    from worker.runner import compact
+    from compactor.worker.engine.jobs import CompactionJob
+    from compactor.worker.engine.run import EngineSettings
+    from compactor.worker.runtime.records import JobState
+    from compactor.worker.runtime.runner import compact
 
     tid = "c1" * 16
     tl = import_timeline(storage, tid)
@@ -329,8 +333,8 @@ def test_meta_job_replans_when_a_concurrent_commit_changes_its_inputs(
 
 
 def test_duplicated_messages_commit_once(stack: Any, storage: Storage, records: Any) -> None:
-    from coordinator.job_records import JobState
-    from worker.celery_app import CeleryPublisher
+    from compactor.worker.runtime.app import CeleryPublisher
+    from compactor.worker.runtime.records import JobState
 
     tid = "d1" * 16
     tl = import_timeline(storage, tid)
@@ -354,8 +358,8 @@ def test_duplicated_messages_commit_once(stack: Any, storage: Storage, records: 
 
 
 def test_cancelled_job_commits_nothing(stack: Any, storage: Storage, records: Any) -> None:
-    from coordinator.job_records import JobState
-    from storage import layout
+    from compactor.storage import layout
+    from compactor.worker.runtime.records import JobState
 
     tid = "e1" * 16
     tl = import_timeline(storage, tid)
@@ -418,8 +422,8 @@ def test_cli_compact_wait_jobs_and_show(stack: Any, storage: Storage, records: A
 def test_malformed_messages_are_rejected_in_one_line_and_workers_survive(stack: Any) -> None:
     from kombu import Connection
 
-    from coordinator.job_records import celery_redis_url
-    from worker.celery_app import app
+    from compactor.worker.runtime.app import app
+    from compactor.worker.runtime.records import celery_redis_url
 
     bodies = [
         (b"{not json", "application/json", "message rejected: body not decodable"),
@@ -447,7 +451,7 @@ def test_malformed_messages_are_rejected_in_one_line_and_workers_survive(stack: 
 
 
 def test_killed_worker_sub_job_is_reclaimed_and_finishes(stack: Any, storage: Storage, records: Any) -> None:
-    from coordinator.job_records import JobState, sub_job_id
+    from compactor.worker.runtime.records import JobState, sub_job_id
 
     tid = "a2" * 16
     tl = import_timeline(storage, tid)

@@ -2,7 +2,7 @@
 
 import xml.etree.ElementTree as ET
 
-from coordinator.draw import IMAGE_HEIGHT, Axes, layer_map_svg
+from compactor.coordinator.cli.draw import IMAGE_HEIGHT, Axes, layer_map_svg
 from tests.engine_memory import MemoryIO
 from tests.test_engine_jobs import history_timeline
 from tests.timelines import PARENT, Layer, Value

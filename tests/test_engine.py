@@ -8,16 +8,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storage.keys import KEY_MAX, KEY_MIN, KeyRange, format_key, key_from_int, key_to_int
-from storage.layer_map import check_valid_layermap
-from storage.lsn import LSN_MAX
-from storage.manifest import GcInfo, Manifest
+from compactor.storage.keys import KEY_MAX, KEY_MIN, KeyRange, format_key, key_from_int, key_to_int
+from compactor.storage.layer_map import check_valid_layermap
+from compactor.storage.lsn import LSN_MAX
+from compactor.storage.manifest import GcInfo, Manifest
+from compactor.worker.engine.commit import apply, validate
+from compactor.worker.engine.jobs import CommitProposal, CompactionJob
+from compactor.worker.engine.plan import plan_job
+from compactor.worker.engine.run import EngineSettings, run
 from tests.engine_memory import MemoryIO
 from tests.timelines import CHILD, PARENT, TENANT, Timeline, timelines
-from worker.commit import apply, validate
-from worker.engine import EngineSettings, run
-from worker.jobs import CommitProposal, CompactionJob
-from worker.plan import plan_job
 
 N_KEYS = 9
 

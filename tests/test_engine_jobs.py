@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from storage.errors import CompactorError, RedoError
-from storage.keys import format_key, key_from_int, key_to_int
-from storage.manifest import Manifest, TimelineSettings
-from storage.settings import Settings
-from storage.timeline import Storage
+from compactor.storage.errors import CompactorError, RedoError
+from compactor.storage.keys import format_key, key_from_int, key_to_int
+from compactor.storage.manifest import Manifest, TimelineSettings
+from compactor.storage.settings import Settings
+from compactor.storage.timeline import Storage
+from compactor.worker.engine import run as engine
+from compactor.worker.engine.jobs import CompactionJob
+from compactor.worker.engine.run import CompactionFailed, EngineSettings
+from compactor.worker.runtime.runner import compact
 from tests.timelines import PARENT, TENANT, Layer, Timeline, Value, record
-from worker import engine
-from worker.engine import CompactionFailed, EngineSettings
-from worker.jobs import CompactionJob
-from worker.runner import compact
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ under a running sub-job.
 
 Real processes throughout (``tests.faultkit``: the embedded Redis and S3 endpoint, two
 ``celery worker`` processes, the coordinator, S3 behind the fault proxy). Fault points
-(``worker.tasks.FAULT_WHERE``) hold a sub-job, or the finalize that commits, at a named place
+(``compactor.worker.runtime.tasks.FAULT_WHERE``) hold a sub-job, or the finalize that commits, at a named place
 so that a kill lands exactly there; other scenarios kill at random times. After every scenario
 ``check_invariants`` asserts that reads are exact, the manifest chain valid, nothing referenced
 lost, no orphan left after a cleanup, and every job ended clearly.
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from coordinator.job_records import JobState, SubJobRecord
+from compactor.worker.runtime.records import JobState, SubJobRecord
 from tests.faultkit import (
     FaultStack,
     FaultSummary,
@@ -66,7 +66,7 @@ def test_coordinator_removes_orphans_on_its_own(fs: FaultStack) -> None:
     """The coordinator loop runs orphan cleanup every COMPACTOR_ORPHAN_INTERVAL_S: a stray
     upload goes once it is older than COMPACTOR_ORPHAN_GRACE_S; referenced layers stay. (First
     in the module: with few timelines in the bucket the coordinator's ticks are short.)"""
-    from storage import layout
+    from compactor.storage import layout
 
     fs.ready()
     tid, tl = new_timeline(fs, bands=2, seed=8)

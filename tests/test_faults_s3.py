@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from coordinator.job_records import JobState
+from compactor.worker.runtime.records import JobState
 from tests.faultkit import (
     FaultStack,
     FaultSummary,

@@ -2,11 +2,11 @@
 
 import pytest
 
-from storage.errors import InvalidInput
-from storage.ids import validate_id
-from storage.keys import KEY_MAX, KEY_MIN, format_key, key_next, parse_key
-from storage.layout import layers_prefix, manifest_key, manifest_number
-from storage.lsn import parse_lsn
+from compactor.storage.errors import InvalidInput
+from compactor.storage.ids import validate_id
+from compactor.storage.keys import KEY_MAX, KEY_MIN, format_key, key_next, parse_key
+from compactor.storage.layout import layers_prefix, manifest_key, manifest_number
+from compactor.storage.lsn import parse_lsn
 
 
 def test_key_parsing_is_case_insensitive_and_exact_length() -> None:

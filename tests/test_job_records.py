@@ -17,8 +17,17 @@ import pytest
 import redis
 from pydantic import ValidationError
 
-from coordinator import meta_jobs
-from coordinator.job_records import (
+from compactor.coordinator.jobs import meta_jobs
+from compactor.coordinator.jobs.scheduler import Scheduler
+from compactor.storage import layout
+from compactor.storage.errors import InvalidInput
+from compactor.storage.keys import format_key, key_from_int
+from compactor.storage.settings import Settings
+from compactor.storage.timeline import Storage
+from compactor.worker.engine.jobs import CompactionJob, SubJobSpec
+from compactor.worker.runtime import dispatch, tasks
+from compactor.worker.runtime.dispatch import TASK_FINALIZE, TASK_PLAN, TASK_RUN
+from compactor.worker.runtime.records import (
     ClaimOutcome,
     CompactRequest,
     JobProgress,
@@ -35,18 +44,9 @@ from coordinator.job_records import (
     sub_job_id,
     validation_summary,
 )
-from coordinator.meta_jobs import TASK_FINALIZE, TASK_PLAN, TASK_RUN
-from coordinator.scheduler import Scheduler
-from storage import layout
-from storage.errors import InvalidInput
-from storage.keys import format_key, key_from_int
-from storage.settings import Settings
-from storage.timeline import Storage
 from tests.conftest import make_s3_settings
 from tests.test_distributed import assert_reads_exact, banded_timeline, manifests_written_by
 from tests.timelines import TENANT
-from worker import tasks
-from worker.jobs import CompactionJob, SubJobSpec
 
 TL = "aa" * 16
 TL2 = "bb" * 16
@@ -256,7 +256,7 @@ def test_finalize_claimed_once_never_early(records: JobRecords) -> None:
     ended0 = end(s0)
     # Duplicated "ended" handling, concurrently: nothing follows, since 1 and 2 have not ended
     # (every sub-job was enqueued at planning: none waits on another).
-    threads = [threading.Thread(target=meta_jobs.sub_job_ended, args=(records, published, ended0)) for _ in range(8)]
+    threads = [threading.Thread(target=dispatch.sub_job_ended, args=(records, published, ended0)) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -265,12 +265,12 @@ def test_finalize_claimed_once_never_early(records: JobRecords) -> None:
     assert published.of(TASK_FINALIZE) == []
 
     ended2 = end(s2)
-    meta_jobs.sub_job_ended(records, published, ended2)
+    dispatch.sub_job_ended(records, published, ended2)
     assert published.of(TASK_FINALIZE) == [], "finalize before sub-job 1 ended"
 
     ended1 = end(s1)
     threads = [
-        threading.Thread(target=meta_jobs.sub_job_ended, args=(records, published, e))
+        threading.Thread(target=dispatch.sub_job_ended, args=(records, published, e))
         for e in (ended1, ended1, ended2, ended0) * 4
     ]
     for t in threads:
@@ -293,7 +293,7 @@ def test_cancel_waiting_and_running(records: JobRecords) -> None:
     assert published.of(TASK_FINALIZE) == [], "the running sub-job has not stopped yet"
     # The running attempt notices, records its end, and the follow-ups claim finalize.
     ended = records.finish(s0, running.attempt, running.owner.token, JobState.CANCELLED)
-    meta_jobs.sub_job_ended(records, published, ended)
+    dispatch.sub_job_ended(records, published, ended)
     assert published.of(TASK_FINALIZE) == [{"job_id": meta.id}]
     assert published.of(TASK_RUN) == []
     records.update_meta(meta.id, lambda m: m.model_copy(update={"state": JobState.CANCELLED}))
@@ -351,7 +351,10 @@ def flow(s3_endpoint: str, tmp_path: Path, records: JobRecords, redis_url: str) 
     )
     storage = Storage(settings)
     storage.objects.ensure_bucket()
-    return tasks.Context(settings, storage, records, Published(), "node-test")
+    published = Published()
+    return tasks.Context(
+        settings, storage, records, published, "node-test", meta_jobs.MetaJobs(storage, records, published, settings)
+    )
 
 
 def drain(ctx: tasks.Context, limit: int = 500) -> None:
@@ -497,14 +500,16 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "task-api.md"
 
 
 def test_documented_schemas_are_the_generated_ones() -> None:
-    from coordinator.schema_docs import documented
+    from compactor.coordinator.cli.schema_docs import documented
 
-    assert documented(DOC.read_text()) == payload_schemas(), "regenerate with: python -m coordinator.schema_docs"
+    assert documented(DOC.read_text()) == payload_schemas(), (
+        "regenerate with: python -m compactor.coordinator.cli.schema_docs"
+    )
 
 
 def test_documented_task_names_are_registered() -> None:
-    from worker import tasks  # noqa: F401  (registers the tasks)
-    from worker.celery_app import app
+    from compactor.worker.runtime import tasks  # noqa: F401  (registers the tasks)
+    from compactor.worker.runtime.app import app
 
     text = DOC.read_text()
     names = set(re.findall(r"`(compactor\.[a-z_]+)`", text))
@@ -534,7 +539,7 @@ def _cli_env(settings: Settings) -> dict[str, str]:
 def test_cli_compact_inline_runs_without_redis(flow: tasks.Context, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from coordinator.cli import main
+    from compactor.coordinator.cli.main import main
 
     tl = banded_timeline(TL, bands=4)
     flow.storage.import_timeline(json.dumps(tl.to_json()))
@@ -550,7 +555,7 @@ def test_cli_compact_inline_runs_without_redis(flow: tasks.Context, tmp_path: Pa
 def test_cli_errors_are_one_line(flow: tasks.Context, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from coordinator.cli import main
+    from compactor.coordinator.cli.main import main
 
     runner = CliRunner()
     env = _cli_env(flow.settings) | {"COMPACTOR_REDIS_URL": f"unix://{tmp_path}/no-redis.sock"}
@@ -608,7 +613,7 @@ def test_auto_trigger_skips_in_flight_and_broken_timelines(flow: tasks.Context) 
 def test_cli_usage_errors_and_version_are_one_line() -> None:
     from click.testing import CliRunner
 
-    from coordinator.cli import main
+    from compactor.coordinator.cli.main import main
 
     runner = CliRunner()
     for args in (
@@ -629,7 +634,7 @@ def test_cli_usage_errors_and_version_are_one_line() -> None:
 def test_cli_compact_leaves_the_sub_job_size_to_the_setting(flow: tasks.Context) -> None:
     from click.testing import CliRunner
 
-    from coordinator.cli import main
+    from compactor.coordinator.cli.main import main
 
     flow.storage.import_timeline(json.dumps(banded_timeline(TL, bands=4).to_json()))
     env = _cli_env(flow.settings) | {"COMPACTOR_MAX_JOB_BYTES": "12345"}
@@ -650,7 +655,7 @@ def test_cli_compact_leaves_the_sub_job_size_to_the_setting(flow: tasks.Context)
 def test_cli_job_ids_by_unique_prefix(flow: tasks.Context) -> None:
     from click.testing import CliRunner
 
-    from coordinator.cli import main
+    from compactor.coordinator.cli.main import main
 
     for job_id in ("abcd1234" + "0" * 24, "abcd1234" + "1" * 24, "abcd5678" + "0" * 24):
         meta_jobs.create_meta_job(flow.records, CompactRequest(tenant_id=TENANT, timeline_id=TL, job_id=job_id))
@@ -685,7 +690,10 @@ def test_cli_output_into_a_closed_pipe_ends_quietly(flow: tasks.Context) -> None
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPACTOR_")} | _cli_env(flow.settings)
     # The reader is gone before the command writes a byte, as `compactor jobs | head -1` often is.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli", "jobs"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-m", "compactor.coordinator.cli.main", "jobs"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()
@@ -699,7 +707,7 @@ def test_watching_a_job_shows_progress_on_stderr(records: JobRecords, terminal: 
 
     from rich.console import Console
 
-    from coordinator.cli_jobs import watch_job
+    from compactor.coordinator.cli.jobs import watch_job
 
     meta = make_meta(records, 2)
     records.update_meta(meta.id, lambda m: m.model_copy(update={"state": JobState.SUCCEEDED}))
@@ -711,8 +719,7 @@ def test_watching_a_job_shows_progress_on_stderr(records: JobRecords, terminal: 
         assert "━" in text and "0/2" in text, "a progress bar"
     else:
         assert (
-            text
-            == f"job {meta.id[:8]} succeeded: sub-jobs 0/2 done, 0 running (at most 0 at once), "
+            text == f"job {meta.id[:8]} succeeded: sub-jobs 0/2 done, 0 running (at most 0 at once), "
             "0.0 MB of values merged (0.0 MB/s), 0.0s\n"
         )
 
@@ -720,7 +727,7 @@ def test_watching_a_job_shows_progress_on_stderr(records: JobRecords, terminal: 
 def test_dry_run_reports_the_projected_size_after(flow: tasks.Context) -> None:
     from click.testing import CliRunner
 
-    from coordinator.cli import main
+    from compactor.coordinator.cli.main import main
 
     flow.storage.import_timeline(json.dumps(banded_timeline(TL).to_json()))
     before = flow.storage.manifest(TENANT, TL)

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storage.errors import CorruptLayer, InvalidInput
-from storage.keys import KEY_MAX, KEY_MIN, KeyRange, key_from_int
-from storage.layer_file import (
+from compactor.storage.errors import CorruptLayer, InvalidInput
+from compactor.storage.keys import KEY_MAX, KEY_MIN, KeyRange, key_from_int
+from compactor.storage.layer_file import (
     SCHEMA,
     LayerReader,
     LayerWriter,
@@ -27,9 +27,9 @@ from storage.layer_file import (
     verify_file,
     versions_to_batch,
 )
-from storage.layer_name import LayerName
-from storage.redo import TestRecord as Record  # aliased: pytest would try to collect Test*
-from storage.values import ValueKind, Version
+from compactor.storage.layer_name import LayerName
+from compactor.storage.redo import TestRecord as Record  # aliased: pytest would try to collect Test*
+from compactor.storage.values import ValueKind, Version
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
@@ -407,9 +407,9 @@ def test_a_foreign_parquet_file_is_rejected(tmp_path: Path) -> None:
 FLIP_SCAN = """
 import json, sys
 from pathlib import Path
-from storage.errors import CorruptLayer
-from storage.layer_file import LayerReader
-from storage.layer_name import LayerName
+from compactor.storage.errors import CorruptLayer
+from compactor.storage.layer_file import LayerReader
+from compactor.storage.layer_name import LayerName
 path, name, expected = Path(sys.argv[1]), LayerName.parse(sys.argv[2]), json.loads(sys.argv[3])
 data = path.read_bytes()
 damaged = path.with_name("damaged")

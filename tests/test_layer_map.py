@@ -2,9 +2,9 @@
 
 import pytest
 
-from storage.keys import KEY_MAX, KEY_MIN, key_from_int
-from storage.layer_map import LayerMap, check_valid_layermap
-from storage.layer_name import LayerName
+from compactor.storage.keys import KEY_MAX, KEY_MIN, key_from_int
+from compactor.storage.layer_map import LayerMap, check_valid_layermap
+from compactor.storage.layer_name import LayerName
 
 
 def delta(k0: int, k1: int, l0: int, l1: int) -> LayerName:
@@ -63,7 +63,7 @@ def test_l0_detection_and_overlap_selection() -> None:
     l0 = LayerName.delta(KEY_MIN, KEY_MAX, 30, 40)
     lm = LayerMap([l0, delta(0, 10, 10, 20), image(0, 10, 25)])
     assert lm.l0_deltas() == [l0]
-    from storage.keys import KeyRange
+    from compactor.storage.keys import KeyRange
 
     assert set(lm.overlapping(KeyRange(key_from_int(3), key_from_int(4)), lsn_max_inclusive=24)) == {
         delta(0, 10, 10, 20)
@@ -92,7 +92,7 @@ def test_layer_names_round_trip(text: str) -> None:
     ],
 )
 def test_bad_layer_names_rejected(text: str) -> None:
-    from storage.errors import InvalidInput
+    from compactor.storage.errors import InvalidInput
 
     with pytest.raises(InvalidInput):
         LayerName.parse(text)

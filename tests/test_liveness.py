@@ -34,7 +34,7 @@ def kill_pool(sender, **_):
         process.join()
 
 worker_ready.connect(kill_pool, weak=False)
-from coordinator.cli import main
+from compactor.coordinator.cli.main import main
 sys.argv[0] = "compactor"
 main()
 """
@@ -42,7 +42,7 @@ main()
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from coordinator.embedded import EmbeddedStack
+    from compactor.coordinator.local.embedded import EmbeddedStack
 
     embedded = EmbeddedStack(
         tmp_path_factory.mktemp("liveness"), workers=2, coordinator=True, coordinator_interval_s=0.5, env=STACK_ENV
@@ -72,8 +72,8 @@ def test_busy_nodes_take_no_gc_work_they_cannot_run(stack: Any) -> None:
     """Eight sub-jobs of about half a second on two nodes: each node takes a sub-job only when
     its gc slot is free, so none is bounced back ("node busy") and the wall time is about four
     sub-jobs long."""
-    from coordinator.job_records import JobRecords, JobState, connect
-    from storage.timeline import Storage
+    from compactor.storage.timeline import Storage
+    from compactor.worker.runtime.records import JobRecords, JobState, connect
     from tests.test_distributed import import_timeline, send_compact, wait_ended
 
     storage = Storage(stack.settings)
@@ -107,12 +107,12 @@ def test_busy_nodes_take_no_gc_work_they_cannot_run(stack: Any) -> None:
 def start_node(stack: Any, node: str, tmp_path: Path) -> subprocess.Popen[bytes]:
     """``compactor worker`` for ``node`` logging to ``tmp_path/node.log``, once both its Celery
     workers answer a ping."""
-    from worker.celery_app import app
+    from compactor.worker.runtime.app import app
 
     env = {**compactor_env(stack), "COMPACTOR_CACHE_DIR": str(tmp_path / node)}
     with open(tmp_path / f"{node}.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli", "worker", "--node-id", node, "--concurrency", "1"],
+            [sys.executable, "-m", "compactor.coordinator.cli.main", "worker", "--node-id", node, "--concurrency", "1"],
             env=env,
             stderr=log,
         )

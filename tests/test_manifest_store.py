@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from storage import layout
-from storage.errors import InvalidInput, ManifestConflict, NotFound
-from storage.manifest import Manifest
-from storage.manifest_store import CorruptManifest, ManifestRaceLost, ManifestStore
-from storage.object_store import ObjectStore
-from storage.settings import Settings
+from compactor.storage import layout
+from compactor.storage.errors import InvalidInput, ManifestConflict, NotFound
+from compactor.storage.manifest import Manifest
+from compactor.storage.manifest_store import CorruptManifest, ManifestRaceLost, ManifestStore
+from compactor.storage.object_store import ObjectStore
+from compactor.storage.settings import Settings
 from tests.conftest import TEST_BACKOFF
 
 

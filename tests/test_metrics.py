@@ -1,4 +1,4 @@
-"""worker.metrics: the exporter started by ``serve()`` exposes the defined metrics over HTTP, and
+"""compactor.worker.runtime.metrics: the exporter started by ``serve()`` exposes the defined metrics over HTTP, and
 the helpers move them as documented. Also the container healthcheck script against it."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from types import ModuleType
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker import metrics
+from compactor.worker.runtime import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,7 +179,7 @@ def test_serve_is_idempotent_per_process(port: int) -> None:
 
 def test_serve_none_starts_nothing() -> None:
     code = (
-        "import threading; from worker import metrics; metrics.serve(None); "
+        "import threading; from compactor.worker.runtime import metrics; metrics.serve(None); "
         "assert metrics.served_port() is None; assert threading.active_count() == 1"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
@@ -187,7 +187,7 @@ def test_serve_none_starts_nothing() -> None:
 
 POOL_SCRIPT = """
 import os, pathlib, tempfile, time, urllib.request
-from worker import metrics
+from compactor.worker.runtime import metrics
 
 # What a crashed worker that had this pid left behind.
 stale = pathlib.Path(tempfile.gettempdir()) / f"compactor-metrics-{os.getpid()}"

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.job_records import JobRecords, JobState, connect
-from storage.timeline import Storage
+from compactor.storage.timeline import Storage
+from compactor.worker.runtime.records import JobRecords, JobState, connect
 from tests.faultkit import FaultStack, FaultSummary, new_timeline, submit, wait_for
 from tests.faultproxy import FaultProxy, Rule
 from tests.test_distributed import STACK_ENV
@@ -73,7 +73,7 @@ def dashboard_series() -> set[str]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FaultStack, int, int]]:
-    from coordinator.embedded import EmbeddedStack
+    from compactor.coordinator.local.embedded import EmbeddedStack
 
     directory = tmp_path_factory.mktemp("metrics-prefork")
     holder: dict[str, Any] = {}

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from worker.node_lock import Heartbeat, NodeLock
+from compactor.worker.runtime.node_lock import Heartbeat, NodeLock
 
 
 @pytest.fixture

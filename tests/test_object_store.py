@@ -16,10 +16,10 @@ import pytest
 from botocore.awsrequest import AWSPreparedRequest, AWSResponse
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
-import storage.object_store as object_store_module
-from storage.errors import CorruptLayer, NotFound, StoreError
-from storage.object_store import AlreadyExists, ObjectStore, PreconditionFailed, is_transient
-from storage.settings import Settings
+import compactor.storage.object_store as object_store_module
+from compactor.storage.errors import CorruptLayer, NotFound, StoreError
+from compactor.storage.object_store import AlreadyExists, ObjectStore, PreconditionFailed, is_transient
+from compactor.storage.settings import Settings
 from tests.conftest import MIB, TEST_BACKOFF
 
 # ---------------------------------------------------------------------------- fault injection
@@ -376,7 +376,7 @@ def test_unreachable_endpoint(s3_settings: Settings) -> None:
 
 
 def test_credentials_must_come_in_pairs(s3_settings: Settings) -> None:
-    from storage.errors import InvalidInput
+    from compactor.storage.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match="set together"):
         ObjectStore(s3_settings.model_copy(update={"s3_secret_access_key": None}))

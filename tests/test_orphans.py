@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.orphans import collect_orphans
-from storage.keys import key_to_int
-from storage.layout import layers_prefix, manifests_prefix
-from storage.settings import Settings
-from storage.timeline import Storage
+from compactor.coordinator.jobs.orphans import collect_orphans
+from compactor.storage.keys import key_to_int
+from compactor.storage.layout import layers_prefix, manifests_prefix
+from compactor.storage.settings import Settings
+from compactor.storage.timeline import Storage
+from compactor.worker.engine.jobs import CompactionJob
+from compactor.worker.engine.run import EngineSettings
+from compactor.worker.runtime.runner import compact
 from tests.test_engine_jobs import history_timeline
 from tests.timelines import PARENT, TENANT
-from worker.engine import EngineSettings
-from worker.jobs import CompactionJob
-from worker.runner import compact
 
 
 @pytest.fixture
@@ -76,9 +76,9 @@ def test_cli_gc_orphans_reports_and_spares_in_flight_timelines(
 ) -> None:
     from click.testing import CliRunner
 
-    from coordinator.cli import main
-    from coordinator.job_records import CompactRequest, JobRecords, connect
-    from coordinator.meta_jobs import create_meta_job
+    from compactor.coordinator.cli.main import main
+    from compactor.coordinator.jobs.meta_jobs import create_meta_job
+    from compactor.worker.runtime.records import CompactRequest, JobRecords, connect
 
     storage.import_timeline(json.dumps(history_timeline(cutoff=60).to_json()))
     stray = layers_prefix(TENANT, PARENT) + "00-stray"

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from coordinator.job_records import JobRecords, JobState, connect, most_at_once
-from storage.timeline import Storage
+from compactor.storage.timeline import Storage
+from compactor.worker.runtime.records import JobRecords, JobState, connect, most_at_once
 from tests.test_distributed import (
     STACK_ENV,
     assert_reads_exact,
@@ -61,7 +61,7 @@ def unpartitioned_timeline(timeline_id: str, seed: int = 3) -> Timeline:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from coordinator.embedded import EmbeddedStack
+    from compactor.coordinator.local.embedded import EmbeddedStack
 
     embedded = EmbeddedStack(
         tmp_path_factory.mktemp("three-nodes"),

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storage.errors import RedoError
-from storage.keys import FULL_KEY_RANGE, key_from_int, key_to_int
-from storage.manifest import Manifest
-from storage.read_path import read_key, read_range
+from compactor.storage.errors import RedoError
+from compactor.storage.keys import FULL_KEY_RANGE, key_from_int, key_to_int
+from compactor.storage.manifest import Manifest
+from compactor.storage.read_path import read_key, read_range
 from tests.engine_memory import MemoryIO
 from tests.timelines import PARENT, Timeline, reference_read, timelines
 

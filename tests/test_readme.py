@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from storage.settings import Settings
+from compactor.storage.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

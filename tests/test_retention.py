@@ -1,6 +1,7 @@
-"""Per-key retention of gc-compaction (worker.retention) and its statistics (worker.statistics).
+"""Per-key retention of gc-compaction (compactor.worker.engine.retention) and its statistics
+(compactor.worker.engine.statistics).
 
-Reads are checked with a replay written here, independent of storage.redo.
+Reads are checked with a replay written here, independent of compactor.storage.redo.
 """
 
 from __future__ import annotations
@@ -13,18 +14,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storage.errors import InvalidInput, RedoError
-from storage.keys import format_key, key_from_int
-from storage.redo import TestRecord as WalRecord
-from storage.values import ValueKind, Version
-from worker import retention as retention_module
-from worker.retention import (
+from compactor.storage.errors import InvalidInput, RedoError
+from compactor.storage.keys import format_key, key_from_int
+from compactor.storage.redo import TestRecord as WalRecord
+from compactor.storage.values import ValueKind, Version
+from compactor.worker.engine import retention as retention_module
+from compactor.worker.engine.retention import (
     DELTA_THRESHOLD,
     KeyHistoryRetention,
     generate_key_retention,
     place,
 )
-from worker.statistics import CompactionStatistics, PhaseTimer
+from compactor.worker.engine.statistics import CompactionStatistics, PhaseTimer
 
 KEY = key_from_int(0x1234)
 IMAGE, RECORD, INIT = int(ValueKind.IMAGE), int(ValueKind.RECORD), int(ValueKind.INIT_RECORD)

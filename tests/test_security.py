@@ -30,10 +30,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from coordinator.embedded import EmbeddedRedis
-from coordinator.job_records import JobState, celery_redis_url
-from storage import layout
-from storage.manifest import LayerEntry
+from compactor.coordinator.local.embedded import EmbeddedRedis
+from compactor.storage import layout
+from compactor.storage.manifest import LayerEntry
+from compactor.worker.runtime.records import JobState, celery_redis_url
 from tests.faultkit import (
     FaultStack,
     FaultSummary,
@@ -114,7 +114,7 @@ def counting_proxy(fs: FaultStack) -> Iterator[FaultProxy]:
 
 def run_cli(env: dict[str, str], *args: str, stdin: str | None = None) -> Any:
     """``compactor`` in this process (fast enough to try every command with every bad id)."""
-    from coordinator.cli import main
+    from compactor.coordinator.cli.main import main
 
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
@@ -132,7 +132,9 @@ def cli_subprocess(env: dict[str, str], *args: str) -> subprocess.CompletedProce
     full = {k: v for k, v in os.environ.items() if not k.startswith("COMPACTOR_")}
     full.update(env)
     full["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], env=full, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "compactor.coordinator.cli.main", *args], env=full, capture_output=True, text=True
+    )
 
 
 def last_error_line(result: Any) -> str:
@@ -195,7 +197,7 @@ def test_pickled_and_other_non_json_messages_are_refused(fs: FaultStack, tmp_pat
     assert logged() >= len(bodies), "not every non-JSON message was refused in the log"
     assert not marker.exists(), "a pickled message was loaded by a worker"
     # Every worker process accepts JSON only (asked over the broker, as an operator would).
-    from worker.celery_app import app
+    from compactor.worker.runtime.app import app
 
     replies = app.control.inspect(timeout=2).conf() or {}
     assert set(replies) == {h for n in fs.stack.workers for h in fs.stack.hostnames(n)}

@@ -3,15 +3,15 @@
 import hashlib
 import itertools
 
-from coordinator.split import RowGroups, slices
-from coordinator.trigger import should_trigger
-from storage.keys import KEY_MAX, KeyRange, format_key, key_from_int, key_to_int
-from storage.layer_file import RowGroup
-from storage.layer_name import LayerName
-from storage.manifest import GcCompactionState, GcInfo, LayerEntry, Manifest, TimelineSettings
+from compactor.coordinator.jobs.split import RowGroups, slices
+from compactor.coordinator.jobs.trigger import should_trigger
+from compactor.storage.keys import KEY_MAX, KeyRange, format_key, key_from_int, key_to_int
+from compactor.storage.layer_file import RowGroup
+from compactor.storage.layer_name import LayerName
+from compactor.storage.manifest import GcCompactionState, GcInfo, LayerEntry, Manifest, TimelineSettings
+from compactor.worker.engine.jobs import CompactionJob
+from compactor.worker.engine.plan import JobPlan, plan_job
 from tests.timelines import CHILD, PARENT, TENANT
-from worker.jobs import CompactionJob
-from worker.plan import JobPlan, plan_job
 
 MiB = 1024 * 1024
 
@@ -117,7 +117,7 @@ def test_trigger_rules() -> None:
     assert should_trigger(l2b, job_in_flight=False).trigger
     huge = manifest([(d(0, 10, 10, 20), 151 * 1024**3)], cutoff=30)
     assert not should_trigger(huge, job_in_flight=False).trigger
-    from storage.manifest import Ancestor
+    from compactor.storage.manifest import Ancestor
 
     child = manifest([(d(0, 10, 10, 20), big)], cutoff=30, ancestor=Ancestor(timeline_id=CHILD, lsn=5))
     assert not should_trigger(child, job_in_flight=False).trigger

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from storage.errors import ManifestConflict
-from storage.manifest import Manifest
-from storage.manifest_store import CommitObserver, ManifestStore
-from storage.object_store import ObjectStore, RequestKind, StoreObserver
+from compactor.storage.errors import ManifestConflict
+from compactor.storage.manifest import Manifest
+from compactor.storage.manifest_store import CommitObserver, ManifestStore
+from compactor.storage.object_store import ObjectStore, RequestKind, StoreObserver
 from tests.conftest import MIB
 from tests.test_manifest_store import add_lease, start_timeline
 from tests.test_object_store import Attempts, slow_down

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordinator.cli import main
-from storage.errors import CorruptLayer, InvalidInput, RedoError
-from storage.keys import key_to_int
-from storage.settings import Settings
-from storage.timeline import Storage
+from compactor.coordinator.cli.main import main
+from compactor.storage.errors import CorruptLayer, InvalidInput, RedoError
+from compactor.storage.keys import key_to_int
+from compactor.storage.settings import Settings
+from compactor.storage.timeline import Storage
 from tests.conftest import make_s3_settings
 from tests.timelines import CHILD, PARENT, TENANT, Layer, Timeline, Value, record, reference_read, timelines
 
@@ -165,13 +165,13 @@ def test_s3_reads_equal_reference(
 
 
 def _key(k: int) -> bytes:
-    from storage.keys import key_from_int
+    from compactor.storage.keys import key_from_int
 
     return key_from_int(k)
 
 
 def _one(k: int):  # type: ignore[no-untyped-def]
-    from storage.keys import KeyRange, key_from_int
+    from compactor.storage.keys import KeyRange, key_from_int
 
     return KeyRange(key_from_int(k), key_from_int(k + 1))
 
@@ -237,10 +237,12 @@ def test_layer_cache_stays_within_its_size_limit(s3_endpoint: str, tmp_path: Pat
 
 
 def test_timeline_format_doc_is_current_and_its_example_imports(s3_settings: Settings) -> None:
-    from coordinator.schema_docs import DOCS, DOCS_DIR, documented, generated
+    from compactor.coordinator.cli.schema_docs import DOCS, DOCS_DIR, documented, generated
 
     text = (DOCS_DIR / "timeline-format.md").read_text()
-    assert documented(text) == generated(DOCS["timeline-format.md"]), "regenerate: python -m coordinator.schema_docs"
+    assert documented(text) == generated(DOCS["timeline-format.md"]), (
+        "regenerate: python -m compactor.coordinator.cli.schema_docs"
+    )
     example = text.split("<!-- example -->\n```json\n", 1)[1].split("\n```", 1)[0]
     storage = Storage(s3_settings)
     storage.objects.ensure_bucket()

@@ -54,7 +54,7 @@ def processes_in(directory: Path) -> list[str]:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "coordinator.cli", *args]
+    return [sys.executable, "-m", "compactor.coordinator.cli.main", *args]
 
 
 def wait_env_file(proc: subprocess.Popen[bytes], stack_dir: Path) -> dict[str, str]:
@@ -75,7 +75,7 @@ def test_up_writes_env_serves_and_stops_everything(tmp_path: Path) -> None:
     try:
         values = wait_env_file(proc, stack_dir)
         assert {"COMPACTOR_REDIS_URL", "COMPACTOR_S3_ENDPOINT_URL", "COMPACTOR_S3_BUCKET"} <= set(values)
-        shell = f"set -a; . {stack_dir / 'env'}; {sys.executable} -m coordinator.cli jobs --json"
+        shell = f"set -a; . {stack_dir / 'env'}; {sys.executable} -m compactor.coordinator.cli.main jobs --json"
         out = subprocess.run(["bash", "-c", shell], env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["jobs"] == []

@@ -72,7 +72,9 @@ def test_up_hands_its_settings_to_workers_and_coordinator(tmp_path: Path) -> Non
 
         started = {pid: cmdline_of(pid) for pid in descendants(proc.pid)}
         commands = {
-            pid: args[args.index("coordinator.cli") + 1] for pid, args in started.items() if "coordinator.cli" in args
+            pid: args[args.index("compactor.coordinator.cli.main") + 1]
+            for pid, args in started.items()
+            if "compactor.coordinator.cli.main" in args
         }
         parent_of = parents()
         ports: dict[str, list[str | None]] = {}

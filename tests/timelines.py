@@ -11,7 +11,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from storage.keys import KEY_MAX, format_key, key_from_int, key_to_int
+from compactor.storage.keys import KEY_MAX, format_key, key_from_int, key_to_int
 
 KEY_MAX_INT = key_to_int(KEY_MAX)
 

@@ -1,0 +1,54 @@
+"""The seed's auto-trigger for gc-compaction of one timeline (``trigger_auto_compaction``)."""
+
+from dataclasses import dataclass
+
+from compactor.storage.manifest import Manifest
+
+AUTO_TRIGGER_LIMIT = 150 * 1024**3  # the seed does not auto-trigger timelines this large
+
+
+@dataclass(frozen=True)
+class TriggerDecision:
+    trigger: bool
+    reason: str
+    l1_bytes: int = 0
+    l2_bytes: int = 0
+
+
+def layer_sizes(manifest: Manifest) -> tuple[int, int]:
+    """``(l1, l2)``: bytes of layers starting at or below the last completed gc-compaction LSN
+    (L2), and of layers above it that start at or below the gc cutoff (L1)."""
+    l2_lsn = manifest.gc_compaction.last_completed_lsn
+    cutoff = manifest.gc.cutoff
+    l1 = l2 = 0
+    for entry in manifest.layers.values():
+        start = entry.layer.lsn_start
+        if start <= l2_lsn:
+            l2 += entry.size
+        elif start <= cutoff:
+            l1 += entry.size
+    return l1, l2
+
+
+def should_trigger(manifest: Manifest, *, job_in_flight: bool) -> TriggerDecision:
+    settings = manifest.settings
+    if not settings.gc_compaction_enabled:
+        return TriggerDecision(False, "gc-compaction disabled for the timeline")
+    if job_in_flight:
+        return TriggerDecision(False, "a meta job is already in flight")
+    if manifest.ancestor is not None:
+        return TriggerDecision(False, "child timelines are not auto-compacted")
+    if manifest.gc.cutoff == 0:
+        return TriggerDecision(False, "gc cutoff not set")
+    l1, l2 = layer_sizes(manifest)
+    if l1 + l2 >= AUTO_TRIGGER_LIMIT:
+        return TriggerDecision(False, "timeline too large for auto-trigger (>= 150 GiB)", l1, l2)
+    if l2 == 0:
+        threshold = settings.gc_compaction_initial_threshold_kb * 1024
+        if l1 >= threshold:
+            return TriggerDecision(True, f"initial: l1={l1} >= threshold={threshold}", l1, l2)
+        return TriggerDecision(False, f"l1={l1} below initial threshold {threshold}", l1, l2)
+    ratio = settings.gc_compaction_ratio_percent / 100.0
+    if l1 / l2 >= ratio:
+        return TriggerDecision(True, f"ratio: l1/l2={l1 / l2:.2f} >= {ratio:.2f}", l1, l2)
+    return TriggerDecision(False, f"l1/l2={l1 / l2:.2f} below {ratio:.2f}", l1, l2)

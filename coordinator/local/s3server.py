@@ -1,0 +1,225 @@
+"""A real S3 endpoint on loopback: a moto server in a child process.
+
+Used by the test fixtures and by ``compactor up``; it imports nothing from pytest.
+
+    with S3Server() as server:          # or server.start() / server.stop()
+        settings = Settings(s3_endpoint_url=server.endpoint_url, ...)
+
+The child binds port 0 itself and reports the port it got, so there is no race for a "free"
+port. It exits when its stdin closes, so it never outlives the process that started it.
+
+Run directly (``python -m compactor.coordinator.local.s3server --port 9000``) it serves until interrupted.
+
+moto checks ``If-None-Match``/``If-Match`` and then writes as two steps, so two concurrent
+create-only PUTs can both succeed on its threaded server; real S3 and MinIO decide atomically.
+The server here runs every request's handler under one lock, which restores that atomicity (the
+manifest commit protocol depends on it) at no cost that matters on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import selectors
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+READY_PREFIX = "S3SERVER READY "
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+class _Serialized:
+    """Runs a WSGI app's handler (and the build of its response body) under one lock."""
+
+    def __init__(self, app: WsgiApp) -> None:
+        self._app = app
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        with self._lock:
+            result = self._app(environ, start_response)
+            try:
+                body = b"".join(result)
+            finally:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+        return [body]
+
+
+def serve(host: str = "127.0.0.1", port: int = 0, *, exit_on_stdin_eof: bool = False, verbose: bool = False) -> None:
+    """Serve moto's S3 on ``host:port`` in this process until interrupted; prints
+    ``READY_PREFIX + endpoint URL`` on stdout once accepting connections."""
+    import logging
+
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    if not verbose:
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    app = _Serialized(DomainDispatcherApplication(create_backend_app))
+    server = make_server(host, port, app, threaded=True, request_handler=MotoRequestHandler)
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"{READY_PREFIX}http://{url_host}:{server.server_port}", flush=True)
+    # Nothing else may block on the parent's pipe, which it stops reading after the ready line.
+    os.dup2(2, 1)
+
+    if exit_on_stdin_eof:
+
+        def watch_stdin() -> None:
+            try:
+                while sys.stdin.buffer.read(4096):
+                    pass
+            finally:
+                server.shutdown()
+
+        threading.Thread(target=watch_stdin, name="stdin-watch", daemon=True).start()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+class S3Server:
+    """A moto S3 server in a child process, on a loopback port chosen by the OS."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        log_file: str | os.PathLike[str] | None = None,
+        startup_timeout_s: float = 60.0,
+        verbose: bool = False,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.log_file = Path(log_file) if log_file is not None else None
+        self.startup_timeout_s = startup_timeout_s
+        self.verbose = verbose
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._endpoint_url: str | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        if self._endpoint_url is None:
+            raise RuntimeError("S3 server not started")
+        return self._endpoint_url
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> str:
+        """Start the server and return its endpoint URL once it accepts connections."""
+        if self._proc is not None:
+            raise RuntimeError("S3 server already started")
+        args = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--exit-on-stdin-eof",
+        ]
+        if self.verbose:
+            args.append("--verbose")
+        if self.log_file is not None:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_file, "ab")  # noqa: SIM115 - lives as long as the child
+        self._proc = subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log if self._log is not None else None,
+            # The child must not take the parent's Ctrl-C: the parent stops it in order.
+            start_new_session=True,
+        )
+        try:
+            self._endpoint_url = self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self._endpoint_url
+
+    def _wait_ready(self) -> str:
+        assert self._proc is not None and self._proc.stdout is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        buffer = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._proc.stdout, selectors.EVENT_READ)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RuntimeError(f"S3 server did not start within {self.startup_timeout_s:.0f}s")
+                if selector.select(timeout=min(remaining, 0.5)):
+                    chunk = os.read(self._proc.stdout.fileno(), 4096)
+                    if not chunk:
+                        code = self._proc.wait()
+                        raise RuntimeError(f"S3 server exited during startup with code {code}")
+                    buffer += chunk
+                    for line in buffer.decode(errors="replace").splitlines():
+                        if line.startswith(READY_PREFIX):
+                            return line[len(READY_PREFIX) :].strip()
+                elif self._proc.poll() is not None:
+                    raise RuntimeError(f"S3 server exited during startup with code {self._proc.returncode}")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the child: close its stdin, then SIGTERM, then SIGKILL."""
+        proc, self._proc = self._proc, None
+        self._endpoint_url = None
+        if proc is not None:
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+            try:
+                proc.wait(timeout=timeout_s / 2)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=timeout_s / 2)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> S3Server:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve a moto S3 endpoint (conditional writes made atomic).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")
+    parser.add_argument("--exit-on-stdin-eof", action="store_true", help="stop when stdin closes")
+    parser.add_argument("--verbose", action="store_true", help="log every request")
+    args = parser.parse_args(argv)
+    serve(args.host, args.port, exit_on_stdin_eof=args.exit_on_stdin_eof, verbose=args.verbose)
+
+
+if __name__ == "__main__":
+    main()

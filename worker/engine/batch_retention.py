@@ -1,0 +1,298 @@
+"""``generate_key_retention`` for many keys at once, column by column.
+
+Most keys of a real timeline have the simplest possible history: it starts with an image, and
+every record after it only appends bytes to the page (a ``test`` record with no clear, no init
+and no ``only_if``). For such keys the seed's retention reduces to counting, and redo to
+concatenation: the value at an LSN is the newest image at or below it followed by the appended
+bytes of the records after it, which are one contiguous run of rows in a key-sorted table. This
+module decides which keys qualify (``simple_keys``) and computes their retention for a whole
+merged chunk in NumPy and Arrow (``retain_chunk``), with no Python work per version. Every other
+key goes through ``compactor.worker.engine.retention`` one by one; both give the same layers.
+
+The rule, per key, for the cuts (the retain LSNs below the horizon, then the horizon): a cut
+holds the versions in ``(previous cut, cut]``. From the first non-empty cut on, a counter adds
+the versions of each cut; the first cut always becomes an image, a later one once the counter
+reaches the delta threshold (and the counter restarts); other cuts keep their versions. Above
+the horizon everything is kept. With verification on, a read of the output at every cut at or
+above the key's first LSN, and of its newest state, must replay exactly the input rows the same
+read of the input replays (``_verify``): the points ``KeyHistoryRetention.verify`` checks, by
+rows instead of by rebuilt values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from compactor.storage.errors import RedoError
+from compactor.storage.keys import format_key
+from compactor.storage.layer_file import SCHEMA
+from compactor.storage.values import ValueKind
+
+# A plain append record: op name ``test``, NUL, flags 0, the append's length (u32 LE), the append.
+_PLAIN_PREFIX = b"test\x00\x00"
+_HEADER = 10
+# binary_slice without a stop fails on values shorter than the start (pyarrow 26).
+_NO_STOP = 2**31 - 1
+_EMPTY = pa.scalar(b"", pa.binary())
+_IMAGE = int(ValueKind.IMAGE)
+_RECORD = int(ValueKind.RECORD)
+
+
+def key_starts(keys: np.ndarray) -> np.ndarray:
+    """Row index where each key begins, and the row count at the end."""
+    changes = np.flatnonzero(keys[1:] != keys[:-1]) + 1
+    starts: np.ndarray = np.concatenate(([0], changes, [len(keys)])).astype(np.int64)
+    return starts
+
+
+def _lengths(values: pa.Array) -> np.ndarray:
+    lengths: np.ndarray = pc.binary_length(values).to_numpy(zero_copy_only=False).astype(np.int64)
+    return lengths
+
+
+def _plain_append(values: pa.Array, lengths: np.ndarray) -> np.ndarray:
+    """Rows whose payload is a well-formed plain append record: the first ten bytes of every
+    payload are read straight from the array's data buffer."""
+    n = len(values)
+    data_buffer = values.buffers()[2]
+    if data_buffer is None:
+        return np.zeros(n, dtype=bool)
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32, count=n + 1 + values.offset)[values.offset :]
+    data = np.frombuffer(data_buffer, dtype=np.uint8)
+    long_enough = lengths >= _HEADER
+    if not long_enough.any():
+        return long_enough
+    # Short payloads read from offset 0 instead (any bytes do: they are rejected anyway).
+    at = np.where(long_enough, offsets[:-1], 0).astype(np.int64)
+    plain: np.ndarray = long_enough.copy()
+    for i, byte in enumerate(_PLAIN_PREFIX):
+        plain &= data[at + i] == byte
+    declared = np.zeros(n, dtype=np.int64)
+    for i in range(4):
+        declared |= data[at + 6 + i].astype(np.int64) << (8 * i)
+    plain &= declared == lengths - _HEADER
+    return plain
+
+
+def simple_keys(table: pa.Table, starts: np.ndarray, limit: int) -> np.ndarray:
+    """Per key of ``table`` (sorted, grouped by ``starts``): whether ``retain_chunk`` can take it.
+    A key qualifies when its history starts with an image, holds only images and plain append
+    records, has one version per LSN and stays below ``limit`` bytes."""
+    if table.num_rows == 0:
+        return np.zeros(0, dtype=bool)
+    kinds = table.column("kind").to_numpy()
+    lsns = table.column("lsn").to_numpy()
+    values = table.column("value").combine_chunks()
+    lengths = _lengths(values)
+    ok = (kinds == _IMAGE) | ((kinds == _RECORD) & _plain_append(values, lengths))
+    # Two versions at one LSN (an image materialising a record) take the general path.
+    repeated = np.zeros(len(lsns), dtype=bool)
+    repeated[1:] = lsns[1:] == lsns[:-1]
+    repeated[starts[:-1]] = False
+    ok &= ~repeated
+    firsts = starts[:-1]
+    simple: np.ndarray = (
+        np.logical_and.reduceat(ok, firsts) & (kinds[firsts] == _IMAGE) & (np.add.reduceat(lengths, firsts) < limit)
+    )
+    return simple
+
+
+@dataclass
+class ChunkRetention:
+    """What ``retain_chunk`` keeps of a chunk's keys."""
+
+    image_keys: pa.Array  # first-cut images for the image layer, in key order
+    image_values: pa.Array
+    deltas: pa.Table  # every other retained version, layer schema, sorted
+    image_rows_in: int
+    image_bytes_in: int
+    wal_rows_in: int
+    wal_bytes_in: int
+
+
+class _Rows:
+    """Rows sorted by key number and LSN, each key starting with an image: reads of values at
+    ``(key, lsn)`` points as runs of rows, the base image first."""
+
+    def __init__(self, key_ids: np.ndarray, buckets: np.ndarray, is_image: np.ndarray, width: int) -> None:
+        self.key_ids = key_ids
+        self.width = width
+        # Rows are sorted by key number and LSN, so also by key number and bucket: one array of
+        # both answers "last row at or below a cut" by binary search.
+        self.packed = key_ids * width + buckets
+        # Newest image at or before each row.
+        self.base = np.maximum.accumulate(np.where(is_image, np.arange(len(key_ids)), -1))
+
+    def runs(self, key_ids: np.ndarray, cuts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For each point (a key number and a cut number; the number of cuts stands for "after
+        everything"): whether its key has a base image there, and the run of rows that replays
+        to its value (base image first, last row at or below the cut)."""
+        last = np.searchsorted(self.packed, key_ids * self.width + cuts, side="right").astype(np.int64) - 1
+        found = last >= 0
+        found[found] = self.key_ids[last[found]] == key_ids[found]
+        first = np.where(found, self.base[np.maximum(last, 0)], -1)
+        found &= first >= 0
+        found[found] = self.key_ids[first[found]] == key_ids[found]
+        return found, first, last
+
+
+def _replay_runs(values: pa.Array, first: np.ndarray, last: np.ndarray) -> pa.Array:
+    """Redo of each run of rows: the image at ``first`` followed by the appended bytes of the
+    plain append records after it, up to ``last``."""
+    count = last - first
+    ends = np.cumsum(count)
+    index = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(first + 1 - (ends - count), count)
+    appends = pc.binary_slice(values.take(pa.array(index, pa.int64())), _HEADER, _NO_STOP)
+    offsets = np.concatenate(([0], ends)).astype(np.int32)
+    joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), appends), _EMPTY)
+    return pc.binary_join_element_wise(values.take(pa.array(first, pa.int64())), joined, _EMPTY)
+
+
+def _kept_rows(buckets: np.ndarray, wants: np.ndarray, key_ids: np.ndarray) -> np.ndarray:
+    """Rows kept as they are: above the horizon, or in a cut that gets no image."""
+    ncuts = wants.shape[1]
+    kept: np.ndarray = (buckets == ncuts) | ~wants[key_ids, np.minimum(buckets, ncuts - 1)]
+    return kept
+
+
+def retain_chunk(
+    table: pa.Table,
+    starts: np.ndarray,
+    cuts: list[int],
+    delta_threshold: int,
+    image_layer: bool,
+    verification: bool,
+) -> ChunkRetention:
+    """The retention of every key of ``table`` (all of them ``simple_keys``), grouped by
+    ``starts``; ``cuts`` are the retain LSNs below the horizon, then the horizon. Images of the
+    first cut go to ``image_keys``/``image_values`` when the job writes an image layer (and lead
+    their key's deltas otherwise). Raises ``RedoError`` if verification finds a difference."""
+    nkeys = len(starts) - 1
+    keys = table.column("key").combine_chunks()
+    lsns = table.column("lsn").to_numpy()
+    kinds = table.column("kind").to_numpy()
+    values = table.column("value").combine_chunks()
+    key_ids = np.repeat(np.arange(nkeys, dtype=np.int64), np.diff(starts))
+    cut_lsns = np.array(cuts, dtype=np.uint64)
+    ncuts = len(cuts)
+    buckets = np.searchsorted(cut_lsns, lsns, side="left")  # == ncuts: above the horizon
+    counts = np.bincount(key_ids * (ncuts + 1) + buckets, minlength=nkeys * (ncuts + 1)).reshape(nkeys, ncuts + 1)
+
+    wants = np.zeros((nkeys, ncuts), dtype=bool)
+    exists = np.zeros(nkeys, dtype=bool)
+    pending = np.zeros(nkeys, dtype=np.int64)  # versions since the last image
+    for i in range(ncuts):
+        exists |= counts[:, i] > 0
+        pending += counts[:, i]
+        wants[:, i] = exists if i == 0 else exists & (pending > 0) & (pending >= delta_threshold)
+        pending[wants[:, i]] = 0
+
+    lengths = _lengths(values)
+    is_image = kinds == _IMAGE
+    rows = _Rows(key_ids, buckets, is_image, ncuts + 1)
+    want_keys, want_cuts = np.nonzero(wants)
+    found, first, last = rows.runs(want_keys, want_cuts)
+    if not found.all():  # cannot happen for simple keys: each starts with an image
+        raise RedoError(f"no base image for key {_key_text(keys, starts, want_keys[~found][0])}")
+    built = _replay_runs(values, first, last)
+
+    kept_index = np.flatnonzero(_kept_rows(buckets, wants, key_ids))
+    to_image_layer = (want_cuts == 0) & image_layer
+    in_deltas = ~to_image_layer
+    image_keys = keys.take(pa.array(starts[want_keys[to_image_layer]]))
+    image_values = built.filter(pa.array(to_image_layer))
+
+    delta_keys = np.concatenate((key_ids[kept_index], want_keys[in_deltas]))
+    delta_lsns = np.concatenate((lsns[kept_index], cut_lsns[want_cuts[in_deltas]]))
+    delta_kinds = np.concatenate((kinds[kept_index], np.full(int(in_deltas.sum()), _IMAGE, dtype=kinds.dtype)))
+    delta_values = pa.concat_arrays([values.take(pa.array(kept_index)), built.filter(pa.array(in_deltas))])
+    order = np.lexsort((delta_kinds, delta_lsns, delta_keys))
+    deltas = pa.Table.from_arrays(
+        [
+            keys.take(pa.array(starts[delta_keys[order]])),
+            pa.array(delta_lsns[order], pa.uint64()),
+            pa.array(delta_kinds[order], pa.uint8()),
+            delta_values.take(pa.array(order)),
+        ],
+        schema=SCHEMA,
+    )
+
+    if verification:
+        # Every image built, wherever it is placed, with the rows it replays.
+        output = _Output(
+            key_ids=np.concatenate((key_ids[kept_index], want_keys)),
+            lsns=np.concatenate((lsns[kept_index], cut_lsns[want_cuts])),
+            buckets=np.concatenate((buckets[kept_index], want_cuts)),
+            is_image=np.concatenate((is_image[kept_index], np.ones(len(want_keys), dtype=bool))),
+            first=np.concatenate((kept_index, first)),
+            last=np.concatenate((kept_index, last)),
+        )
+        _verify(keys, starts, rows, cut_lsns, counts, output)
+    image_bytes = int(lengths[is_image].sum())
+    return ChunkRetention(
+        image_keys=image_keys,
+        image_values=image_values,
+        deltas=deltas,
+        image_rows_in=int(is_image.sum()),
+        image_bytes_in=image_bytes,
+        wal_rows_in=int(len(lsns) - is_image.sum()),
+        wal_bytes_in=int(lengths.sum()) - image_bytes,
+    )
+
+
+@dataclass
+class _Output:
+    """The retained versions of a chunk as rows of the input: a kept version is its own input
+    row, an image built at a cut is the run of input rows its redo replayed."""
+
+    key_ids: np.ndarray
+    lsns: np.ndarray
+    buckets: np.ndarray
+    is_image: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+
+
+def _verify(
+    keys: pa.Array, starts: np.ndarray, original: _Rows, cut_lsns: np.ndarray, counts: np.ndarray, output: _Output
+) -> None:
+    """Check every key at each cut from its first LSN on, and its newest state: a read of the
+    output there must replay exactly the input rows a read of the input replays (the same base
+    image, then the same records in order). Redo being a function of those rows, the values are
+    then the same, without rebuilding and comparing them byte by byte."""
+    nkeys = len(starts) - 1
+    exists = np.cumsum(counts[:, :-1], axis=1) > 0
+    point_keys, point_cuts = np.nonzero(exists)
+    point_keys = np.concatenate((point_keys, np.arange(nkeys)))
+    # The newest state: the output may end at a cut above the input's newest LSN (an image
+    # moved up to its cut), so both are read after everything.
+    ncuts = len(cut_lsns)
+    point_cuts = np.concatenate((point_cuts, np.full(nkeys, ncuts)))
+    _, want_first, want_last = original.runs(point_keys, point_cuts)
+
+    order = np.lexsort((output.lsns, output.key_ids))
+    out = _Rows(output.key_ids[order], output.buckets[order], output.is_image[order], ncuts + 1)
+    first, last = output.first[order], output.last[order]
+    found, base_row, last_row = out.runs(point_keys, point_cuts)
+    base_row, last_row = np.maximum(base_row, 0), np.maximum(last_row, 0)
+    # Rows after a base replay input rows that follow each other without a gap.
+    gaps = np.zeros(len(order), dtype=np.int64)
+    gaps[1:] = first[1:] != last[:-1] + 1
+    gaps = np.cumsum(gaps)
+    same = found & (first[base_row] == want_first) & (last[last_row] == want_last) & (gaps[last_row] == gaps[base_row])
+    if not same.all():
+        bad = int(np.flatnonzero(~same)[0])
+        at = "its newest LSN" if point_cuts[bad] == ncuts else f"LSN {int(cut_lsns[point_cuts[bad]])}"
+        where = f"key {_key_text(keys, starts, point_keys[bad])} at {at}"
+        reason = "the retained history does not replay the original"
+        if not found[bad]:
+            reason = "the retained history lost its base image"
+        raise RedoError(f"verification failed: {where}: {reason}")
+
+
+def _key_text(keys: pa.Array, starts: np.ndarray, key_id: int) -> str:
+    return format_key(keys[int(starts[key_id])].as_py())

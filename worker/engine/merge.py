@@ -1,0 +1,147 @@
+"""The k-merge of the selected layers, as Arrow tables of whole keys.
+
+Each input is a *chain*: layers of one LSN range with disjoint key ranges, read one after the
+other as one key-sorted stream of record batches. The merge takes from every chain the rows
+below a common boundary key (the smallest last key buffered by a chain that has not ended), so
+each output chunk holds every version of its keys, and sorts the pieces by ``(key, lsn, kind)``
+in one vectorised step. Memory holds about one read batch (~1 MiB) per chain, plus the versions
+of a single key when one key spans batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from compactor.storage.keys import KEY_SIZE, KeyRange
+from compactor.storage.layer_file import SCHEMA
+from compactor.storage.manifest import LayerEntry
+
+KEY_DTYPE = f"S{KEY_SIZE}"
+"""Keys as a NumPy array: fixed-width bytes, which compare and sort as the keys do (every key has
+the same width, so NumPy's NUL padding never changes an order)."""
+
+_SORT = [("key", "ascending"), ("lsn", "ascending"), ("kind", "ascending")]
+
+
+def chains(entries: list[LayerEntry]) -> list[list[LayerEntry]]:
+    """The selected layers as chains: each chain holds layers of one LSN range with disjoint key
+    ranges, in key order, so it reads as one sorted stream with one layer open at a time and
+    holds each key in at most one of its layers. Chains come in LSN order, bands first."""
+    by_lsn: dict[tuple[int, int], list[tuple[KeyRange, LayerEntry]]] = {}
+    for entry in entries:
+        layer = entry.layer
+        by_lsn.setdefault(layer.lsn_range, []).append((layer.key_range, entry))
+    out: list[list[LayerEntry]] = []
+    for lsn_range in sorted(by_lsn):
+        ends: list[bytes] = []  # key end of each open chain's last layer
+        band: list[list[LayerEntry]] = []
+        for key_range, entry in sorted(by_lsn[lsn_range], key=lambda item: item[0]):
+            for i, end in enumerate(ends):
+                if end <= key_range.start:
+                    band[i].append(entry)
+                    ends[i] = key_range.end
+                    break
+            else:
+                band.append([entry])
+                ends.append(key_range.end)
+        out.extend(band)
+    return out
+
+
+def key_at(keys: np.ndarray, i: int) -> bytes:
+    """Key ``i`` of a ``key_array`` as bytes (``bytes(keys[i])`` would drop trailing NULs)."""
+    return keys[i : i + 1].tobytes()
+
+
+def key_array(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A fixed-width key column as a NumPy ``S`` array (zero-copy for one chunk)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    data = column.buffers()[1]
+    if data is None:
+        return np.empty(0, dtype=KEY_DTYPE)
+    return np.frombuffer(data, dtype=KEY_DTYPE, count=len(column) + column.offset)[column.offset :]
+
+
+@dataclass
+class _Chain:
+    batches: Iterator[pa.RecordBatch]
+    buffered: list[pa.RecordBatch]
+    ended: bool = False
+
+    def pull(self) -> bool:
+        """Buffer the next non-empty batch; False once the chain has ended."""
+        for batch in self.batches:
+            if batch.num_rows:
+                self.buffered.append(batch)
+                return True
+        self.ended = True
+        return False
+
+    def last_key(self) -> bytes:
+        keys = key_array(self.buffered[-1].column(0))
+        return key_at(keys, len(keys) - 1)
+
+    def buffered_bytes(self) -> int:
+        return sum(batch.nbytes for batch in self.buffered)
+
+    def take_below(self, boundary: bytes | None) -> list[pa.RecordBatch]:
+        """Remove and return the buffered rows with keys below ``boundary`` (all if None)."""
+        if boundary is None:
+            out, self.buffered = self.buffered, []
+            return out
+        out = []
+        while self.buffered:
+            batch = self.buffered[0]
+            keys = key_array(batch.column(0))
+            cut = int(np.searchsorted(keys, np.array(boundary, dtype=KEY_DTYPE), side="left"))
+            if cut == batch.num_rows:
+                out.append(self.buffered.pop(0))
+                continue
+            if cut:
+                out.append(batch.slice(0, cut))
+                self.buffered[0] = batch.slice(cut)
+            break
+        return out
+
+
+def merged_chunks(
+    streams: list[Iterator[pa.RecordBatch]], limit: int, too_much: Callable[[bytes, int], None]
+) -> Iterator[pa.Table]:
+    """Tables of whole keys in key order, each sorted by ``(key, lsn, kind)``, from key-sorted
+    streams of layer-schema batches (one per chain, in chain order). A stream that buffers more
+    than ``limit`` bytes for a single key calls ``too_much(key, bytes)``, which must raise."""
+    live = [_Chain(iter(stream), []) for stream in streams]
+    for chain in live:
+        chain.pull()
+    live = [chain for chain in live if not chain.ended]
+    while live:
+        open_ends = [chain.last_key() for chain in live if not chain.ended]
+        boundary = min(open_ends) if open_ends else None
+        pieces = [piece for chain in live for piece in chain.take_below(boundary)]
+        if pieces:
+            yield _sorted(pieces, len(live) > 1)
+        elif boundary is not None:
+            # Every buffered row left has the boundary key: that key spans batches.
+            for chain in live:
+                if not chain.ended and chain.last_key() == boundary:
+                    chain.pull()
+                    size = chain.buffered_bytes()
+                    if size >= limit:
+                        too_much(boundary, size)
+        for chain in live:
+            if not chain.buffered and not chain.ended:
+                chain.pull()
+        live = [chain for chain in live if chain.buffered or not chain.ended]
+
+
+def _sorted(pieces: list[pa.RecordBatch], several: bool) -> pa.Table:
+    table = pa.Table.from_batches(pieces, schema=SCHEMA).combine_chunks()
+    if not several:
+        return table  # one chain: already in order
+    return table.take(pc.sort_indices(table, sort_keys=_SORT))

@@ -1,0 +1,660 @@
+"""One gc-compaction sub-job, end to end, as the seed's ``compact_with_gc_inner``.
+
+The functional core: a plan (``compactor.worker.engine.plan``, restricted to the sub-job's slice of keys) and a
+``LayerIO`` in, the sub-job's part of the ``CommitProposal`` and statistics out. Nothing is
+committed here: the meta job combines the parts of all its sub-jobs into one commit
+(``compactor.worker.engine.commit``). Versions stream from the selected layers through one k-merge, key by key, into
+``generate_key_retention`` and on to the split writers; memory holds one key's history plus the
+writers' buffers. Nothing here knows about Celery, Redis or manifests being committed.
+
+Transfers overlap the compute: the selected layers download on a background thread in the order
+the merge first needs them (the main loop waits only for a layer it is about to open; that wait
+is ``time_download_layer_secs``), and each output layer uploads on another thread as soon as it
+is cut. The k-merge moves whole keys between chains of key-disjoint layers (``_histories``), so
+the heap is as wide as the number of LSN bands and one layer per chain is open at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+from dataclasses import dataclass, field
+from itertools import groupby, pairwise
+from operator import itemgetter
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from compactor.storage.errors import CompactorError, RedoError
+from compactor.storage.keys import KEY_MAX, KeyRange, format_key, key_next
+from compactor.storage.layer_file import LayerFileInfo, LayerReader, LayerWriter, batch_to_versions
+from compactor.storage.layer_name import LayerName
+from compactor.storage.manifest import LayerEntry, Manifest
+from compactor.storage.read_path import live_filter
+from compactor.storage.values import ValueKind, Version, image
+from compactor.worker.engine.batch_retention import key_starts, retain_chunk, simple_keys
+from compactor.worker.engine.jobs import CommitProposal
+from compactor.worker.engine.merge import KEY_DTYPE, chains, key_array, merged_chunks
+from compactor.worker.engine.plan import JobPlan
+from compactor.worker.engine.retention import DELTA_THRESHOLD, generate_key_retention, place
+from compactor.worker.engine.split_writers import Discarded, Produced, SplitDeltaWriter, SplitImageWriter, WriterResult
+from compactor.worker.engine.statistics import CompactionStatistics, KeyValueCounters, PhaseTimer
+
+log = logging.getLogger(__name__)
+
+MAX_KEY_HISTORY_BYTES = 512 * 1024 * 1024
+MAX_ESTIMATED_MEMORY_MB = 1024.0
+
+
+class CompactionFailed(CompactorError):
+    """The job cannot complete; nothing it did is visible."""
+
+
+class LayerIO(Protocol):
+    """What the engine needs from storage."""
+
+    def needs_download(self, entry: LayerEntry) -> bool: ...
+
+    def fetch(self, entry: LayerEntry) -> None:
+        """Make the layer readable locally (download and verify it)."""
+        ...
+
+    def versions(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[Version]: ...
+
+    def batches(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[pa.RecordBatch]:
+        """The layer's rows with keys in ``key_range`` as layer-schema batches, in order."""
+        ...
+
+    def read_below(
+        self, manifest: Manifest, key_range: KeyRange, lsn: int, exclude: set[str]
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """``(key, value)`` at ``lsn`` of every key in the range, read without ``exclude``; keys
+        that cannot be read there (no base image, failed redo) are left out, and the engine then
+        treats them as having nothing below (the seed fails the whole job instead)."""
+        ...
+
+    def upload(self, manifest: Manifest, name: LayerName, file: LayerFileInfo) -> LayerEntry: ...
+
+    def delete_uploads(self, entries: list[LayerEntry]) -> None: ...
+
+
+@dataclass
+class Progress:
+    keys: int = 0
+    versions_in: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass
+class Hooks:
+    """Called from the main loop: report progress (and heartbeat), stop when cancelled."""
+
+    on_progress: Callable[[Progress], None] = lambda progress: None
+    check_cancelled: Callable[[], None] = lambda: None
+    every_versions: int = 20_000
+
+
+@dataclass
+class EngineSettings:
+    target_layer_bytes: int = 128 * 1024 * 1024
+    workdir: Path = Path("/tmp/compactor-work")
+    delta_threshold: int = DELTA_THRESHOLD
+
+
+@dataclass
+class Result:
+    proposal: CommitProposal
+    stats: CompactionStatistics
+    produced: list[LayerEntry] = field(default_factory=list)
+
+
+def check_guards(plan: JobPlan, io: LayerIO, settings: EngineSettings) -> None:
+    """The seed's pre-flight checks: disk space, memory estimate, too many rewrites."""
+    settings.workdir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(settings.workdir).free
+    inputs = plan.inputs
+    to_download = sum(e.size for e in inputs if io.needs_download(e))
+    input_bytes = sum(e.size for e in inputs)
+    needed = input_bytes + to_download
+    # Outputs are at most as large as the inputs; keep a fifth of the disk for everything else.
+    if needed > free * 0.8:
+        raise CompactionFailed(
+            f"not enough disk for compaction: free={free} bytes, need about {needed} "
+            f"(inputs {input_bytes}, to download {to_download})"
+        )
+    estimate_mb = 0.0
+    for entry in inputs:
+        # The seed's estimate per 256 MiB of layer: 3 MB of buffers for deltas, 5 for images.
+        estimate_mb += (3.0 if entry.layer.is_delta else 5.0) * (entry.size // (256 * 1024 * 1024))
+    if estimate_mb > MAX_ESTIMATED_MEMORY_MB:
+        raise CompactionFailed(f"estimated memory usage is too high: {estimate_mb} MB for {len(inputs)} layers")
+    if _too_many_rewrites(len(plan.selected), len(plan.rewrite)):
+        raise CompactionFailed(f"too many layers to rewrite: {len(plan.rewrite)} / {len(plan.selected)}")
+
+
+def _too_many_rewrites(selected: int, rewrite: int) -> bool:
+    return selected > 100 and rewrite >= selected * 0.7
+
+
+def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | None = None) -> Result:
+    """Compact the keys of ``plan.keys``, upload the outputs, and return this sub-job's part of
+    what the meta job's commit will change. On any failure, every object this call uploaded is
+    deleted again before the error propagates."""
+    hooks = hooks or Hooks()
+    stats = CompactionStatistics()
+    job = plan.job
+    manifest = plan.manifest
+    verification = manifest.settings.gc_compaction_verification
+    with PhaseTimer(stats, "time_total_secs") as total:
+        check_guards(plan, io, settings)
+        for entry in plan.inputs:
+            (stats.visit_delta_layer if entry.layer.is_delta else stats.visit_image_layer)(entry.size)
+        total.mark("time_analyze_secs")
+
+        # Layers download in the background while the main loop reads those already here, and
+        # each output layer uploads as soon as it is cut: transfers overlap the compute.
+        downloads = _Downloads(io, plan.inputs, hooks)
+        uploads = _Uploads(io, manifest)
+
+        def discard(name: LayerName, file: LayerFileInfo | None = None) -> bool:
+            if job.dry_run:
+                return True
+            if name.is_l0:
+                raise CompactionFailed(f"output {name} would be an L0 layer; gc-compaction never writes L0")
+            # The seed drops any output named like an existing layer, assuming gc-compaction only
+            # ever removes data from it. An output can also hold more (keys of an image layer
+            # this job removes, say): it is dropped only when every version it holds survives
+            # elsewhere, otherwise it replaces the layer of that name.
+            existing = manifest.layers.get(str(name))
+            if existing is None or file is None:
+                return False
+            return existing.sha256 == file.sha256 or _survives_without(file, existing, plan, io)
+
+        def on_cut(name: LayerName, file: LayerFileInfo) -> WriterResult:
+            if discard(name, file):
+                file.path.unlink(missing_ok=True)
+                return Discarded(name)
+            piece = Produced(name, file)
+            uploads.submit(piece)
+            return piece
+
+        workdir = settings.workdir
+        target = settings.target_layer_bytes
+        images = (
+            None
+            if plan.has_data_below
+            else SplitImageWriter(workdir, plan.keys.start, plan.lowest_retain_lsn, target, on_cut)
+        )
+        deltas = SplitDeltaWriter(workdir, plan.delta_lsn_range, target, on_cut)
+        try:
+            try:
+                hooks.on_progress(Progress())
+                workdir.mkdir(parents=True, exist_ok=True)
+                with PhaseTimer(stats, "time_main_loop_secs") as timer:
+                    writers = (images, deltas)
+                    keys = _main_loop(plan, io, settings, hooks, stats, writers, verification, timer, downloads)
+            finally:
+                # Whatever happened: no download goes on behind the job's back.
+                downloads.close()
+                stats.time_download_layer_secs += downloads.waited
+            if not keys and plan.keys == plan.key_range:
+                # The seed fails here ("no keys produced"); a range with no live keys simply has
+                # nothing to compact, and rewriting around it would only churn layers. One
+                # sub-job's slice without keys goes on, though: its neighbours remove the layers
+                # it shares with them, and the pieces of straddling deltas at its edge of the
+                # meta job's range are its to write.
+                log.info("gc-compaction found no live keys tenant=%s timeline=%s keys=%s",
+                         job.tenant_id, job.timeline_id, plan.keys)  # fmt: skip
+                if images:
+                    images.abort()
+                deltas.abort()
+                uploads.abort()
+                stats.finalize()
+                return Result(CommitProposal(job=job, read_set=plan.read_set()), stats, [])
+            with PhaseTimer(stats, "time_final_phase_secs"):
+                rewritten = _rewrite_straddling(plan, io, settings, uploads.submit)
+                results = (images.finish(plan.keys.end, discard) if images else []) + deltas.finish(discard)
+        except BaseException:
+            if images:
+                images.abort()
+            deltas.abort()
+            uploads.abort()
+            raise
+        proposal, produced = _propose(plan, stats, results, rewritten, uploads)
+    stats.finalize()
+    log.info(
+        "gc-compaction done tenant=%s timeline=%s keys=%s selected=%d removed=%d added=%d kept=%d dry_run=%s",
+        job.tenant_id, job.timeline_id, plan.keys, len(plan.inputs),
+        len(proposal.removed), len(proposal.added), len(proposal.kept), job.dry_run,
+    )  # fmt: skip
+    return Result(proposal, stats, produced)
+
+
+def _chain_batches(
+    io: LayerIO, chain: list[LayerEntry], key_range: KeyRange, ready: Callable[[LayerEntry], None]
+) -> Iterator[pa.RecordBatch]:
+    """The rows of a chain's layers in the job's key range, one layer after the other (each
+    opened once it is local)."""
+    for entry in chain:
+        ready(entry)
+        yield from io.batches(entry, key_range)
+
+
+def _live_rows(table: pa.Table, live: list[KeyRange] | None) -> pa.Table:
+    """The rows of ``table`` whose keys lie in the live keyspace (all when there is none)."""
+    if live is None or not table.num_rows:
+        return table
+    keys = key_array(table.column("key"))
+    mask = np.zeros(len(keys), dtype=bool)
+    for r in live:
+        mask |= (keys >= np.array(r.start, dtype=KEY_DTYPE)) & (keys < np.array(r.end, dtype=KEY_DTYPE))
+    return table if mask.all() else table.filter(pa.array(mask))
+
+
+def _runs(flags: np.ndarray) -> Iterator[tuple[int, int, bool]]:
+    """``(start, end, flag)`` for each run of equal values in ``flags``."""
+    edges = np.concatenate(([0], np.flatnonzero(flags[1:] != flags[:-1]) + 1, [len(flags)]))
+    for lo, hi in pairwise(edges.tolist()):
+        yield lo, hi, bool(flags[lo])
+
+
+def _base_images(plan: JobPlan, io: LayerIO) -> Iterator[tuple[bytes, bytes]]:
+    """Values at the lowest retain LSN from below the job (ancestor, or layers under its LSN
+    range), read in bulk as one stream aligned with the keys of the main loop."""
+    if not plan.has_data_below:
+        return iter(())
+    exclude = {entry.name for entry in plan.selected}
+    return io.read_below(plan.manifest, plan.keys, plan.lowest_retain_lsn, exclude)
+
+
+def _main_loop(
+    plan: JobPlan,
+    io: LayerIO,
+    settings: EngineSettings,
+    hooks: Hooks,
+    stats: CompactionStatistics,
+    writers: tuple[SplitImageWriter | None, SplitDeltaWriter],
+    verification: bool,
+    timer: PhaseTimer,
+    downloads: _Downloads,
+) -> int:
+    """Feed every key's history through retention into the writers; returns the keys seen.
+
+    The merge hands over chunks of whole keys as Arrow tables. Keys with the simplest histories
+    (``compactor.worker.engine.batch_retention.simple_keys``) are compacted a chunk at a time in columns; every
+    other key, and every key of a job that reads base images from below, goes through
+    ``generate_key_retention`` one key at a time. Both keep the keys in order."""
+    counts = KeyValueCounters()
+    output = _KeyOutput(plan, settings, writers, verification, counts)
+    decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-decode")
+    try:
+        streams = [
+            _prefetched(_chain_batches(io, chain, plan.keys, downloads.wait), decoder) for chain in chains(plan.inputs)
+        ]
+        keys = _merge_loop(output, io, hooks, timer, streams)
+    finally:
+        decoder.shutdown(wait=True, cancel_futures=True)
+    counts.add_to(stats)
+    return keys
+
+
+def _prefetched(stream: Iterator[pa.RecordBatch], decoder: ThreadPoolExecutor) -> Iterator[pa.RecordBatch]:
+    """``stream`` with its next batch decoded on ``decoder`` while the caller works on this one
+    (Parquet decoding releases the GIL)."""
+    upcoming = decoder.submit(next, stream, None)
+    while (batch := upcoming.result()) is not None:
+        upcoming = decoder.submit(next, stream, None)
+        yield batch
+
+
+def _merge_loop(
+    output: _KeyOutput, io: LayerIO, hooks: Hooks, timer: PhaseTimer, streams: list[Iterator[pa.RecordBatch]]
+) -> int:
+    limit = MAX_KEY_HISTORY_BYTES
+    plan = output.plan
+    live_ranges = plan.manifest.live_ranges()
+    live = None if live_ranges is None else sorted(live_ranges)
+    one_by_one = _KeyByKey(output, io)
+    in_columns = _InColumns(output)
+    progress = Progress()
+    every = hooks.every_versions
+    next_report = every
+
+    for chunk in merged_chunks(streams, limit, _too_much_history):
+        if not progress.versions_in:
+            timer.mark("time_to_first_kv_pair_secs")
+        table = _live_rows(chunk, live)
+        if not table.num_rows:
+            continue
+        starts = key_starts(key_array(table.column("key")))
+        simple = simple_keys(table, starts, limit) if not plan.has_data_below else np.zeros(len(starts) - 1, dtype=bool)
+        for lo, hi, flag in _runs(simple):
+            rows = table.slice(starts[lo], starts[hi] - starts[lo])
+            if flag:
+                in_columns.compact(rows, starts[lo : hi + 1] - starts[lo])
+            else:
+                for batch in rows.to_batches():
+                    for _, history in groupby(batch_to_versions(batch), _KEY_OF):
+                        one_by_one.compact(list(history))
+        progress.keys += len(starts) - 1
+        progress.versions_in += table.num_rows
+        progress.bytes_in += pc.sum(pc.binary_length(table.column("value"))).as_py() or 0
+        if progress.versions_in >= next_report:
+            next_report = (progress.versions_in // every + 1) * every
+            hooks.check_cancelled()
+            hooks.on_progress(progress)
+    hooks.on_progress(progress)
+    return progress.keys
+
+
+_KEY_OF = itemgetter(0)
+
+
+@dataclass
+class _KeyOutput:
+    """Where compacted keys go, and how: shared by both ways of compacting them."""
+
+    plan: JobPlan
+    settings: EngineSettings
+    writers: tuple[SplitImageWriter | None, SplitDeltaWriter]
+    verification: bool
+    counts: KeyValueCounters
+
+
+class _KeyByKey:
+    """``generate_key_retention`` and ``place`` for one key at a time, with the key's base image
+    from below when the job has data below it."""
+
+    def __init__(self, out: _KeyOutput, io: LayerIO) -> None:
+        self.out = out
+        plan = out.plan
+        self._bases = _base_images(plan, io)
+        self._next_base: tuple[bytes, bytes] | None = next(self._bases, None)
+
+    def compact(self, history: list[Version]) -> None:
+        out = self.out
+        plan, counts = out.plan, out.counts
+        images, deltas = out.writers
+        key = history[0].key
+        size = image_size = images_in = 0
+        for version in history:
+            n = len(version.payload)
+            size += n
+            if version.kind == _IMAGE_KIND:
+                images_in += 1
+                image_size += n
+        if size >= MAX_KEY_HISTORY_BYTES:
+            _too_much_history(key, size)
+        counts.image_visited += images_in
+        counts.image_visited_bytes += image_size
+        counts.wal_visited += len(history) - images_in
+        counts.wal_visited_bytes += size - image_size
+        counts.unique_keys += 1
+
+        base: Version | None = None
+        while self._next_base is not None and self._next_base[0] < key:
+            self._next_base = next(self._bases, None)
+        if self._next_base is not None and self._next_base[0] == key:
+            base = image(key, plan.lowest_retain_lsn, self._next_base[1])
+        retention = generate_key_retention(
+            key, history, plan.horizon, plan.retain_lsns, out.settings.delta_threshold, base, out.verification
+        )
+        first_image, rest = place(key, retention, has_image_layer=images is not None)
+        if first_image is not None:
+            counts.image_produced += 1
+            counts.image_produced_bytes += len(first_image.payload)
+            if not plan.job.dry_run and images is not None:
+                images.put(key, first_image.payload)
+        delta_floor = plan.delta_lsn_range[0]
+        for version in rest:
+            if version.lsn < delta_floor:
+                _no_base_below(key, version.lsn, delta_floor)
+            if version.kind == _IMAGE_KIND:
+                counts.image_produced += 1
+                counts.image_produced_bytes += len(version.payload)
+            else:
+                counts.wal_produced += 1
+                counts.wal_produced_bytes += len(version.payload)
+        if not plan.job.dry_run:
+            deltas.put_key(rest)
+
+
+class _InColumns:
+    """``compactor.worker.engine.batch_retention.retain_chunk`` for runs of simple keys, straight into the
+    writers."""
+
+    def __init__(self, out: _KeyOutput) -> None:
+        self.out = out
+        self.cuts = [*out.plan.retain_lsns, out.plan.horizon]
+
+    def compact(self, rows: pa.Table, starts: np.ndarray) -> None:
+        out = self.out
+        plan, counts = out.plan, out.counts
+        images, deltas = out.writers
+        try:
+            kept = retain_chunk(
+                rows, starts, self.cuts, out.settings.delta_threshold, images is not None, out.verification
+            )
+        except RedoError as err:
+            raise CompactionFailed(str(err)) from err
+        delta_lsns = kept.deltas.column("lsn")
+        delta_floor = plan.delta_lsn_range[0]
+        if delta_floor and pc.any(pc.less(delta_lsns, delta_floor)).as_py():
+            i = pc.index(pc.less(delta_lsns, delta_floor), True).as_py()
+            _no_base_below(kept.deltas.column("key")[i].as_py(), delta_lsns[i].as_py(), delta_floor)
+        counts.image_visited += kept.image_rows_in
+        counts.image_visited_bytes += kept.image_bytes_in
+        counts.wal_visited += kept.wal_rows_in
+        counts.wal_visited_bytes += kept.wal_bytes_in
+        counts.unique_keys += len(starts) - 1
+        delta_images = pc.equal(kept.deltas.column("kind"), _IMAGE_KIND)
+        delta_sizes = pc.binary_length(kept.deltas.column("value"))
+        image_bytes = pc.sum(pc.if_else(delta_images, delta_sizes, 0)).as_py() or 0
+        new_images = pc.sum(delta_images.cast(pa.int64())).as_py() or 0
+        counts.image_produced += len(kept.image_keys) + new_images
+        counts.image_produced_bytes += (pc.sum(pc.binary_length(kept.image_values)).as_py() or 0) + image_bytes
+        counts.wal_produced += kept.deltas.num_rows - new_images
+        counts.wal_produced_bytes += (pc.sum(delta_sizes).as_py() or 0) - image_bytes
+        if plan.job.dry_run:
+            return
+        if images is not None:
+            images.put_batch(kept.image_keys, kept.image_values)
+        deltas.put_table(kept.deltas)
+
+
+_IMAGE_KIND = int(ValueKind.IMAGE)
+
+
+def _no_base_below(key: bytes, lsn: int, floor: int) -> None:
+    raise CompactionFailed(
+        f"key {format_key(key)} has no base image at or below LSN {lsn} "
+        f"(incomplete history below the lowest retain LSN {floor}); cannot compact it"
+    )
+
+
+def _too_much_history(key: bytes, size: int) -> None:
+    """Fail the job on a key whose history passes the limit."""
+    raise CompactionFailed(f"too many values for a single key: {size} bytes for key {format_key(key)}")
+
+
+def _rewrite_straddling(
+    plan: JobPlan, io: LayerIO, settings: EngineSettings, upload: Callable[[Produced], None]
+) -> list[Produced]:
+    """Cut selected deltas that reach outside the meta job's key range into the pieces before and
+    after it, keeping the original LSN range (the seed's ``delta_layer_rewriters``): the piece
+    before covers ``[layer start, job start)`` and is written by the sub-job at the job's start,
+    the piece after ``[job end, layer end)`` by the sub-job at its end. Deltas spanning a cut
+    between two sub-jobs stay whole: both read them, and the one commit removes them."""
+    if plan.job.dry_run:
+        return []
+    out: list[Produced] = []
+    live = plan.manifest.live_ranges()
+    start, end = plan.key_range
+    first, last = plan.keys.start == start, plan.keys.end == end
+    for number, entry in enumerate(plan.rewrite):
+        layer = entry.layer
+        sides = (((layer.key_range.start, start), first), ((end, layer.key_range.end), last))
+        for side, ((lo, hi), here) in enumerate(sides):
+            if lo >= hi or not here:
+                continue
+            name = LayerName.delta(lo, hi, layer.lsn_start, layer.lsn_end)
+            with LayerWriter(settings.workdir / f"rewrite-{number}-{side}.parquet") as writer:
+                for version in live_filter(io.versions(entry, KeyRange(lo, hi)), live):
+                    writer.add(*version)
+                if not writer.num_rows:
+                    writer.abort()
+                    continue
+                piece = Produced(name, writer.finish(name))
+                upload(piece)
+                out.append(piece)
+    return out
+
+
+def _survives_without(file: LayerFileInfo, existing: LayerEntry, plan: JobPlan, io: LayerIO) -> bool:
+    """Whether every version in the output ``file`` is also in ``existing`` (the layer of the
+    same name, which stays) or in a layer this job does not remove."""
+    missing = {(v.key, v.lsn) for v in LayerReader(file.path).iter_versions()}
+    missing -= {(v.key, v.lsn) for v in io.versions(existing, existing.layer.key_range)}
+    if not missing:
+        return True
+    selected = {entry.name for entry in plan.selected}
+    last = max(key for key, _ in missing)
+    span = KeyRange(min(key for key, _ in missing), key_next(last) if last != KEY_MAX else KEY_MAX)
+    for entry in plan.manifest.layers.values():
+        stays = entry.name not in selected or (
+            not entry.layer.is_delta and not plan.key_range.covers(entry.layer.key_range)
+        )
+        if stays and entry.name != existing.name and entry.layer.key_range.overlaps(span):
+            missing -= {(v.key, v.lsn) for v in io.versions(entry, span)}
+            if not missing:
+                return True
+    return False
+
+
+def _propose(
+    plan: JobPlan,
+    stats: CompactionStatistics,
+    results: list[WriterResult],
+    rewritten: list[Produced],
+    uploads: _Uploads,
+) -> tuple[CommitProposal, list[LayerEntry]]:
+    selected_sizes = {entry.name: entry.size for entry in plan.inputs}
+    keep: set[str] = set()
+    produced: list[Produced] = []
+    for result in results:
+        name = str(result.name)
+        if isinstance(result, Discarded):
+            size = selected_sizes.get(name, 0)
+            (stats.discard_delta_layer if result.name.is_delta else stats.discard_image_layer)(size)
+            keep.add(name)
+        else:
+            (stats.produce_delta_layer if result.name.is_delta else stats.produce_image_layer)(result.file.size)
+            produced.append(result)
+    for piece in rewritten:
+        stats.produce_delta_layer(piece.file.size)
+    produced.extend(rewritten)
+    # Image layers reaching outside the meta job's key range hold keys it never processed: keep
+    # them. Those spanning a cut between sub-jobs go: each side compacted its own keys.
+    for entry in plan.inputs:
+        if not entry.layer.is_delta and not plan.key_range.covers(entry.layer.key_range):
+            keep.add(entry.name)
+    removed = [entry.name for entry in plan.inputs if entry.name not in keep]
+    kept = sorted(keep & set(selected_sizes))
+    replaced_outside = [
+        str(p.name) for p in produced if str(p.name) in plan.manifest.layers and str(p.name) not in removed
+    ]
+    if replaced_outside:
+        uploads.abort()
+        raise CompactionFailed(f"output {replaced_outside[0]} would replace a layer this job did not read")
+
+    if plan.job.dry_run:
+        uploads.abort()
+        return CommitProposal(job=plan.job, read_set=plan.read_set(), removed=removed, added=[], kept=kept), []
+    # The layer map is checked on the whole meta job's result, at its commit.
+    uploaded = uploads.entries(produced)
+    proposal = CommitProposal(job=plan.job, read_set=plan.read_set(), removed=removed, added=uploaded, kept=kept)
+    return proposal, uploaded
+
+
+class _Downloads:
+    """Fetches the selected layers on a background thread, in the order the merge first needs
+    them (by key), while the main loop reads those already here. ``wait`` blocks until a
+    layer is local and re-raises its download's error; ``waited`` sums the time blocked."""
+
+    def __init__(self, io: LayerIO, entries: list[LayerEntry], hooks: Hooks) -> None:
+        self._hooks = hooks
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-download")
+        order = sorted(entries, key=lambda entry: (entry.layer.key_range.start, entry.layer.lsn_start))
+        self._futures = {entry.name: self._pool.submit(io.fetch, entry) for entry in order}
+        self.waited = 0.0
+
+    def wait(self, entry: LayerEntry) -> None:
+        future = self._futures[entry.name]
+        if not future.done():
+            start = time.perf_counter()
+            while not futures_wait([future], timeout=1.0).done:
+                self._hooks.check_cancelled()
+            self.waited += time.perf_counter() - start
+        future.result()
+
+    def close(self) -> None:
+        """Cancel what has not started and wait for the rest (a failed download is only
+        reported to ``wait``)."""
+        for future in self._futures.values():
+            future.cancel()
+        self._pool.shutdown(wait=True)
+
+
+class _Uploads:
+    """Uploads output layers on a background thread as they are cut. Each local file is deleted
+    once its upload ends, whatever the outcome. ``entries`` waits for the uploads and returns
+    them in the order asked for; ``abort`` deletes every object uploaded and every file left."""
+
+    def __init__(self, io: LayerIO, manifest: Manifest) -> None:
+        self._io = io
+        self._manifest = manifest
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[int, tuple[Produced, Future[LayerEntry]]] = {}
+
+    def submit(self, piece: Produced) -> None:
+        for _, future in self._pending.values():
+            if future.done() and future.exception() is not None:
+                future.result()  # an earlier upload failed: stop now rather than at the end
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-upload")
+        self._pending[id(piece)] = (piece, self._pool.submit(self._upload, piece))
+
+    def _upload(self, piece: Produced) -> LayerEntry:
+        try:
+            return self._io.upload(self._manifest, piece.name, piece.file)
+        finally:
+            piece.file.path.unlink(missing_ok=True)
+
+    def entries(self, pieces: list[Produced]) -> list[LayerEntry]:
+        try:
+            return [self._pending[id(piece)][1].result() for piece in pieces]
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        for _, future in self._pending.values():
+            future.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        uploaded = []
+        for piece, future in self._pending.values():
+            piece.file.path.unlink(missing_ok=True)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                uploaded.append(future.result())
+        self._pending = {}
+        if uploaded:
+            self._io.delete_uploads(uploaded)

@@ -1,0 +1,608 @@
+"""The Celery tasks: a thin shell around the meta-job flow (planning, the one commit in finalize),
+which the ``compactor worker`` command installs (``install``; the coordination layer implements
+``MetaJobFlow``), and around ``compactor.worker.runtime.runner`` (one sub-job). Task names are
+the stable API of docs/task-api.md.
+
+Running a sub-job (``compactor.run_sub_job``):
+
+1. a sub-job that has ended, or runs elsewhere with a live heartbeat, is a duplicate delivery:
+   nothing to do;
+2. take the node lock without waiting; a busy node sends the message back to the queue with a
+   delay (not holding a worker slot, not counting as an attempt);
+3. claim the record: attempt + 1 and a fresh owner token; over the attempt cap it fails;
+4. run the sub-job with a heartbeat thread that renews the lock, writes heartbeat and progress
+   through the attempt-guarded record, and notices cancellation, a lost lock or a superseded
+   attempt; the engine stops at its next check, and lock, attempt and cancellation are verified
+   once more before the outcome is recorded (an attempt that may not record it deletes its
+   uploads);
+5. record the outcome (statistics and this sub-job's part of the proposal) and hand over to
+   ``dispatch.sub_job_ended`` (finalize, which commits, once every sub-job has ended).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+import redis
+from celery.exceptions import SoftTimeLimitExceeded
+from pydantic import BaseModel, ValidationError
+
+from compactor.storage.errors import CompactorError, StoreError
+from compactor.storage.keys import KeyRange
+from compactor.storage.layer_file import LayerFileInfo
+from compactor.storage.layer_name import LayerName
+from compactor.storage.manifest import LayerEntry, Manifest
+from compactor.storage.manifest_store import ManifestStore
+from compactor.storage.settings import Settings
+from compactor.storage.timeline import Storage
+from compactor.worker.engine.run import EngineSettings, Hooks, Progress
+from compactor.worker.runtime import dispatch, metrics, runner
+from compactor.worker.runtime.app import CeleryPublisher, app, current_settings, node_id
+from compactor.worker.runtime.dispatch import TASK_COMPACT, TASK_FINALIZE, TASK_PLAN, TASK_RUN, Publisher
+from compactor.worker.runtime.node_lock import Heartbeat, NodeLock
+from compactor.worker.runtime.records import (
+    ClaimOutcome,
+    JobProgress,
+    JobRecords,
+    JobState,
+    MetaJobRecord,
+    MetaJobRef,
+    StaleAttempt,
+    SubJobRecord,
+    SubJobRef,
+    connect,
+    now,
+    one_line,
+    validation_summary,
+)
+
+log = logging.getLogger(__name__)
+
+
+class JobStopped(CompactorError):
+    """The running attempt must stop without committing."""
+
+
+class JobCancelled(JobStopped):
+    pass
+
+
+class AttemptSuperseded(JobStopped):
+    pass
+
+
+class NodeLockLost(JobStopped):
+    pass
+
+
+class InjectedFault(CompactorError):
+    """A failure set through a fault point (tests)."""
+
+
+class RetryLater(Exception):
+    def __init__(self, countdown: float) -> None:
+        super().__init__(f"retry in {countdown}s")
+        self.countdown = countdown
+
+
+# Errors worth another attempt: the object store or Redis failing after their own retries.
+_RETRYABLE: tuple[type[BaseException], ...] = (StoreError, redis.ConnectionError, redis.TimeoutError)
+
+
+class MetaJobFlow(Protocol):
+    """The coordination work that light-queue tasks carry out: creating and planning meta jobs,
+    and finalize with its one commit. The runtime calls up into the coordination layer only
+    through this (``compactor.coordinator.jobs.meta_jobs.MetaJobs`` implements it)."""
+
+    def submit(self, payload: dict[str, Any]) -> MetaJobRecord:
+        """Create the meta job of a ``compact_timeline`` payload (or find it, for a resent job id)
+        and plan it; an invalid payload becomes a failed meta job. Raises CompactorError when the
+        payload's job id belongs to another request."""
+        ...
+
+    def plan(self, job_id: str) -> MetaJobRecord: ...
+
+    def finalize(self, job_id: str, storage: Storage, before_commit: Callable[[], None] | None) -> MetaJobRecord: ...
+
+
+FlowFactory = Callable[[Storage, JobRecords, Publisher, Settings], MetaJobFlow]
+_flow_factory: FlowFactory | None = None
+
+
+def install(factory: FlowFactory) -> None:
+    """Set the meta-job flow of this process's tasks (before the pool forks: children inherit it)."""
+    global _flow_factory
+    _flow_factory = factory
+
+
+@dataclass
+class Context:
+    """What a worker process needs; built once per process (never shared across fork)."""
+
+    settings: Settings
+    storage: Storage
+    records: JobRecords
+    publisher: Publisher
+    node_id: str
+    flow: MetaJobFlow
+
+
+_context: Context | None = None
+_context_pid = 0
+_context_lock = threading.Lock()
+
+
+def context() -> Context:
+    global _context, _context_pid
+    with _context_lock:
+        if _context is None or _context_pid != os.getpid():
+            if _flow_factory is None:
+                raise CompactorError("no meta-job flow installed: start workers with `compactor worker`")
+            settings = current_settings()
+            storage = Storage(settings, store_observer=metrics.StoreMetrics(), commit_observer=metrics.CommitMetrics())
+            records = JobRecords(connect(settings))
+            publisher = CeleryPublisher()
+            _context = Context(
+                settings=settings,
+                storage=storage,
+                records=records,
+                publisher=publisher,
+                node_id=node_id(settings),
+                flow=_flow_factory(storage, records, publisher, settings),
+            )
+            _context_pid = os.getpid()
+        return _context
+
+
+# ----------------------------------------------------------------------------- payloads
+
+
+class Rejected(CompactorError):
+    """A payload that is not keyword arguments of the expected shape."""
+
+
+def payload_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The payload as a dict: keyword arguments, or one positional dict."""
+    if args and not kwargs and len(args) == 1 and isinstance(args[0], dict):
+        return dict(args[0])
+    if args:
+        raise Rejected(f"payload rejected: expected keyword arguments (or one JSON object), got {len(args)} positional")
+    return dict(kwargs)
+
+
+def parse(model: type[BaseModel], args: tuple[Any, ...], kwargs: dict[str, Any], task: str) -> Any:
+    try:
+        return model.model_validate(payload_of(args, kwargs))
+    except ValidationError as err:
+        raise Rejected(validation_summary(err)) from None
+
+
+def _rejected(task: str, err: Rejected) -> dict[str, Any]:
+    log.error("task payload rejected task=%s error=%r", task, str(err))
+    return {"state": "rejected", "error": str(err)}
+
+
+# ----------------------------------------------------------------------------- meta jobs
+
+
+def compact_timeline(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
+    """Create (or find, for a resent job id) a meta job and plan it."""
+    try:
+        meta = ctx.flow.submit(payload)
+    except CompactorError as err:
+        log.error("compact request rejected error=%r", one_line(err))
+        return {"job_id": payload.get("job_id"), "state": "rejected", "error": one_line(err)}
+    return _meta_result(meta)
+
+
+def _meta_result(meta: Any) -> dict[str, Any]:
+    return {
+        "job_id": meta.id,
+        "state": meta.state.value,
+        "sub_jobs": len(meta.sub_jobs),
+        "error": meta.error,
+        "skipped": meta.skipped,
+    }
+
+
+# ----------------------------------------------------------------------------- sub-jobs
+
+
+class _Stop:
+    """The first reason the running attempt must stop, set from any thread."""
+
+    def __init__(self) -> None:
+        self._reason: JobStopped | None = None
+        self._lock = threading.Lock()
+
+    def set(self, reason: JobStopped) -> None:
+        with self._lock:
+            if self._reason is None:
+                self._reason = reason
+
+    def check(self) -> None:
+        if self._reason is not None:
+            raise self._reason
+
+
+def _cancel_requested(records: JobRecords, meta_id: str) -> bool:
+    meta = records.get_meta(meta_id)
+    return meta is None or meta.cancel_requested
+
+
+def run_sub_job(ctx: Context, sub_id: str, report_state: Any = None) -> dict[str, Any]:
+    """Run one sub-job attempt. Raises RetryLater when the node lock is busy."""
+    records, settings = ctx.records, ctx.settings
+    sub = records.get_sub(sub_id)
+    if sub is None:
+        log.error("unknown sub-job sub_job=%s", sub_id)
+        return {"sub_job_id": sub_id, "state": "missing"}
+    if sub.state.ended:
+        return _duplicate_of_ended(ctx, sub)
+    if sub.state == JobState.RUNNING and sub.heartbeat_at and now() - sub.heartbeat_at < settings.heartbeat_timeout_s:
+        log.info("sub-job runs elsewhere, duplicate delivery ignored sub_job=%s attempt=%d", sub_id, sub.attempt)
+        return {"sub_job_id": sub_id, "state": sub.state.value, "duplicate": True}
+
+    # The lock expires before the scheduler gives a silent attempt away, so a preempted
+    # attempt never overlaps the next job on its node.
+    lock = NodeLock(records.r, ctx.node_id, min(settings.lock_ttl_s, settings.heartbeat_timeout_s))
+    waited = time.perf_counter()
+    if not lock.acquire():
+        log.info("node busy, sub-job back to the queue sub_job=%s node=%s", sub_id, ctx.node_id)
+        metrics.observe_lock_wait(0.0, contended=True)
+        raise RetryLater(settings.lock_retry_delay_s)
+    metrics.observe_lock_wait(time.perf_counter() - waited, contended=False)
+    ended: SubJobRecord | None = None
+    try:
+        outcome, claimed = records.claim(
+            sub_id,
+            node=ctx.node_id,
+            pid=os.getpid(),
+            heartbeat_timeout_s=settings.heartbeat_timeout_s,
+            max_attempts=settings.max_attempts,
+            cancel_requested=lambda: _cancel_requested(records, sub.meta_id),
+        )
+        if outcome == ClaimOutcome.CLAIMED:
+            assert claimed is not None
+            ended, result = _run_claimed(ctx, claimed, lock, time.perf_counter() - waited, report_state)
+        else:
+            ended = claimed if outcome in (ClaimOutcome.GAVE_UP, ClaimOutcome.CANCELLED) else None
+            log.info("sub-job not claimed sub_job=%s outcome=%s", sub_id, outcome.value)
+            current = records.get_sub(sub_id)
+            result = {
+                "sub_job_id": sub_id,
+                "state": current.state.value if current else "missing",
+                "claim": outcome.value,
+            }
+            if outcome == ClaimOutcome.ENDED and current is not None:
+                return _duplicate_of_ended(ctx, current)
+    finally:
+        lock.release()
+    if ended is not None and ended.state.ended:
+        dispatch.sub_job_ended(records, ctx.publisher, ended)
+    return result
+
+
+def _duplicate_of_ended(ctx: Context, sub: SubJobRecord) -> dict[str, Any]:
+    if sub.id in ctx.records.finished(sub.meta_id):
+        log.info("duplicate delivery of an ended sub-job ignored sub_job=%s state=%s", sub.id, sub.state.value)
+    else:
+        # Its worker ended it but died before the follow-ups: finish them (idempotent).
+        dispatch.sub_job_ended(ctx.records, ctx.publisher, sub)
+    return {"sub_job_id": sub.id, "state": sub.state.value, "duplicate": True}
+
+
+def _run_claimed(
+    ctx: Context, claimed: SubJobRecord, lock: NodeLock, lock_wait_s: float, report_state: Any
+) -> tuple[SubJobRecord | None, dict[str, Any]]:
+    records, settings = ctx.records, ctx.settings
+    sub_id, meta_id, attempt = claimed.id, claimed.meta_id, claimed.attempt
+    assert claimed.owner is not None
+    token = claimed.owner.token
+    stop = _Stop()
+    progress = [JobProgress(phase="running")]
+    last_state_report = [0.0]
+    log.info(
+        "sub-job started sub_job=%s attempt=%d node=%s pid=%d keys=%s-%s",
+        sub_id, attempt, ctx.node_id, os.getpid(), claimed.spec.key_start, claimed.spec.key_end,
+    )  # fmt: skip
+
+    def tick() -> None:
+        if not lock.renew():
+            stop.set(NodeLockLost(f"node lock of {ctx.node_id} lost while running"))
+        try:
+            records.heartbeat(sub_id, attempt, token, progress[0])
+        except StaleAttempt:
+            stop.set(AttemptSuperseded(f"attempt {attempt} of sub-job {sub_id} is no longer current"))
+        if _cancel_requested(records, meta_id):
+            stop.set(JobCancelled("cancelled while running; nothing committed"))
+
+    def on_progress(p: Progress) -> None:
+        progress[0] = JobProgress(
+            phase="compacting", keys=p.keys, versions_in=p.versions_in, bytes_in=p.bytes_in, bytes_out=p.bytes_out
+        )
+        at = time.monotonic()
+        if report_state is not None and at - last_state_report[0] >= min(1.0, settings.heartbeat_interval_s):
+            last_state_report[0] = at
+            report_state({"sub_job_id": sub_id, "attempt": attempt, **progress[0].model_dump()})
+
+    def verify() -> None:
+        stop.check()
+        if not lock.owned():
+            raise NodeLockLost(f"node lock of {ctx.node_id} lost before the outcome was recorded")
+        current = records.get_sub(sub_id)
+        if current is None or not current.is_current(attempt, token):
+            raise AttemptSuperseded(f"attempt {attempt} of sub-job {sub_id} is no longer current")
+        if _cancel_requested(records, meta_id):
+            raise JobCancelled("cancelled; nothing committed")
+
+    faults = _Faults(ctx, meta_id, claimed, stop, progress, token) if settings.faults_enabled else None
+    storage = ctx.storage if faults is None else _FaultyStorage(ctx.storage, faults.hit)
+
+    hooks = Hooks(on_progress=on_progress, check_cancelled=stop.check)
+    heartbeat = Heartbeat(settings.heartbeat_interval_s, tick, name=f"heartbeat-{sub_id}").start()
+    state, error, outcome = JobState.FAILED, None, None
+    retry = False
+    try:
+        verify()  # a cancel or takeover between claim and here
+        workroot = settings.cache_dir / "work"
+        workroot.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=workroot, prefix=f"{sub_id}-{attempt}-") as workdir:
+            engine = EngineSettings(target_layer_bytes=settings.target_layer_bytes, workdir=Path(workdir))
+            outcome = runner.run_sub_job(storage, claimed.spec, engine, hooks)
+        try:
+            verify()
+        except BaseException:
+            _delete_uploads(ctx, outcome)  # recorded nowhere: nobody else would delete them
+            raise
+        state = JobState.SUCCEEDED
+    except AttemptSuperseded as err:
+        heartbeat.stop()
+        log.warning("sub-job attempt superseded, stopping sub_job=%s attempt=%d reason=%r", sub_id, attempt, str(err))
+        return None, {"sub_job_id": sub_id, "state": "superseded", "attempt": attempt}
+    except JobCancelled as err:
+        state, error = JobState.CANCELLED, str(err)
+    except NodeLockLost as err:
+        state, error, retry = JobState.PREEMPTED, str(err), True
+    except SoftTimeLimitExceeded:
+        state, error = JobState.FAILED, f"soft time limit of {settings.task_soft_time_limit_s:.0f}s exceeded"
+    except _RETRYABLE as err:
+        error = one_line(err)
+        if attempt < settings.max_attempts:
+            state, retry = JobState.PREEMPTED, True
+    except CompactorError as err:
+        error = one_line(err)
+    except Exception as err:  # a bug: the record gets one line, the log the traceback
+        log.exception("sub-job failed unexpectedly sub_job=%s attempt=%d", sub_id, attempt)
+        error = one_line(err)
+    finally:
+        heartbeat.stop()
+
+    final_progress = progress[0].model_copy(update={"phase": state.value})
+    if outcome is not None and outcome.stats is not None:
+        stats = outcome.stats
+        final_progress.bytes_out = stats.delta_layer_produced.size + stats.image_layer_produced.size
+
+    def change(rec: SubJobRecord) -> None:
+        rec.error = error
+        rec.progress = final_progress
+        if outcome is not None:
+            rec.stats, rec.skipped, rec.proposal = outcome.stats, outcome.skipped, outcome.proposal
+        if rec.stats is not None:
+            rec.stats.time_acquire_lock_secs = lock_wait_s
+
+    try:
+        ended = records.finish(sub_id, attempt, token, state, change)
+    except StaleAttempt:
+        _delete_uploads(ctx, outcome)
+        return None, {"sub_job_id": sub_id, "state": "superseded", "attempt": attempt}
+    _observe(ended, state, outcome)
+    log.info(
+        "sub-job ended sub_job=%s attempt=%d state=%s added=%d removed=%d error=%r",
+        sub_id, attempt, state.value, len(ended.proposal.added) if ended.proposal else 0,
+        len(ended.proposal.removed) if ended.proposal else 0, error,
+    )  # fmt: skip
+    if retry:
+        dispatch.enqueue_sub(records, ctx.publisher, sub_id, countdown=settings.lock_retry_delay_s)
+    result = {"sub_job_id": sub_id, "state": state.value, "attempt": attempt, "error": error}
+    return ended, result
+
+
+def _delete_uploads(ctx: Context, outcome: runner.SubJobOutcome | None) -> None:
+    if outcome is not None and outcome.proposal is not None:
+        ctx.storage.delete_uploads(outcome.proposal.added)
+
+
+def _observe(ended: SubJobRecord, state: JobState, outcome: Any) -> None:
+    attempt = ended.attempts[-1] if ended.attempts else None
+    seconds = (attempt.ended_at or now()) - attempt.started_at if attempt else 0.0
+    metrics.observe_job("sub", state.value, seconds)
+    stats = outcome.stats if outcome is not None else None
+    if stats is not None:
+        metrics.add_bytes(
+            read=stats.delta_layer_visited.size + stats.image_layer_visited.size,
+            written=stats.delta_layer_produced.size + stats.image_layer_produced.size,
+        )
+
+
+# ----------------------------------------------------------------------------- fault points
+
+FAULT_WHERE = ("in_download", "in_merge", "in_upload", "before_commit", "in_commit")
+"""Where the fault tests can hold or fail a job (``COMPACTOR_FAULTS_ENABLED`` only): a sub-job
+while a layer downloads, in the middle of the k-merge, or right after an output layer was
+uploaded; the meta job's finalize just before its commit, and right after the new manifest was
+written but before the job record says so. ``JobRecords.set_fault("pause_<where>", target,
+{"seconds": s})`` holds it there, ``"fail_<where>"`` raises InjectedFault; the target is a
+sub-job id or a meta job id."""
+
+
+class _Faults:
+    """Test-only pauses and failures of one sub-job attempt (``sub``) or of a meta job's
+    finalize (``sub`` None)."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        meta_id: str,
+        sub: SubJobRecord | None = None,
+        stop: _Stop | None = None,
+        progress: list[JobProgress] | None = None,
+        token: str = "",
+    ) -> None:
+        self.ctx, self.meta_id, self.sub, self.token = ctx, meta_id, sub, token
+        self.stop, self.progress = stop, progress
+
+    def hit(self, where: str) -> None:
+        records, sub = self.ctx.records, self.sub
+        targets = [sub.id, self.meta_id] if sub is not None else [self.meta_id]
+        fault = records.take_fault(f"fail_{where}", targets)
+        if fault is not None:
+            raise InjectedFault(str(fault.get("message", f"injected failure {where.replace('_', ' ')}")))
+        fault = records.take_fault(f"pause_{where}", targets)
+        if fault is None:
+            return
+        seconds = float(fault.get("seconds", 5.0))
+        # Tests wait for this marker to know the job is held where they asked, then kill,
+        # freeze or disturb the node it names.
+        hit = {"node": self.ctx.node_id, "pid": os.getpid(), "attempt": sub.attempt if sub else 0, "at": now()}
+        records.r.set(f"compactor:fault-hit:pause_{where}:{targets[0]}", json.dumps(hit), ex=600)
+        log.warning("fault point: paused job=%s where=%s seconds=%s", targets[0], where, seconds)
+        if sub is None or self.progress is None or self.stop is None:
+            time.sleep(seconds)
+            return
+        before = self.progress[0]
+        self.progress[0] = before.model_copy(update={"phase": "paused"})
+        records.heartbeat(sub.id, sub.attempt, self.token, self.progress[0])
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.stop.check()
+            time.sleep(0.05)
+        if self.progress[0].phase == "paused":
+            self.progress[0] = before
+
+
+class _FaultyManifests(ManifestStore):
+    def __init__(self, inner: ManifestStore, hit: Callable[[str], None]) -> None:
+        super().__init__(inner.store, observer=inner.observer)
+        self._hit = hit
+
+    def create(self, manifest: Manifest) -> None:
+        super().create(manifest)
+        self._hit("in_commit")
+
+
+class _FaultyStorage(Storage):
+    """The process's Storage with the fault points of ``FAULT_WHERE`` on the engine's I/O."""
+
+    def __init__(self, inner: Storage, hit: Callable[[str], None]) -> None:
+        # Shares the process's clients and layer cache; only the hooks differ.
+        self.settings, self.objects, self.cache = inner.settings, inner.objects, inner.cache
+        self.manifests = _FaultyManifests(inner.manifests, hit)
+        self._hit = hit
+
+    def fetch(self, entry: LayerEntry) -> None:
+        self._hit("in_download")
+        super().fetch(entry)
+
+    def batches(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[pa.RecordBatch]:
+        batches = super().batches(entry, key_range)
+        first = next(batches, None)
+        if first is None:
+            return
+        yield first
+        self._hit("in_merge")
+        yield from batches
+
+    def upload(self, manifest: Manifest, name: LayerName, file: LayerFileInfo) -> LayerEntry:
+        entry = super().upload(manifest, name, file)
+        self._hit("in_upload")
+        return entry
+
+
+# ----------------------------------------------------------------------------- finalize
+
+
+def finalize_meta_job(ctx: Context, job_id: str) -> dict[str, Any]:
+    if ctx.settings.faults_enabled:
+        faults = _Faults(ctx, job_id)
+        meta = ctx.flow.finalize(job_id, _FaultyStorage(ctx.storage, faults.hit), lambda: faults.hit("before_commit"))
+    else:
+        meta = ctx.flow.finalize(job_id, ctx.storage, None)
+    return _meta_result(meta)
+
+
+# ----------------------------------------------------------------------------- Celery shell
+
+
+def _compact_timeline_task(task: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    try:
+        payload = payload_of(args, kwargs)
+    except Rejected as err:
+        return _rejected(TASK_COMPACT, err)
+    return compact_timeline(context(), payload)
+
+
+def _plan_meta_job_task(task: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    try:
+        ref: MetaJobRef = parse(MetaJobRef, args, kwargs, TASK_PLAN)
+    except Rejected as err:
+        return _rejected(TASK_PLAN, err)
+    ctx = context()
+    try:
+        meta = ctx.flow.plan(ref.job_id)
+    except CompactorError as err:
+        log.error("planning failed job=%s error=%r", ref.job_id, one_line(err))
+        return {"job_id": ref.job_id, "state": "failed", "error": one_line(err)}
+    return _meta_result(meta)
+
+
+def _run_sub_job_task(task: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    try:
+        ref: SubJobRef = parse(SubJobRef, args, kwargs, TASK_RUN)
+    except Rejected as err:
+        return _rejected(TASK_RUN, err)
+
+    def report_state(meta: dict[str, Any]) -> None:
+        if task.request.id is not None and not task.request.called_directly:
+            task.update_state(state="PROGRESS", meta=meta)
+            task.send_event("task-progress", **meta)
+
+    try:
+        return run_sub_job(context(), ref.sub_job_id, report_state)
+    except RetryLater as later:
+        # Back to the queue with a delay; the wait holds no worker slot and is no attempt.
+        raise task.retry(countdown=later.countdown) from None
+    except (redis.ConnectionError, redis.TimeoutError) as err:
+        # Before the claim (or while recording its end): keep the message alive until Redis is back.
+        log.warning("redis unavailable, sub-job back to the queue sub_job=%s error=%r", ref.sub_job_id, one_line(err))
+        delay = context().settings.lock_retry_delay_s
+        raise task.retry(countdown=delay) from None
+
+
+def _finalize_meta_job_task(task: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    try:
+        ref: MetaJobRef = parse(MetaJobRef, args, kwargs, TASK_FINALIZE)
+    except Rejected as err:
+        return _rejected(TASK_FINALIZE, err)
+    try:
+        return finalize_meta_job(context(), ref.job_id)
+    except CompactorError as err:
+        log.error("finalize failed job=%s error=%r", ref.job_id, one_line(err))
+        return {"job_id": ref.job_id, "state": "failed", "error": one_line(err)}
+
+
+compact_timeline_task = app.task(name=TASK_COMPACT, bind=True)(_compact_timeline_task)
+plan_meta_job_task = app.task(name=TASK_PLAN, bind=True)(_plan_meta_job_task)
+# max_retries=None on the task: retry(max_retries=None) alone falls back to the default of 3.
+run_sub_job_task = app.task(name=TASK_RUN, bind=True, max_retries=None)(_run_sub_job_task)
+finalize_meta_job_task = app.task(name=TASK_FINALIZE, bind=True)(_finalize_meta_job_task)
