@@ -150,7 +150,12 @@ class FaultStack:
 
 
 def make_fault_stack(
-    directory: Path, summary: FaultSummary, *, prepare: Callable[[Any], None] | None = None, **stack_kwargs: Any
+    directory: Path,
+    summary: FaultSummary,
+    *,
+    prepare: Callable[[Any], None] | None = None,
+    workers: int = 2,
+    **stack_kwargs: Any,
 ) -> Iterator[FaultStack]:
     """The stack behind a fault proxy; ``prepare(stack)`` runs before it starts."""
     from compactor.coordinator.local.embedded import EmbeddedStack
@@ -160,7 +165,7 @@ def make_fault_stack(
     proxy = FaultProxy(lambda: holder["stack"].s3.endpoint_url, seed=7).start()
     env = {**FAULT_ENV, "COMPACTOR_S3_ENDPOINT_URL": proxy.url, **stack_kwargs.pop("env", {})}
     stack = EmbeddedStack(
-        directory, workers=2, concurrency=2, coordinator=True, coordinator_interval_s=0.3, env=env, **stack_kwargs
+        directory, workers=workers, concurrency=2, coordinator=True, coordinator_interval_s=0.3, env=env, **stack_kwargs
     )
     holder["stack"] = stack
     if prepare is not None:

@@ -744,3 +744,25 @@ def test_dry_run_reports_the_projected_size_after(flow: tasks.Context) -> None:
     # The projection is of the size after, not the input size again: close to what the job did.
     assert projected.after_compaction_layer_size < 0.8 * total
     assert projected.retention_ratio == pytest.approx(real["retention_ratio"], rel=0.4)
+
+
+def test_a_message_held_by_a_dead_worker_is_sent_again(flow: tasks.Context) -> None:
+    """A waiting sub-job whose message a worker received but never ran is sent again as soon as
+    that worker process is gone, long before the no-progress timeout; not while it lives."""
+    records = flow.records
+    meta = make_meta(records, 1)
+    sid = meta.sub_jobs[0]
+    published = Published()
+    scheduler = Scheduler(flow.storage, records, published, flow.settings, auto_trigger=False)
+    dispatch.enqueue_sub(records, published, sid)
+    published.messages.clear()
+    records.mark_held(sid, "node-1@host:4242")
+    records.keep_alive("node-1@host:4242", 30.0)
+    scheduler.tick()
+    assert published.of(TASK_RUN) == [], "a live worker holds the message"
+    records.gone("node-1@host:4242")
+    report = scheduler.tick()
+    assert published.of(TASK_RUN) == [{"sub_job_id": sid}] and report.repaired == [f"enqueue {sid}"]
+    assert records.held_by(sid) is None, "the new message has not reached anyone yet"
+    scheduler.tick()
+    assert len(published.of(TASK_RUN)) == 1, "sent again once, not every tick"

@@ -1,4 +1,4 @@
-"""Job commands of the ``compactor`` CLI (CONTRACTS §4): ``compact``, ``jobs``, ``job show``,
+"""Job commands of the ``compactor`` CLI (README: Command line): ``compact``, ``jobs``, ``job show``,
 ``job cancel``, ``worker`` and ``coordinator``. Registered on ``compactor.coordinator.cli.main.main``.
 
 Machine-readable output on stdout, logs on stderr, every failure one ``error: ...`` line with a

@@ -1,4 +1,4 @@
-"""The ``compactor`` command line (CONTRACTS §4).
+"""The ``compactor`` command line (README: Command line).
 
 Machine-readable output goes to stdout; logs and progress to stderr. Every failure ends with a
 one-line ``error: ...`` on stderr and a non-zero exit code.

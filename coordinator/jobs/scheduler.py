@@ -6,7 +6,8 @@ Each tick
    ``heartbeat_timeout_s``, or whose progress has not moved for ``no_progress_timeout_s``, is
    taken away (its attempt becomes ``preempted``, so the old worker's later reports are
    ignored) and enqueued again; the attempt cap in the record stops a job that keeps getting
-   reclaimed. Steps lost to a crash between two writes are repeated: a waiting sub-job whose
+   reclaimed. A waiting sub-job whose message a dead worker held (``worker.runtime.deliveries``)
+   is sent again. Steps lost to a crash between two writes are repeated: a waiting sub-job whose
    message never went out, an ended sub-job missing from the finished set, a finalize claimed
    but never run, a meta job never planned;
 2. **auto-trigger** - the seed's ``trigger_auto_compaction`` for every timeline in the bucket,
@@ -217,6 +218,12 @@ class Scheduler:
             if at - since > settings.heartbeat_timeout_s:
                 report.repaired.append(f"enqueue {sub.id}")
                 dispatch.enqueue_sub(self.records, self.publisher, sub.id)
+        elif (holder := self.records.held_by(sub.id)) is not None and not self.records.is_alive(holder):
+            # Its message sits in a dead worker's memory (prefetched, or waiting out a
+            # countdown) until the broker's visibility timeout: send another now.
+            log.warning("sub-job message lost with its worker, sent again sub_job=%s holder=%s", sub.id, holder)
+            report.repaired.append(f"enqueue {sub.id}")
+            dispatch.enqueue_sub(self.records, self.publisher, sub.id)
         elif at - sub.enqueued_at > settings.no_progress_timeout_s:
             # Waiting this long: the queue is long, or its message was lost (a worker failing
             # between taking it and claiming). A second message costs one ignored delivery.

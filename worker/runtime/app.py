@@ -1,7 +1,7 @@
 """The one Celery app every compactor process imports: workers, the coordinator, the CLI.
 
 Broker and result backend are ``COMPACTOR_REDIS_URL``. The settings that keep a task from
-running twice live here, in the app every process shares (DESIGN.md, lessons learned):
+running twice live here, in the app every process shares (docs/design/README.md):
 
 - JSON only, never pickle;
 - ``acks_late`` + ``worker_prefetch_multiplier=1`` + ``task_reject_on_worker_lost``: a message
@@ -166,7 +166,7 @@ def worker_hostname(node: str, queues: list[str]) -> str:
 
 
 class CeleryPublisher:
-    """``compactor.coordinator.jobs.dispatch.Publisher`` over this app: every task to its own queue."""
+    """``compactor.worker.runtime.dispatch.Publisher`` over this app: every task to its own queue."""
 
     def __init__(self, celery: Any = None) -> None:
         self._app = celery if celery is not None else app

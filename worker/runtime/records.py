@@ -1,4 +1,5 @@
-"""Durable job records in Redis, kept outside the broker (DESIGN.md, lessons learned).
+"""Durable job records in Redis, kept outside the broker, and the attempt protocol
+(docs/design/README.md: lifecycle of a job).
 
 A *meta job* is one gc-compaction request for a timeline; planning splits it into *sub-jobs*
 (key ranges) that workers run. Each record is a pydantic model stored as JSON under its own key:
@@ -13,6 +14,8 @@ compactor:active                      set of meta job ids not yet ended
 compactor:inflight:{tenant}/{tl}      meta job id in flight for the timeline (SET NX)
 compactor:breaker:{tenant}/{tl}       BreakerState of the timeline
 compactor:node-lock:{node}            the node lock (compactor.worker.runtime.node_lock)
+compactor:held:{job_id}.{index}       the worker process that last received the sub-job's message
+compactor:alive:{hostname}:{pid}      a worker process's liveness (expires when it stops renewing)
 compactor:fault:{point}:{target}      fault points (tests; only with COMPACTOR_FAULTS_ENABLED)
 ```
 
@@ -253,6 +256,30 @@ class SubJobRef(BaseModel):
 
 
 class JobState(StrEnum):
+    """The state of a meta job or a sub-job, and who may move it where (docs/design/README.md).
+
+    Sub-job::
+
+        queued ──claim──> running ──finish──> succeeded | failed | cancelled
+          │  ^              │  │
+          │  └─── claim ────┘  └─finish/preempt─> preempted ──claim──> running (attempt + 1)
+          └─cancel_waiting / claim over the cap / give up─> cancelled | failed
+
+    - ``claim`` (the worker taking it): queued or preempted, or running with a silent heartbeat,
+      becomes running with a new attempt and owner token; over the attempt cap it fails, after a
+      cancel request it is cancelled.
+    - ``heartbeat``/``finish`` (the current attempt only, by attempt number and token): running
+      becomes an end state, or preempted to run again (a lost lock, a retryable error).
+    - ``preempt`` (the coordinator): a running attempt silent or stuck for too long; ``give up``
+      (the coordinator) fails a preempted sub-job over the cap.
+    - ``cancel_waiting`` (``compactor job cancel``): queued or preempted becomes cancelled.
+
+    Meta job: queued ──plan──> running ──finalize──> succeeded | failed | cancelled; a meta job that
+    cannot be planned, or has nothing to do, goes from queued to its end through finalize too.
+    Only ``plan`` (and the re-plan after a commit conflict) writes its sub-jobs, only ``finalize``
+    (claimed once per plan) ends it.
+    """
+
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -451,6 +478,17 @@ def _key_inflight(tenant_id: str, timeline_id: str) -> str:
 def _key_breaker(tenant_id: str, timeline_id: str) -> str:
     return f"{PREFIX}breaker:{tenant_id}/{timeline_id}"
 
+
+def _key_held(sub_id: str) -> str:
+    return f"{PREFIX}held:{sub_id}"
+
+
+def _key_alive(holder: str) -> str:
+    return f"{PREFIX}alive:{holder}"
+
+
+# A received message is held at most until the broker's visibility timeout gives it back.
+_HELD_TTL_S = 24 * 3600
 
 KEY_JOBS = f"{PREFIX}jobs"
 KEY_ACTIVE = f"{PREFIX}active"
@@ -774,7 +812,8 @@ class JobRecords:
         return self.update_sub(sub_id, change)
 
     def mark_enqueued(self, sub_id: str) -> SubJobRecord | None:
-        """Note that a message for this waiting sub-job was published; None unless it waits."""
+        """Note that a message for this waiting sub-job was published; None unless it waits.
+        The new message has not reached any worker yet: whoever held an earlier one is forgotten."""
         at = now()
 
         def change(rec: SubJobRecord) -> SubJobRecord | None:
@@ -783,7 +822,32 @@ class JobRecords:
             rec.enqueued_at = at
             return rec
 
-        return self.update_sub(sub_id, change)
+        written = self.update_sub(sub_id, change)
+        if written is not None:
+            self.r.delete(_key_held(sub_id))
+        return written
+
+    # ------------------------------------------------------------------ deliveries
+
+    def mark_held(self, sub_id: str, holder: str) -> None:
+        """A worker process (``hostname:pid``) received the sub-job's message: it holds it until
+        it runs it, also while it waits for a countdown or a free slot."""
+        self.r.set(_key_held(sub_id), holder, ex=_HELD_TTL_S)
+
+    def held_by(self, sub_id: str) -> str | None:
+        raw = self.r.get(_key_held(sub_id))
+        return _text(raw) if raw is not None else None
+
+    def keep_alive(self, holder: str, ttl_s: float) -> None:
+        """Say that the worker process ``holder`` is alive for another ``ttl_s`` seconds."""
+        self.r.set(_key_alive(holder), "1", px=max(1, int(ttl_s * 1000)))
+
+    def gone(self, holder: str) -> None:
+        """The worker process ``holder`` stops: whatever it still holds is lost from now on."""
+        self.r.delete(_key_alive(holder))
+
+    def is_alive(self, holder: str) -> bool:
+        return bool(self.r.exists(_key_alive(holder)))
 
     # ------------------------------------------------------------------ ending and finalize
 

@@ -46,7 +46,12 @@ from compactor.storage.manifest_store import ManifestStore
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
 from compactor.worker.engine.run import EngineSettings, Hooks, Progress
-from compactor.worker.runtime import dispatch, metrics, runner
+from compactor.worker.runtime import (
+    deliveries,  # noqa: F401  (connects the worker's delivery signals)
+    dispatch,
+    metrics,
+    runner,
+)
 from compactor.worker.runtime.app import CeleryPublisher, app, current_settings, node_id
 from compactor.worker.runtime.dispatch import TASK_COMPACT, TASK_FINALIZE, TASK_PLAN, TASK_RUN, Publisher
 from compactor.worker.runtime.node_lock import Heartbeat, NodeLock

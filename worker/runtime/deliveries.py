@@ -1,0 +1,83 @@
+"""Which worker process holds which sub-job message, so that a message lost with a dead worker
+is sent again within the heartbeat timeout instead of the broker's visibility timeout (hours).
+
+A worker holds a ``run_sub_job`` message from the moment it receives it until it runs it: while
+it waits for its one gc slot, or for a countdown (a sub-job sent back from a busy node). Killed
+then, the message is gone until the broker's visibility timeout. So each worker's main process
+notes every such message it receives (``JobRecords.mark_held``) and keeps a liveness key of its
+own (``hostname:pid``, renewed every heartbeat interval, expiring after the heartbeat timeout);
+the scheduler sends a waiting sub-job again when the process that holds its message is gone.
+A duplicate is harmless: the claim ignores a sub-job that runs or has ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import redis
+from celery import signals
+
+from compactor.worker.runtime.app import current_settings
+from compactor.worker.runtime.dispatch import TASK_RUN
+from compactor.worker.runtime.node_lock import Heartbeat
+from compactor.worker.runtime.records import JobRecords, connect, one_line
+
+log = logging.getLogger(__name__)
+
+_records: JobRecords | None = None
+_holder: str | None = None
+_heartbeat: Heartbeat | None = None
+
+
+def _this_process(hostname: str) -> tuple[JobRecords, str]:
+    global _records, _holder
+    if _records is None or _holder is None:
+        _records = JobRecords(connect(current_settings()))
+        _holder = f"{hostname}:{os.getpid()}"
+    return _records, _holder
+
+
+def _received(request: Any, **_: Any) -> None:
+    if request.name != TASK_RUN or not isinstance(request.kwargs, dict):
+        return
+    sub_id = request.kwargs.get("sub_job_id")
+    if not isinstance(sub_id, str):
+        return  # the task rejects it with a one-line error when it runs
+    records, holder = _this_process(request.hostname)
+    try:
+        records.mark_held(sub_id, holder)
+    except redis.RedisError as err:
+        # Without the mark the message waits for the no-progress timeout if this worker dies.
+        log.warning("delivery not recorded sub_job=%s error=%r", sub_id, one_line(err))
+
+
+def _ready(sender: Any, **_: Any) -> None:
+    global _heartbeat
+    settings = current_settings()
+    records, holder = _this_process(sender.hostname)
+
+    def alive() -> None:
+        records.keep_alive(holder, settings.heartbeat_timeout_s)
+
+    try:
+        alive()
+    except redis.RedisError as err:
+        log.warning("liveness key not set yet holder=%s error=%r", holder, one_line(err))
+    _heartbeat = Heartbeat(settings.heartbeat_interval_s, alive, name="worker-alive").start()
+
+
+def _shutdown(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
+    if _records is not None and _holder is not None:
+        try:
+            _records.gone(_holder)
+        except redis.RedisError as err:
+            log.warning("liveness key not removed holder=%s error=%r", _holder, one_line(err))
+
+
+signals.task_received.connect(_received)
+signals.worker_ready.connect(_ready)
+signals.worker_shutdown.connect(_shutdown)
