@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from compactor.storage.errors import CompactorError, CorruptLayer, InvalidInput
+from compactor.storage.errors import CompactorError, CorruptLayer, InvalidInput, one_line
 from compactor.storage.keys import KEY_SIZE, KeyRange, format_key
 from compactor.storage.layer_name import LayerName
 from compactor.storage.values import ValueKind, Version
@@ -131,7 +131,7 @@ def _batch_from_lists(keys: list[bytes], lsns: list[int], kinds: list[int], valu
             pa.array(values, pa.binary()),
         ]
     except (pa.ArrowException, TypeError, ValueError, OverflowError) as err:
-        raise InvalidInput(f"invalid version for a layer file: {_one_line(err)}") from None
+        raise InvalidInput(f"invalid version for a layer file: {one_line(err)}") from None
     return _conform(pa.RecordBatch.from_arrays(arrays, schema=_NULLABLE_SCHEMA))
 
 
@@ -193,11 +193,6 @@ def _check_sorted(batch: pa.RecordBatch, previous: tuple[bytes, int, int] | None
 
 def _schema_text(schema: pa.Schema) -> str:
     return "(" + ", ".join(f"{f.name}: {f.type}" for f in schema) + ")"
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:400] if text else type(err).__name__
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -425,7 +420,7 @@ class LayerWriter:
             try:
                 self._writer.write_table(piece, row_group_size=piece.num_rows)
             except _ARROW_ERRORS as err:
-                raise OSError(f"cannot write layer file {self.path}: {_one_line(err)}") from err
+                raise OSError(f"cannot write layer file {self.path}: {one_line(err)}") from err
 
     def _wait(self) -> None:
         """Until the row group being written is out; re-raises its error."""
@@ -613,7 +608,7 @@ class LayerReader:
             num_rows = int(metadata.num_rows)
         except _ARROW_ERRORS as err:
             self.close()
-            raise self._corrupt(f"unreadable footer: {_one_line(err)}") from None
+            raise self._corrupt(f"unreadable footer: {one_line(err)}") from None
         try:
             self.name = self._check_name(kv, name)
             self._label = str(self.name)
@@ -641,7 +636,7 @@ class LayerReader:
         except FileNotFoundError:
             raise self._corrupt("missing") from None
         except OSError as err:
-            raise self._corrupt(f"cannot open: {_one_line(err)}") from None
+            raise self._corrupt(f"cannot open: {one_line(err)}") from None
         if size < 12 or head != _PARQUET_MAGIC or tail[4:] != _PARQUET_MAGIC:
             raise self._corrupt(f"truncated file: {size} bytes, no Parquet footer")
         footer_len = int.from_bytes(tail[:4], "little")
@@ -723,12 +718,12 @@ class LayerReader:
             # Column threads cost more than they save on ~1 MiB batches (measured: -30%).
             batches = iter(self._file.iter_batches(batch_size=batch_rows, row_groups=[i], use_threads=False))
         except _ARROW_ERRORS as err:
-            raise self._corrupt(f"row group {i}: {_one_line(err)}") from None
+            raise self._corrupt(f"row group {i}: {one_line(err)}") from None
         while True:
             try:
                 batch = next(batches, None)
             except _ARROW_ERRORS as err:
-                raise self._corrupt(f"row group {i}: {_one_line(err)}") from None
+                raise self._corrupt(f"row group {i}: {one_line(err)}") from None
             if batch is None:
                 break
             n = batch.num_rows
@@ -791,7 +786,7 @@ def row_groups_from_tail(tail: bytes, label: str) -> list[RowGroup]:
         metadata = pq.read_metadata(pa.BufferReader(_PARQUET_MAGIC + tail[-needed:]))
         kv: dict[bytes, bytes] = dict(metadata.metadata or {})
     except _ARROW_ERRORS as err:
-        raise CorruptLayer(f"corrupt layer {label}: unreadable footer: {_one_line(err)}") from None
+        raise CorruptLayer(f"corrupt layer {label}: unreadable footer: {one_line(err)}") from None
     index = _decode_index(kv.get(META_INDEX))
     if index is None:
         raise CorruptLayer(f"corrupt layer {label}: invalid row-group index in footer")
@@ -877,6 +872,6 @@ def verify_file(
     except CompactorError:
         raise
     except OSError as err:
-        raise corrupt(f"cannot read: {_one_line(err)}") from None
+        raise corrupt(f"cannot read: {one_line(err)}") from None
     if digest != expected_sha256.lower():
         raise corrupt(f"sha256 {digest} does not match the expected {expected_sha256}")

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pydantic import ValidationError
 
 from compactor.storage import layout
-from compactor.storage.errors import CompactorError, InvalidInput, ManifestConflict, NotFound
+from compactor.storage.errors import CompactorError, InvalidInput, ManifestConflict, NotFound, validation_summary
 from compactor.storage.manifest import Manifest
 from compactor.storage.object_store import AlreadyExists, ObjectStore, PreconditionFailed
 
@@ -40,13 +40,6 @@ class CorruptManifest(CompactorError):
 
 class ManifestRaceLost(CompactorError):
     """Another writer created this manifest number first (or it lies below the boundary)."""
-
-
-def _validation_summary(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(part) for part in first.get("loc", ())) or "manifest"
-    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return " ".join(f"{loc}: {first.get('msg', 'invalid')}{more}".split())
 
 
 class CommitObserver:
@@ -90,7 +83,7 @@ class ManifestStore:
         try:
             manifest = Manifest.model_validate_json(data)
         except ValidationError as err:
-            raise CorruptManifest(f"manifest {key} is corrupt: {_validation_summary(err)}") from None
+            raise CorruptManifest(f"manifest {key} is corrupt: {validation_summary(err, 'manifest')}") from None
         if (manifest.tenant_id, manifest.timeline_id, manifest.number) != (tenant, timeline, number):
             raise CorruptManifest(
                 f"manifest {key} holds number {manifest.number} of "

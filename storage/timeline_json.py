@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
 
-from compactor.storage.errors import InvalidInput
+from compactor.storage.errors import InvalidInput, validation_summary
 from compactor.storage.ids import HexId
 from compactor.storage.keys import KeyRange, format_key, parse_key
 from compactor.storage.layer_map import check_valid_layermap
@@ -106,13 +106,6 @@ class ParsedTimeline:
     layers: list[tuple[LayerName, list[Version]]]
 
 
-def _one_line(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{where}: {first['msg']}{more}"
-
-
 def parse_timeline(text: str | bytes) -> ParsedTimeline:
     """Parse and fully validate a timeline document; raise ``InvalidInput`` with one line."""
     try:
@@ -126,7 +119,7 @@ def parse_timeline(text: str | bytes) -> ParsedTimeline:
     try:
         doc = TimelineJson.model_validate(raw)
     except ValidationError as err:
-        raise InvalidInput(f"invalid timeline JSON: {_one_line(err)}") from None
+        raise InvalidInput(f"invalid timeline JSON: {validation_summary(err, 'timeline')}") from None
 
     layers = [_layer(i, layer, doc.ancestor) for i, layer in enumerate(doc.layers)]
     names = [name for name, _ in layers]

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from compactor.coordinator.jobs import meta_jobs
 from compactor.coordinator.jobs.scheduler import Scheduler
 from compactor.storage import layout
-from compactor.storage.errors import InvalidInput
+from compactor.storage.errors import InvalidInput, one_line
 from compactor.storage.keys import format_key, key_from_int
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
@@ -42,7 +42,6 @@ from compactor.worker.runtime.records import (
     redact_url,
     redis_py_url,
     sub_job_id,
-    validation_summary,
 )
 from tests.conftest import make_s3_settings
 from tests.test_distributed import assert_reads_exact, banded_timeline, manifests_written_by
@@ -116,11 +115,11 @@ def test_request_validation_is_one_line() -> None:
         CompactRequest(
             tenant_id=TENANT, timeline_id=TL, key_start=format_key(key_from_int(5)), key_end=format_key(key_from_int(5))
         )
-    assert validation_summary(err.value).startswith("invalid payload: ")
-    assert "inverted key range" in validation_summary(err.value)
+    assert one_line(err.value).startswith("invalid payload: ")
+    assert "inverted key range" in one_line(err.value)
     with pytest.raises(ValidationError) as err:
         CompactRequest.model_validate({"tenant_id": "XYZ", "timeline_id": TL})
-    summary = validation_summary(err.value)
+    summary = one_line(err.value)
     assert "tenant_id" in summary and "\n" not in summary
     with pytest.raises(ValidationError):
         CompactRequest.model_validate({"tenant_id": TENANT, "timeline_id": TL, "lsn_start": 9, "lsn_end": 3})

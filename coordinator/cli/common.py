@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import click
 from pydantic import ValidationError
 
-from compactor.storage.errors import CompactorError, InvalidInput
+from compactor.storage.errors import CompactorError, InvalidInput, one_line, validation_summary
 from compactor.storage.keys import parse_key
 from compactor.storage.lsn import parse_lsn
 from compactor.storage.settings import Settings
@@ -38,13 +38,10 @@ def one_line_errors(func: F) -> F:
             # Python would report the unflushed rest of stdout again at exit; send it nowhere.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(0)
-        except CompactorError as err:
-            fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        except (CompactorError, OSError) as err:
+            fail(one_line(err))
         except ValidationError as err:
-            first = err.errors()[0]
-            fail(f"invalid configuration or input: {'.'.join(map(str, first['loc']))}: {first['msg']}")
-        except OSError as err:
-            fail(f"{type(err).__name__}: {err}")
+            fail(f"invalid configuration or input: {validation_summary(err)}")
 
     return wrapper  # type: ignore[return-value]
 

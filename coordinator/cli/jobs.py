@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from compactor.coordinator.cli.common import KEY, LSN, SIZE, F, fail, one_line_errors, settings_from
-from compactor.storage.errors import CompactorError, InvalidInput, NotFound
+from compactor.storage.errors import CompactorError, InvalidInput, NotFound, one_line
 from compactor.storage.keys import format_key
 from compactor.storage.lsn import LSN_MAX
 from compactor.storage.settings import Settings
@@ -43,7 +43,6 @@ from compactor.worker.runtime.records import (
     check_connectivity,
     connect,
     most_at_once,
-    one_line,
 )
 
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -36,7 +36,7 @@ from pydantic import ValidationError
 
 from compactor.coordinator.jobs.split import RowGroups, compact_below_lsn, or_whole_layer, slices
 from compactor.storage import layout
-from compactor.storage.errors import CompactorError, InvalidInput, ManifestConflict
+from compactor.storage.errors import CompactorError, InvalidInput, ManifestConflict, one_line
 from compactor.storage.keys import format_key
 from compactor.storage.manifest import GcCompactionState, Manifest
 from compactor.storage.settings import Settings
@@ -59,9 +59,7 @@ from compactor.worker.runtime.records import (
     most_at_once,
     new_job_id,
     now,
-    one_line,
     sub_job_id,
-    validation_summary,
 )
 from compactor.worker.runtime.runner import commit_meta, compact
 
@@ -559,7 +557,7 @@ class MetaJobs:
         try:
             request = CompactRequest.model_validate(payload)
         except ValidationError as err:
-            return reject_payload(self.records, payload, validation_summary(err))
+            return reject_payload(self.records, payload, one_line(err))
         meta, _ = create_meta_job(self.records, request)
         return plan(self.storage, self.records, self.publisher, meta.id, self.settings)
 

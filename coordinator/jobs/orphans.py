@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from compactor.storage.errors import CompactorError
+from compactor.storage.errors import CompactorError, one_line
 from compactor.storage.layout import layers_prefix
 from compactor.storage.manifest_store import ManifestStore
 from compactor.storage.object_store import ObjectStore
-from compactor.worker.runtime.records import JobRecords, one_line
+from compactor.worker.runtime.records import JobRecords
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from compactor.coordinator.jobs.orphans import collect_orphans, inflight_from_records
 from compactor.coordinator.jobs.trigger import should_trigger
-from compactor.storage.errors import CompactorError
+from compactor.storage.errors import CompactorError, one_line
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
 from compactor.worker.runtime import dispatch, metrics
@@ -43,7 +43,6 @@ from compactor.worker.runtime.records import (
     SubJobRecord,
     new_job_id,
     now,
-    one_line,
 )
 
 log = logging.getLogger(__name__)

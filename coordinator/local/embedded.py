@@ -36,6 +36,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from compactor.coordinator.local.s3server import S3Server
+from compactor.storage.errors import one_line
 from compactor.storage.object_store import ObjectStore
 from compactor.storage.settings import Settings
 
@@ -389,7 +390,7 @@ class EmbeddedStack:
             except (OSError, redis.RedisError, OperationalError) as err:
                 # A pooled broker connection from before a Redis restart fails once; the
                 # next ping connects afresh (found by the fault suite's Redis restart).
-                log.info("ping failed, retrying error=%r", f"{type(err).__name__}: {err}")
+                log.info("ping failed, retrying error=%r", one_line(err))
                 time.sleep(0.2)
                 continue
             for reply in replies:

@@ -28,10 +28,11 @@ import kombu.entity
 from celery import Celery, signals
 from celery.worker.consumer import Consumer as _CeleryConsumer
 
+from compactor.storage.errors import one_line
 from compactor.storage.settings import Settings
 from compactor.worker.runtime import metrics
 from compactor.worker.runtime.dispatch import QUEUE_GC, QUEUE_LIGHT, TASK_QUEUES
-from compactor.worker.runtime.records import celery_redis_url, one_line
+from compactor.worker.runtime.records import celery_redis_url
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,13 @@ from typing import Any
 
 import redis
 from celery import signals
+from pydantic import ValidationError
 
+from compactor.storage.errors import one_line
 from compactor.worker.runtime.app import current_settings
 from compactor.worker.runtime.dispatch import TASK_RUN
 from compactor.worker.runtime.node_lock import Heartbeat
-from compactor.worker.runtime.records import JobRecords, connect, one_line
+from compactor.worker.runtime.records import JobRecords, SubJobRef, connect
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,10 @@ def _this_process(hostname: str) -> tuple[JobRecords, str]:
 def _received(request: Any, **_: Any) -> None:
     if request.name != TASK_RUN or not isinstance(request.kwargs, dict):
         return
-    sub_id = request.kwargs.get("sub_job_id")
-    if not isinstance(sub_id, str):
+    try:
+        # Payloads come from anyone who can reach the broker: only a valid id names a key.
+        sub_id = SubJobRef.model_validate(request.kwargs).sub_job_id
+    except ValidationError:
         return  # the task rejects it with a one-line error when it runs
     records, holder = _this_process(request.hostname)
     try:

@@ -17,6 +17,8 @@ from collections.abc import Callable
 import redis
 from redis.exceptions import LockError
 
+from compactor.storage.errors import one_line
+
 log = logging.getLogger(__name__)
 
 LOCK_PREFIX = "compactor:node-lock:"
@@ -75,7 +77,7 @@ class Heartbeat:
             try:
                 self._tick()
             except Exception as err:
-                log.warning("heartbeat tick failed error=%r", f"{type(err).__name__}: {err}")
+                log.warning("heartbeat tick failed error=%r", one_line(err))
 
     def stop(self) -> None:
         self._stop.set()

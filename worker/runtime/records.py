@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -151,31 +151,6 @@ def parse_sub_job_id(value: object) -> tuple[str, int]:
         shown = repr(value)[:80]
         raise InvalidInput(f"invalid sub-job id {shown}: expected <32 hex job id>.<index>")
     return m.group(1), int(m.group(2))
-
-
-def one_line(err: BaseException) -> str:
-    """An exception as one line: ``Type: message`` (first line of the message only)."""
-    if isinstance(err, ValidationError):
-        return validation_summary(err)
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    if isinstance(err, CompactorError) and text:
-        return text
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def validation_summary(err: ValidationError) -> str:
-    first = err.errors()[0]
-    # Field names come from the payload too: an unknown field named with a megabyte of text
-    # made a megabyte "one-line" error in the job record and the logs (found by the bad-input
-    # tests). Both parts are clipped.
-    loc = ".".join(_clip(str(part), 64) for part in first.get("loc", ())) or "payload"
-    msg = _clip(str(first.get("msg", "invalid")).removeprefix("Value error, "), 300)
-    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return " ".join(f"invalid payload: {loc}: {msg}{more}".split())
 
 
 # ----------------------------------------------------------------------------- payloads

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from compactor.storage.errors import ManifestConflict
+from compactor.storage.errors import ManifestConflict, one_line
 from compactor.storage.keys import KeyRange
 from compactor.storage.timeline import Storage
 from compactor.worker.engine.commit import CommitRefused, commit
@@ -81,12 +81,12 @@ def commit_meta(
         if number is None:
             log.warning(
                 "commit outcome unknown, uploads kept for orphan cleanup tenant=%s timeline=%s uploads=%d error=%r",
-                proposal.job.tenant_id, proposal.job.timeline_id, len(uploads), f"{type(err).__name__}: {err}",
+                proposal.job.tenant_id, proposal.job.timeline_id, len(uploads), one_line(err),
             )  # fmt: skip
             raise
         log.warning(
             "commit reported an error but landed tenant=%s timeline=%s manifest=%d error=%r",
-            proposal.job.tenant_id, proposal.job.timeline_id, number, f"{type(err).__name__}: {err}",
+            proposal.job.tenant_id, proposal.job.timeline_id, number, one_line(err),
         )  # fmt: skip
         return number
     return committed.number if committed is not None else None
@@ -101,7 +101,7 @@ def _landed_manifest(storage: Storage, proposal: CommitProposal) -> int | None:
     try:
         newest = storage.manifest(job.tenant_id, job.timeline_id)
     except Exception as err:
-        log.warning("cannot check whether a commit landed error=%r", f"{type(err).__name__}: {err}")
+        log.warning("cannot check whether a commit landed error=%r", one_line(err))
         return None
     ours = {entry.object_key for entry in proposal.added}
     if any(entry.object_key in ours for entry in newest.layers.values()):

@@ -37,7 +37,7 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel, ValidationError
 
-from compactor.storage.errors import CompactorError, StoreError
+from compactor.storage.errors import CompactorError, StoreError, one_line
 from compactor.storage.keys import KeyRange
 from compactor.storage.layer_file import LayerFileInfo
 from compactor.storage.layer_name import LayerName
@@ -67,8 +67,6 @@ from compactor.worker.runtime.records import (
     SubJobRef,
     connect,
     now,
-    one_line,
-    validation_summary,
 )
 
 log = logging.getLogger(__name__)
@@ -189,7 +187,7 @@ def parse(model: type[BaseModel], args: tuple[Any, ...], kwargs: dict[str, Any],
     try:
         return model.model_validate(payload_of(args, kwargs))
     except ValidationError as err:
-        raise Rejected(validation_summary(err)) from None
+        raise Rejected(one_line(err)) from None
 
 
 def _rejected(task: str, err: Rejected) -> dict[str, Any]:
