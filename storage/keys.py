@@ -81,10 +81,3 @@ def overlaps(a: tuple[T, T], b: tuple[T, T]) -> bool:
 
 def fully_contains(outer: tuple[T, T], inner: tuple[T, T]) -> bool:
     return outer[0] <= inner[0] and inner[1] <= outer[1]
-
-
-def parse_key_range(start: str, end: str) -> KeyRange:
-    key_range = KeyRange(parse_key(start), parse_key(end))
-    if key_range.start >= key_range.end:
-        raise InvalidInput(f"empty or inverted key range {start}-{end}")
-    return key_range

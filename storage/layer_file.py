@@ -314,9 +314,6 @@ class LayerWriter:
             self._stage_lists()
             self._flush()
 
-    def add_version(self, version: Version) -> None:
-        self.add(version.key, version.lsn, version.kind, version.payload)
-
     def add_rows(self, rows: Sequence[Version]) -> None:
         """``add`` each row in order; one call for a run of rows costs much less per row."""
         self._check_open()

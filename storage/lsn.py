@@ -30,8 +30,3 @@ def check_lsn(value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= LSN_MAX:
         raise InvalidInput(f"invalid LSN {value!r}: must be an integer in [0, 2^64)")
     return value
-
-
-def format_lsn(value: int) -> str:
-    """Postgres-style ``X/Y`` rendering for logs."""
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"

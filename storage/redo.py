@@ -67,11 +67,6 @@ def record_to_json(payload: bytes) -> dict[str, Any]:
     return {"op": op.name, **op.to_json(body)}
 
 
-def record_kind(payload: bytes) -> ValueKind:
-    op, body = _split(payload)
-    return ValueKind.INIT_RECORD if op.will_init(body) else ValueKind.RECORD
-
-
 def apply_record(page: bytes, payload: bytes) -> bytes:
     op, body = _split(payload)
     return op.apply(page, body)

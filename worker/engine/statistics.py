@@ -83,13 +83,6 @@ class CompactionStatistics(BaseModel):
     def visit_image_key(self, version: Version) -> None:
         self.image_keys_visited.add(estimated_size(version) + KEY_SIZE)
 
-    def visit_key(self, version: Version) -> None:
-        """``visit_image_key`` or ``visit_wal_key`` by the version's kind."""
-        if version.kind == ValueKind.IMAGE:
-            self.visit_image_key(version)
-        else:
-            self.visit_wal_key(version)
-
     def produce_key(self, version: Version) -> None:
         if version.kind == ValueKind.IMAGE:
             self.produce_image_key(version.payload)

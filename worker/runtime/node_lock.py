@@ -53,10 +53,6 @@ class NodeLock:
         except LockError:
             log.warning("node lock was not ours any more at release node=%s", self.node_id)
 
-    def holder_token(self) -> str | None:
-        raw = self._lock.redis.get(self.name)
-        return raw.decode() if isinstance(raw, bytes) else raw
-
 
 class Heartbeat:
     """Calls ``tick`` every ``interval_s`` on a daemon thread until stopped. A failing tick is

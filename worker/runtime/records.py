@@ -34,7 +34,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 
 PREFIX = "compactor:"
 _TRANSACTION_TRIES = 100
-_SUB_ID_RE = re.compile(r"^([0-9a-f]{32})\.(\d{1,6})$")
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -144,13 +143,6 @@ def new_job_id() -> str:
 
 def sub_job_id(meta_id: str, index: int) -> str:
     return f"{meta_id}.{index}"
-
-
-def parse_sub_job_id(value: object) -> tuple[str, int]:
-    if not isinstance(value, str) or not (m := _SUB_ID_RE.fullmatch(value)):
-        shown = repr(value)[:80]
-        raise InvalidInput(f"invalid sub-job id {shown}: expected <32 hex job id>.<index>")
-    return m.group(1), int(m.group(2))
 
 
 # ----------------------------------------------------------------------------- payloads
@@ -920,9 +912,6 @@ class JobRecords:
         return None
 
     # ------------------------------------------------------------------ scanning
-
-    def iter_subs(self, meta: MetaJobRecord) -> Iterator[SubJobRecord]:
-        yield from self.get_subs(meta.sub_jobs)
 
 
 def _end_attempt(rec: SubJobRecord, at: float, outcome: str) -> None:
