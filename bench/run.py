@@ -495,6 +495,8 @@ def render(results: dict[str, Any]) -> str:
             "last sub-job's end to the commit; *sub-job s* and *values MB* are the shortest and longest "
             "sub-job and the least and most key-value bytes one merged.",
             "",
+            f"Command: `{scale['command']}` ({scale['date']}, commit `{scale['commit']}`).",
+            "",
             "| workers | sub-jobs | most at once | wall s (median) | runs s | MB/s | speedup | parallel efficiency "
             "| plan s | finalize s | sub-job s | values MB per sub-job | worker CPU-s | load |",
             "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|---:|---:|",
@@ -652,9 +654,9 @@ def main(argv: list[str] | None = None) -> None:
         if scale_workers:
             bench.log("scale-out (Celery path):")
             size = parse_size(args.scale_size)
-            results["scale_out"] = measure_scale_out(
-                bench, size, scale_workers, args.sub_jobs, args.repeat, args.cpu_per_worker
-            )
+            scale = measure_scale_out(bench, size, scale_workers, args.sub_jobs, args.repeat, args.cpu_per_worker)
+            # Its own provenance: the section may be kept beside results of another run.
+            results["scale_out"] = {**scale, **{k: results["meta"][k] for k in ("date", "commit", "command")}}
     finally:
         bench.stop()
     results["meta"]["load_average_end"] = load_average()
