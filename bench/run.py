@@ -379,7 +379,8 @@ def measure_scale_out(
         run["mb_s"] = run["input_bytes"] / MB / run["wall_s"]
         bench.log(f"    {n} worker(s): {run['wall_s']:.1f}s (load {load:.2f}), {run['sub_jobs']} sub-jobs, "
                   f"{run['most_at_once']} at most at once, {run['mb_s']:.1f} MB/s; plan {run['plan_s']:.1f}s, "
-                  f"finalize {run['finalize_s']:.1f}s, worker CPU "
+                  f"finalize {run['finalize_s']:.1f}s, downloaded "
+                  f"{' + '.join(f'{b / MB:.0f}' for b in run['node_downloaded_bytes'].values())} MB, worker CPU "
                   f"{' + '.join(f'{c:.1f}' for c in run['node_cpu_s'].values())} s")  # fmt: skip
         for sub in run["subs"]:
             bench.log(f"      sub-job {sub['index']:>2} on {sub['node']}: {sub['kv_bytes'] / MB:6.1f} MB of values, "
@@ -493,13 +494,16 @@ def render(results: dict[str, Any]) -> str:
             "bands and image layers each cut at their own keys), through Celery (real Redis, the same store), "
             f"{nodes}. Medians of the runs; *plan* is from publishing the job to its plan, *finalize* from the "
             "last sub-job's end to the commit; *sub-job s* and *values MB* are the shortest and longest "
-            "sub-job and the least and most key-value bytes one merged.",
+            "sub-job and the least and most key-value bytes one merged; *download wait* is the sub-jobs' time "
+            "blocked on layer downloads, *downloaded* the layer bytes all nodes fetched, *worker CPU-s* the "
+            "nodes' user + system CPU during the job.",
             "",
             f"Command: `{scale['command']}` ({scale['date']}, commit `{scale['commit']}`).",
             "",
             "| workers | sub-jobs | most at once | wall s (median) | runs s | MB/s | speedup | parallel efficiency "
-            "| plan s | finalize s | sub-job s | values MB per sub-job | worker CPU-s | load |",
-            "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|---:|---:|",
+            "| plan s | finalize s | sub-job s | values MB per sub-job | download wait s | downloaded MB "
+            "| worker CPU-s | load |",
+            "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
         ]
         for r in scale["runs"]:
             seconds = [sub["seconds"] for sub in r["subs"]]
@@ -509,6 +513,8 @@ def render(results: dict[str, Any]) -> str:
                 f"{' / '.join(f'{x:.1f}' for x in r.get('runs_wall_s', [r['wall_s']]))} | {r['mb_s']:.1f} | "
                 f"{r['speedup']:.2f} | {100 * r['efficiency']:.0f}% | {r['plan_s']:.1f} | {r['finalize_s']:.1f} | "
                 f"{min(seconds):.1f}-{max(seconds):.1f} | {min(values):.0f}-{max(values):.0f} | "
+                f"{sum(sub['download_wait_s'] for sub in r['subs']):.1f} | "
+                f"{sum(r['node_downloaded_bytes'].values()) / MB:.0f} | "
                 f"{sum(r['node_cpu_s'].values()):.0f} | {r['load_average']:.2f} |"
             )
         lines.append("")

@@ -7,7 +7,7 @@ Starts the embedded stack (``coordinator.embedded``: real Redis, ``WORKERS`` nod
 variables, caps each node's processes at ``CPUS`` CPUs (``bench.cgroups``; 0 caps nothing), runs
 one meta job over the timeline through the Celery path and prints one JSON object: wall time from
 publishing the plan task to the meta job's end, its phases, the sub-jobs, and each node's
-CPU-seconds and throttling. (A fresh process per run: the Celery app is configured once per
+CPU-seconds, throttling and downloaded bytes. (A fresh process per run: the Celery app is configured once per
 process.)
 """
 
@@ -66,6 +66,12 @@ def run(workers: int, tenant: str, timeline: str, max_job_bytes: int, cpus: floa
         wall = time.perf_counter() - start
         cpu = {node: cpu_seconds(proc.pid) - cpu_before[node] for node, proc in stack.workers.items()}
         throttling = caps.throttling()
+        # Each node's layer cache (the stack gives node N the cache directory cache-N) holds what
+        # it downloaded: every layer a sub-job's slice overlaps, whole, once per node.
+        downloaded = {
+            node: sum(f.stat().st_size for f in (directory / f"cache-{node}" / "layers").glob("*.parquet"))
+            for node in stack.workers
+        }
         subs = records.get_subs(meta.sub_jobs)
     last_sub_end = max((s.ended_at or 0 for s in subs), default=published)
     return {
@@ -86,6 +92,7 @@ def run(workers: int, tenant: str, timeline: str, max_job_bytes: int, cpus: floa
         "finalize_s": (meta.ended_at or last_sub_end) - last_sub_end,
         "node_cpu_s": cpu,
         "node_throttling": throttling,
+        "node_downloaded_bytes": downloaded,
         "subs": [_sub_job(s) for s in sorted(subs, key=lambda s: s.index)],
     }
 
