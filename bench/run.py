@@ -10,9 +10,11 @@ against it:
    layer bytes, and the copy-through limit over the same layers (download, decode, encode,
    upload; no merge); their ratio is the headline;
 3. cost growth and peak RSS on workload ``pages`` at several input sizes (``--sizes``): wall
-   time per MB, and VmHWM of the worker process.
+   time per MB, and VmHWM of the worker process;
+4. scale-out: one meta job through Celery on 1, 2, 4 nodes (``bench.scale``), each node capped
+   at ``--cpu-per-worker`` CPUs (``bench.cgroups``): speedup and parallel efficiency.
 
-Every measured run is a fresh ``python -m bench.job`` process. Generated timelines are
+Every measured run is a fresh process (``python -m bench.job``, ``python -m bench.scale``). Generated timelines are
 immutable: before each run the timeline is reset to its manifest 0 (a new manifest listing the
 generated layers again; compaction never deletes the layers it replaces) and the layers of the
 previous run are deleted, so repeats and the copy-through see exactly the same bytes.
