@@ -1,12 +1,14 @@
 """One scale-out run in a fresh process, started by ``bench.run``::
 
-    python -m bench.scale WORKERS TENANT TIMELINE MAX_JOB_BYTES DIRECTORY
+    python -m bench.scale WORKERS TENANT TIMELINE MAX_JOB_BYTES CPUS DIRECTORY
 
-Starts the embedded stack (``compactor.coordinator.local.embedded``: real Redis, ``WORKERS`` Celery worker
-processes, one node each) against the store named by the ``COMPACTOR_S3_*`` variables, runs one
-meta job over the timeline through the Celery path and prints one JSON object: wall time from
-publishing the plan task to the meta job's end, and the sub-jobs. (A fresh process per run:
-the Celery app is configured once per process.)
+Starts the embedded stack (``compactor.coordinator.local.embedded``: real Redis, ``WORKERS`` nodes, each a
+``compactor worker --queues gc,light``) against the store named by the ``COMPACTOR_S3_*``
+variables, caps each node's processes at ``CPUS`` CPUs (``bench.cgroups``; 0 caps nothing), runs
+one meta job over the timeline through the Celery path and prints one JSON object: wall time from
+publishing the plan task to the meta job's end, its phases, the sub-jobs, and each node's
+CPU-seconds, throttling and downloaded bytes. (A fresh process per run: the Celery app is configured once per
+process.)
 """
 
 import json
@@ -16,43 +18,89 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.cgroups import CpuCaps, cpu_seconds
 from compactor.coordinator.jobs.meta_jobs import create_meta_job
 from compactor.coordinator.local.embedded import EmbeddedStack
 from compactor.worker.runtime.dispatch import TASK_PLAN
-from compactor.worker.runtime.records import CompactRequest, JobRecords, connect
+from compactor.worker.runtime.records import CompactRequest, JobRecords, SubJobRecord, connect, most_at_once
 
 
-def run(workers: int, tenant: str, timeline: str, max_job_bytes: int, directory: Path) -> dict[str, Any]:
+def _sub_job(sub: SubJobRecord) -> dict[str, Any]:
+    """What balances a sub-job: the key-value bytes it merged (its slice's share of the work),
+    how long it ran, and how much of that it waited for downloads."""
+    stats = sub.stats
+    return {
+        "index": sub.index,
+        "key_start": sub.spec.key_start,
+        "key_end": sub.spec.key_end,
+        "node": sub.attempts[-1].node if sub.attempts else None,
+        "attempts": len(sub.attempts),
+        "started_at": sub.started_at,
+        "ended_at": sub.ended_at,
+        "seconds": (sub.ended_at or 0) - (sub.started_at or 0),
+        "kv_bytes": stats.wal_keys_visited.size + stats.image_keys_visited.size if stats else 0,
+        "layer_bytes": stats.delta_layer_visited.size + stats.image_layer_visited.size if stats else 0,
+        "download_wait_s": stats.time_download_layer_secs if stats else 0.0,
+        "main_loop_s": stats.time_main_loop_secs if stats else 0.0,
+    }
+
+
+def run(workers: int, tenant: str, timeline: str, max_job_bytes: int, cpus: float, directory: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k.startswith("COMPACTOR_")}
-    with EmbeddedStack(directory, workers=workers, concurrency=1, coordinator=False, env=env) as stack:
+    with (
+        EmbeddedStack(directory, workers=workers, concurrency=1, coordinator=False, env=env) as stack,
+        CpuCaps(cpus) as caps,
+    ):
         from compactor.worker.runtime.app import CeleryPublisher  # configured for the stack by its start
 
+        for node, proc in stack.workers.items():
+            caps.cap(node, proc.pid)
+        cpu_before = {node: cpu_seconds(proc.pid) for node, proc in stack.workers.items()}
         records = JobRecords(connect(stack.settings))
         request = CompactRequest(tenant_id=tenant, timeline_id=timeline, max_job_bytes=max_job_bytes)
         meta, _ = create_meta_job(records, request)
+        published = time.time()
         start = time.perf_counter()
         CeleryPublisher().publish(TASK_PLAN, {"job_id": meta.id})
         while not (meta := records.require_meta(meta.id)).state.ended:
             time.sleep(0.05)
         wall = time.perf_counter() - start
+        cpu = {node: cpu_seconds(proc.pid) - cpu_before[node] for node, proc in stack.workers.items()}
+        throttling = caps.throttling()
+        # Each node's layer cache (the stack gives node N the cache directory cache-N) holds what
+        # it downloaded: every layer a sub-job's slice overlaps, whole, once per node.
+        downloaded = {
+            node: sum(f.stat().st_size for f in (directory / f"cache-{node}" / "layers").glob("*.parquet"))
+            for node in stack.workers
+        }
         subs = records.get_subs(meta.sub_jobs)
+    last_sub_end = max((s.ended_at or 0 for s in subs), default=published)
     return {
         "workers": workers,
         "state": meta.state.value,
         "error": meta.error or meta.skipped,
         "wall_s": wall,
+        "cpus_per_worker": cpus,
+        "cpu_cap": caps.applied,
+        "cpu_cap_unavailable": caps.unavailable,
         "sub_jobs": len(subs),
-        "chains": len(meta.chains),
-        "input_bytes": sum(
-            s.stats.delta_layer_visited.size + s.stats.image_layer_visited.size for s in subs if s.stats is not None
-        ),
-        "sub_job_seconds": [(s.ended_at or 0) - (s.started_at or 0) for s in subs],
+        "most_at_once": most_at_once(subs),
+        "input_bytes": meta.statistics.before_compaction_layer_size if meta.statistics else 0,
+        # From publishing the plan task to the plan recorded, to the first sub-job starting, and
+        # from the last sub-job's end to the commit.
+        "plan_s": (meta.planned_at or published) - published,
+        "first_start_s": min((s.started_at or published for s in subs), default=published) - published,
+        "finalize_s": (meta.ended_at or last_sub_end) - last_sub_end,
+        "node_cpu_s": cpu,
+        "node_throttling": throttling,
+        "node_downloaded_bytes": downloaded,
+        "subs": [_sub_job(s) for s in sorted(subs, key=lambda s: s.index)],
     }
 
 
 def main(argv: list[str]) -> None:
-    workers, tenant, timeline, max_job_bytes, directory = argv
-    print(json.dumps(run(int(workers), tenant, timeline, int(max_job_bytes), Path(directory))))
+    workers, tenant, timeline, max_job_bytes, cpus, directory = argv
+    print(json.dumps(run(int(workers), tenant, timeline, int(max_job_bytes), float(cpus), Path(directory))))
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def test_busy_nodes_take_no_gc_work_they_cannot_run(stack: Any) -> None:
     records.set_fault("pause_before_commit", job_id, {"seconds": 0.5})
     logs_before = {node: proc.log_path.stat().st_size for node, proc in stack.workers.items()}
     started = time.monotonic()
-    # The smallest size: one sub-job per band, eight independent chains.
+    # The smallest size: one sub-job per band, eight sub-jobs.
     send_compact(stack, timeline_id=tid, max_job_bytes=1, job_id=job_id)
     meta = wait_ended(records, job_id, timeout_s=120)
     wall = time.monotonic() - started

@@ -7,13 +7,16 @@ per band: the timeline as a whole is never built in memory, so 4 GiB workloads a
 
 Shape of a timeline (LSNs as fractions of the LSN span)::
 
-    1.0  +---------+---------+---------+----   band 3 (L1 deltas, split by key range at
-         |         |         |         |        about ``layer_bytes`` each)
-    0.75 +---------+---------+---------+----   band 2        <- gc cutoff (0.7)
-    0.5  +---------+---------+---------+----   band 1        <- retain LSN (branch point, 0.45)
-    0.25 +---------+---------+---------+----   band 0        <- lease (0.2)
+    1.0  +---------+----------+--------+------   band 3 (L1 deltas, split by key range at
+         |         |          |        |          about ``layer_bytes`` each)
+    0.75 +--------+---------+---------+-------   band 2        <- gc cutoff (0.7)
+    0.5  +----------+--------+---------+------   band 1        <- retain LSN (branch point, 0.45)
+    0.25 +---------+---------+----------+-----   band 0        <- lease (0.2)
     0.0  [ image layer(s) at the bottom: the first image of every key ]
-         key 0                            key n
+         key 0                              key n
+
+Each band and the image layers are cut by their own size, so at their own keys, as L0 compaction
+and image creation leave a real timeline: no key partitions the layer map.
 
 Every key's history is a run of segments: a page image followed by a few WAL records (test
 records that append bytes), then another image (a full-page image in the WAL), and so on, at
@@ -66,12 +69,6 @@ class WorkloadSpec(BaseModel):
     size_bytes: int = Field(default=64 * MIB, ge=64 * 1024, description="layer bytes of the timeline, approximately")
     layer_bytes: int = Field(default=128 * MIB, ge=64 * 1024, description="target size of each layer")
     bands: int = Field(default=4, ge=1, le=256, description="L1 bands (LSN ranges) of delta layers")
-    key_partitions: int = Field(
-        default=0,
-        ge=0,
-        description="0: each band is cut by size on its own; n: every layer is cut at the same n-1 keys "
-        "(a partitioned keyspace), so key-range sub-jobs share no layer and can run in parallel",
-    )
     page_bytes: tuple[int, int] = (8192, 8192)
     record_bytes: tuple[int, int] = Field(default=(16, 200), description="bytes each test record appends")
     records_between_images: tuple[int, int] = (5, 20)
@@ -246,12 +243,6 @@ class _Sink:
             return LayerName.image(self._start_key, end_key, self.lsn_range)
         return LayerName.delta(self._start_key, end_key, *self.lsn_range)
 
-    def boundary(self, key: bytes) -> None:
-        """A partition boundary: the next layer starts at ``key``."""
-        if self._writer is not None:
-            self._cut(key)
-        self._start_key = key
-
     def put(self, key: bytes, versions: list[Version]) -> None:
         if not versions:
             return
@@ -385,12 +376,8 @@ def _write_layers(
     start_key, end_key = key_from_int(KEY_BASE), key_from_int(KEY_BASE + n_keys)
     edges = spec.band_edges()
 
-    # Partitioned: layers are cut at the partition boundaries only.
-    target = spec.layer_bytes if not spec.key_partitions else 1 << 62
-    boundaries = {n_keys * p // spec.key_partitions for p in range(1, spec.key_partitions)} - {0}
-
     def sink(timeline: str, lsns: tuple[int, int] | int) -> _Sink:
-        return _Sink(storage, tenant_id, timeline, work, lsns, target, start_key, on_layer)
+        return _Sink(storage, tenant_id, timeline, work, lsns, spec.layer_bytes, start_key, on_layer)
 
     images = sink(timeline_id, LSN_BASE) if spec.base_image_layer else None
     bands = [sink(timeline_id, (edges[b], edges[b + 1])) for b in range(spec.bands)]
@@ -401,9 +388,6 @@ def _write_layers(
     try:
         for i in range(n_keys):
             key = key_from_int(KEY_BASE + i)
-            if i in boundaries:
-                for s in sinks:
-                    s.boundary(key)
             history = content.history(key)
             if images is not None:
                 images.put(key, history[:1])

@@ -1,0 +1,75 @@
+"""The benchmark's emulated nodes (bench.cgroups) and the scale-out workload's layer map."""
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.cgroups import CPU_CONTROLLER, CpuCaps, cpu_seconds, process_tree
+from compactor.coordinator.local.workload import KEY_BASE, preset
+from compactor.coordinator.local.workload import generate as generate_workload
+from compactor.storage.keys import key_from_int
+from compactor.storage.object_store import ObjectStore
+from compactor.storage.settings import Settings
+from compactor.storage.timeline import Storage
+
+
+@pytest.fixture
+def busy_tree() -> Iterator[subprocess.Popen[bytes]]:
+    """A shell with a busy child and a sleeping one."""
+    proc = subprocess.Popen(["bash", "-c", "(while :; do :; done) & (sleep 60) & wait"], start_new_session=True)
+    deadline = time.monotonic() + 5
+    while len(process_tree(proc.pid)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield proc
+    os.killpg(proc.pid, 9)
+    proc.wait()
+
+
+def test_process_tree_and_its_cpu_seconds(busy_tree: subprocess.Popen[bytes]) -> None:
+    tree = process_tree(busy_tree.pid)
+    assert len(tree) == 3 and tree[0] == busy_tree.pid
+    before = cpu_seconds(busy_tree.pid)
+    time.sleep(0.3)
+    assert cpu_seconds(busy_tree.pid) > before
+
+
+def test_without_the_controller_nothing_is_capped_and_the_reason_is_given(
+    tmp_path: Path, busy_tree: subprocess.Popen[bytes]
+) -> None:
+    with CpuCaps(0.25, controller=tmp_path / "cpu") as caps:
+        caps.cap("node-1", busy_tree.pid)
+        assert not caps.applied and caps.groups == {}
+        assert caps.unavailable is not None and "no cgroup v1 cpu controller" in caps.unavailable
+    assert CpuCaps(0).unavailable is None and not CpuCaps(0).applied
+
+
+@pytest.mark.skipif(not os.access(CPU_CONTROLLER, os.W_OK), reason="cgroup v1 cpu controller not writable")
+def test_a_node_tree_is_capped_and_its_cgroup_removed(busy_tree: subprocess.Popen[bytes]) -> None:
+    with CpuCaps(0.25) as caps:
+        caps.cap("node-1", busy_tree.pid)
+        group = caps.groups["node-1"]
+        assert (group / "cpu.cfs_quota_us").read_text().strip() == "25000"
+        assert set((group / "cgroup.procs").read_text().split()) == {str(p) for p in process_tree(busy_tree.pid)}
+        before = cpu_seconds(busy_tree.pid)
+        time.sleep(1.0)
+        # The busy child alone would take a whole CPU.
+        assert cpu_seconds(busy_tree.pid) - before < 0.5
+        assert caps.throttling()["node-1"]["nr_throttled"] > 0
+    assert not group.exists()
+
+
+def test_bands_and_image_layers_are_cut_at_their_own_keys(s3_settings: Settings, object_store: ObjectStore) -> None:
+    """Not a partitioned keyspace: no key inside the timeline is a cut of every layer stack."""
+    spec = preset("pages", 3 << 20, layer_bytes=256 << 10)
+    manifest = generate_workload(Storage(s3_settings), "b" * 32, "a" * 32, spec, workdir=s3_settings.cache_dir)
+    stacks: dict[tuple[int, int], set[bytes]] = {}
+    for entry in manifest.layers.values():
+        layer = entry.layer
+        stacks.setdefault((layer.lsn_start, layer.lsn_end), set()).add(layer.key_range.start)
+    assert len(stacks) == 1 + spec.bands and all(len(starts) > 2 for starts in stacks.values())
+    shared = set.intersection(*stacks.values()) - {key_from_int(KEY_BASE)}
+    assert not shared
