@@ -1,26 +1,40 @@
-"""A local cache of layer objects, keyed by object key, holding only verified files.
+"""A local cache of layer objects, keyed by object key.
 
-A file appears under its final name only after its size and sha256 matched the manifest, so
-presence means verified. Downloads go to a unique temporary name and are renamed into place
+A whole file appears under its final name only after its size and sha256 matched the manifest,
+so presence means verified. Downloads go to a unique temporary name and are renamed into place
 (``ObjectStore.download_file``), which keeps several worker processes on one node safe sharing
 the directory.
+
+A sub-job reads one slice of its layers' keys: when the row groups holding that slice are a
+small part of a layer, only they are fetched (ranged GETs, after the footer), into a sparse file
+of the layer's size with the bytes at their own offsets. Such a *slice file* holds the footer and
+those row groups only; it is read for that key range alone, and the pages it holds are verified
+by their checksums (the whole file's sha256 cannot be, without the rest of it).
 """
 
 import hashlib
 import logging
+import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 
-from compactor.storage.errors import CorruptLayer, NotFound
+from compactor.storage.errors import CorruptLayer, NotFound, StoreError
 from compactor.storage.keys import KeyRange
-from compactor.storage.layer_file import LayerReader
+from compactor.storage.layer_file import Footer, LayerReader, footer_from_tail, footer_length
 from compactor.storage.manifest import LayerEntry
 from compactor.storage.object_store import ObjectStore
 from compactor.storage.values import Version
 
 log = logging.getLogger(__name__)
+
+# One read holds the footer of any layer up to a few GiB (the index has a line per 8 MiB group).
+FOOTER_READ_BYTES = 64 * 1024
+# A slice needing more than this share of a layer's bytes downloads (and caches) the whole layer.
+SLICE_MAX_FRACTION = 0.5
+_PARQUET_MAGIC = b"PAR1"
 
 
 class LayerCache:
@@ -34,14 +48,44 @@ class LayerCache:
         # Object keys outgrow file-name limits; their digest names the cached copy uniquely.
         return self.root / f"{hashlib.sha256(entry.object_key.encode()).hexdigest()[:40]}.parquet"
 
-    def fetch(self, entry: LayerEntry) -> Path:
-        """The local path of a verified copy of the layer, downloading it if needed."""
-        path = self.path_for(entry)
+    def _slice_path(self, entry: LayerEntry, key_range: KeyRange) -> Path:
+        keys = hashlib.sha256(key_range.start + key_range.end).hexdigest()[:16]
+        return self.path_for(entry).with_suffix(f".{keys}.slice.parquet")
+
+    def _cached(self, path: Path, entry: LayerEntry) -> bool:
         if path.exists():
             if path.stat().st_size == entry.size:
                 path.touch()  # recently used: evicted last
-                return path
+                return True
             path.unlink(missing_ok=True)
+        return False
+
+    def footer(self, entry: LayerEntry) -> Footer:
+        """The layer's footer: from the cached copy when there is one, else from ranged reads of
+        the object's tail, so that planning and slices never download whole layers for it."""
+        label = f"{entry.name} (object {entry.object_key})"
+        size = entry.size
+        path = self.path_for(entry)
+        if self._cached(path, entry):
+            with open(path, "rb") as f:
+                f.seek(max(0, size - FOOTER_READ_BYTES))
+                return footer_from_tail(f.read(), label)
+        tail = self.store.get_range(entry.object_key, max(0, size - FOOTER_READ_BYTES), min(size, FOOTER_READ_BYTES))
+        needed = footer_length(tail)
+        if needed is not None and len(tail) < needed <= size:
+            tail = self.store.get_range(entry.object_key, size - needed, needed)
+        return footer_from_tail(tail, label)
+
+    def fetch(self, entry: LayerEntry, key_range: KeyRange | None = None) -> Path:
+        """The local path of a copy of the layer that holds the keys of ``key_range`` (all of
+        them when None): the verified whole file, or a slice file (module docstring)."""
+        path = self.path_for(entry)
+        if self._cached(path, entry):
+            return path
+        if key_range is not None and not key_range.covers(entry.layer.key_range):
+            sliced = self._fetch_slice(entry, key_range)
+            if sliced is not None:
+                return sliced
         try:
             self.store.download_file(entry.object_key, path, expected_size=entry.size, expected_sha256=entry.sha256)
         except NotFound:
@@ -49,6 +93,43 @@ class LayerCache:
         except CorruptLayer as err:
             raise CorruptLayer(f"corrupt layer {entry.name}: {err}") from None
         log.debug("layer cached name=%s object=%s size=%d", entry.name, entry.object_key, entry.size)
+        if self.max_bytes is not None:
+            self._trim(self.max_bytes, spare=path)
+        return path
+
+    def _fetch_slice(self, entry: LayerEntry, key_range: KeyRange) -> Path | None:
+        """The slice file of ``key_range``, fetched if needed; None when its row groups are too
+        large a part of the layer to be worth it."""
+        path = self._slice_path(entry, key_range)
+        if self._cached(path, entry):
+            return path
+        footer = self.footer(entry)
+        wanted = [
+            span
+            for group, span in zip(footer.index, footer.byte_ranges, strict=True)
+            if group.first_key < key_range.end and group.last_key >= key_range.start
+        ]
+        if sum(end - start for start, end in wanted) + footer.length > entry.size * SLICE_MAX_FRACTION:
+            return None
+        size = entry.size
+        spans = [(0, len(_PARQUET_MAGIC)), *wanted, (size - footer.length, size)]
+        partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+        try:
+            with open(partial, "wb") as f:
+                f.truncate(size)  # sparse: the row groups of other keys are never written
+                for start, end in spans:
+                    data = self.store.get_range(entry.object_key, start, end - start)
+                    if len(data) != end - start:
+                        raise StoreError(f"short read of layer {entry.name}: {len(data)} of {end - start} bytes")
+                    f.seek(start)
+                    f.write(data)
+            os.replace(partial, path)
+        except NotFound:
+            raise CorruptLayer(f"missing layer {entry.name} (object {entry.object_key}): not in the bucket") from None
+        finally:
+            partial.unlink(missing_ok=True)
+        log.debug("layer slice cached name=%s keys=%s bytes=%d of %d", entry.name, key_range,
+                  sum(end - start for start, end in spans), size)  # fmt: skip
         if self.max_bytes is not None:
             self._trim(self.max_bytes, spare=path)
         return path
@@ -75,7 +156,10 @@ class LayerCache:
         return self.reader(entry).iter_versions(key_range)
 
     def batches(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[pa.RecordBatch]:
-        return self.reader(entry).iter_batches(key_range)
+        """The rows of ``key_range``, from a slice file of exactly that range when one is
+        cached (``fetch(entry, key_range)``), else from the whole layer."""
+        return self.reader(entry, key_range).iter_batches(key_range)
 
-    def reader(self, entry: LayerEntry) -> LayerReader:
-        return LayerReader(self.fetch(entry), name=entry.layer, object_key=entry.object_key)
+    def reader(self, entry: LayerEntry, key_range: KeyRange | None = None) -> LayerReader:
+        """A reader for the keys of ``key_range`` only (all when None)."""
+        return LayerReader(self.fetch(entry, key_range), name=entry.layer, object_key=entry.object_key)

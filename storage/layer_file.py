@@ -771,10 +771,19 @@ def footer_length(tail: bytes) -> int | None:
     return int.from_bytes(tail[-8:-4], "little") + 8
 
 
-def row_groups_from_tail(tail: bytes, label: str) -> list[RowGroup]:
-    """The row-group index of a layer from its file's last bytes, without the rest of the file
-    (planning samples key anchors this way, SlateDB-style). ``tail`` must hold the whole footer
-    (``footer_length``). Raises CorruptLayer naming ``label`` when the footer is unreadable."""
+@dataclass(frozen=True)
+class Footer:
+    """What a layer file's footer says, read without the rest of the file."""
+
+    index: list[RowGroup]
+    byte_ranges: list[tuple[int, int]]  # per row group, its column chunks' bytes [start, end)
+    length: int  # bytes of the footer at the end of the file, magic included
+
+
+def footer_from_tail(tail: bytes, label: str) -> Footer:
+    """The footer of a layer from its file's last bytes (planning samples key anchors this way,
+    SlateDB-style, and a sub-job finds the row groups of its slice). ``tail`` must hold the whole
+    footer (``footer_length``). Raises CorruptLayer naming ``label`` when it is unreadable."""
     needed = footer_length(tail)
     if needed is None or needed > len(tail):
         raise CorruptLayer(f"corrupt layer {label}: no complete Parquet footer in its last {len(tail)} bytes")
@@ -782,12 +791,18 @@ def row_groups_from_tail(tail: bytes, label: str) -> list[RowGroup]:
         # Only the footer is parsed: the leading magic makes the buffer look like a file.
         metadata = pq.read_metadata(pa.BufferReader(_PARQUET_MAGIC + tail[-needed:]))
         kv: dict[bytes, bytes] = dict(metadata.metadata or {})
+        ranges = []
+        for i in range(metadata.num_row_groups):
+            group = metadata.row_group(i)
+            columns = [group.column(j) for j in range(group.num_columns)]
+            start = min(min(c.data_page_offset, c.dictionary_page_offset or c.data_page_offset) for c in columns)
+            ranges.append((start, start + sum(c.total_compressed_size for c in columns)))
     except _ARROW_ERRORS as err:
         raise CorruptLayer(f"corrupt layer {label}: unreadable footer: {one_line(err)}") from None
     index = _decode_index(kv.get(META_INDEX))
-    if index is None:
+    if index is None or len(index) != len(ranges):
         raise CorruptLayer(f"corrupt layer {label}: invalid row-group index in footer")
-    return index
+    return Footer(index, ranges, needed)
 
 
 def _encode_index(index: list[RowGroup]) -> str:

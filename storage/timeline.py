@@ -16,7 +16,7 @@ from compactor.storage.errors import InvalidInput, NotFound
 from compactor.storage.ids import validate_id
 from compactor.storage.keys import FULL_KEY_RANGE, KeyRange
 from compactor.storage.layer_cache import LayerCache
-from compactor.storage.layer_file import LayerFileInfo, LayerWriter, RowGroup, footer_length, row_groups_from_tail
+from compactor.storage.layer_file import LayerFileInfo, LayerWriter, RowGroup
 from compactor.storage.layer_name import LayerName
 from compactor.storage.layout import new_layer_key
 from compactor.storage.manifest import GcInfo, LayerEntry, Manifest
@@ -28,9 +28,6 @@ from compactor.storage.timeline_json import FORMAT, ParsedTimeline, parse_timeli
 from compactor.storage.values import Version
 
 log = logging.getLogger(__name__)
-
-# One read holds the footer of any layer up to a few GiB (the index has a line per 8 MiB group).
-_FOOTER_READ_BYTES = 64 * 1024
 
 
 class Storage:
@@ -72,8 +69,8 @@ class Storage:
     def needs_download(self, entry: LayerEntry) -> bool:
         return not self.cache.path_for(entry).exists()
 
-    def fetch(self, entry: LayerEntry) -> None:
-        self.cache.fetch(entry)
+    def fetch(self, entry: LayerEntry, key_range: KeyRange | None = None) -> None:
+        self.cache.fetch(entry, key_range)
 
     def versions(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[Version]:
         return self.cache.versions(entry, key_range)
@@ -102,19 +99,8 @@ class Storage:
             self.objects.delete_many([entry.object_key for entry in entries])
 
     def row_groups(self, entry: LayerEntry) -> list[RowGroup]:
-        """The layer's row-group index (key bounds and sizes): from the cached copy when there is
-        one, else from ranged reads of the object's footer, so planning never downloads layers."""
-        if not self.needs_download(entry):
-            with self.cache.reader(entry) as reader:
-                return reader.row_groups
-        size = entry.size
-        tail = self.objects.get_range(
-            entry.object_key, max(0, size - _FOOTER_READ_BYTES), min(size, _FOOTER_READ_BYTES)
-        )
-        needed = footer_length(tail)
-        if needed is not None and len(tail) < needed <= size:
-            tail = self.objects.get_range(entry.object_key, size - needed, needed)
-        return row_groups_from_tail(tail, f"{entry.name} (object {entry.object_key})")
+        """The layer's row-group index (key bounds and sizes), without downloading the layer."""
+        return self.cache.footer(entry).index
 
     # --- writing --------------------------------------------------------------------------
 

@@ -64,7 +64,7 @@ class MemoryIO:
     def needs_download(self, entry: LayerEntry) -> bool:
         return False
 
-    def fetch(self, entry: LayerEntry) -> None:
+    def fetch(self, entry: LayerEntry, key_range: KeyRange) -> None:
         assert entry.object_key in self.objects, entry.object_key
 
     def versions(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[Version]:

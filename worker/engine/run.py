@@ -62,14 +62,15 @@ class LayerIO(Protocol):
 
     def needs_download(self, entry: LayerEntry) -> bool: ...
 
-    def fetch(self, entry: LayerEntry) -> None:
-        """Make the layer readable locally (download and verify it)."""
+    def fetch(self, entry: LayerEntry, key_range: KeyRange) -> None:
+        """Make the layer's rows of ``key_range`` readable locally (download what holds them)."""
         ...
 
     def versions(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[Version]: ...
 
     def batches(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[pa.RecordBatch]:
-        """The layer's rows with keys in ``key_range`` as layer-schema batches, in order."""
+        """The layer's rows with keys in ``key_range`` as layer-schema batches, in order (after
+        ``fetch(entry, key_range)``, without downloading more)."""
         ...
 
     def read_below(
@@ -161,7 +162,7 @@ def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | Non
 
         # Layers download in the background while the main loop reads those already here, and
         # each output layer uploads as soon as it is cut: transfers overlap the compute.
-        downloads = _Downloads(io, plan.inputs, hooks)
+        downloads = _Downloads(io, plan.inputs, plan.keys, hooks)
         uploads = _Uploads(io, manifest)
 
         def discard(name: LayerName, file: LayerFileInfo | None = None) -> bool:
@@ -589,11 +590,13 @@ class _Downloads:
     them (by key), while the main loop reads those already here. ``wait`` blocks until a
     layer is local and re-raises its download's error; ``waited`` sums the time blocked."""
 
-    def __init__(self, io: LayerIO, entries: list[LayerEntry], hooks: Hooks) -> None:
+    def __init__(self, io: LayerIO, entries: list[LayerEntry], keys: KeyRange, hooks: Hooks) -> None:
         self._hooks = hooks
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-download")
         order = sorted(entries, key=lambda entry: (entry.layer.key_range.start, entry.layer.lsn_start))
-        self._futures = {entry.name: self._pool.submit(io.fetch, entry) for entry in order}
+        # Only what holds this sub-job's keys: a layer spanning many slices is not downloaded
+        # whole by every sub-job that reads it.
+        self._futures = {entry.name: self._pool.submit(io.fetch, entry, keys) for entry in order}
         self.waited = 0.0
 
     def wait(self, entry: LayerEntry) -> None:

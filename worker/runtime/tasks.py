@@ -513,9 +513,9 @@ class _FaultyStorage(Storage):
         self.manifests = _FaultyManifests(inner.manifests, hit)
         self._hit = hit
 
-    def fetch(self, entry: LayerEntry) -> None:
+    def fetch(self, entry: LayerEntry, key_range: KeyRange | None = None) -> None:
         self._hit("in_download")
-        super().fetch(entry)
+        super().fetch(entry, key_range)
 
     def batches(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[pa.RecordBatch]:
         batches = super().batches(entry, key_range)

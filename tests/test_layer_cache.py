@@ -1,0 +1,95 @@
+"""The layer cache against a real S3 endpoint: a sub-job's slice of a layer fetches only the row
+groups that hold its keys, reads exactly what the whole layer holds there, and damage in what it
+fetched is caught."""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from compactor.storage.errors import CorruptLayer
+from compactor.storage.keys import KEY_MAX, KEY_MIN, KeyRange, key_from_int
+from compactor.storage.layer_cache import LayerCache
+from compactor.storage.layer_file import LayerWriter
+from compactor.storage.layer_name import LayerName
+from compactor.storage.manifest import LayerEntry
+from compactor.storage.object_store import ObjectStore, RequestKind, StoreObserver
+from compactor.storage.values import ValueKind
+
+N_KEYS = 400
+
+
+class Bytes(StoreObserver):
+    def __init__(self) -> None:
+        self.moved = 0
+        self._lock = threading.Lock()
+
+    def request(self, kind: RequestKind, payload_bytes: int) -> None:
+        with self._lock:
+            self.moved += payload_bytes
+
+
+def layer(tmp_path: Path, store: ObjectStore, damage_key: int | None = None) -> LayerEntry:
+    """A delta over keys [0, 400) in row groups of about 40 keys each, uploaded; with
+    ``damage_key``, bytes in the middle of that key's row group are flipped after the upload's
+    checksum was taken (damage at rest)."""
+    name = LayerName.delta(KEY_MIN, KEY_MAX, 10, 20)
+    path = tmp_path / "layer.parquet"
+    with LayerWriter(path, row_group_bytes=40 * 2100) as writer:
+        for k in range(N_KEYS):
+            writer.add(key_from_int(k), 11, ValueKind.IMAGE, random.Random(k).randbytes(2048))  # incompressible
+        info = writer.finish(name)
+    if damage_key is not None:
+        data = bytearray(path.read_bytes())
+        offset = int(len(data) * (damage_key + 0.5) / N_KEYS)
+        data[offset : offset + 64] = bytes(b ^ 0xFF for b in data[offset : offset + 64])
+        path.write_bytes(bytes(data))
+    key = f"tenants/t/timelines/l/layers/{name}-{'d' if damage_key is not None else 'x'}"
+    store.upload_file(path, key)
+    return LayerEntry(name=str(name), object_key=key, size=info.size, sha256=info.sha256)
+
+
+@pytest.fixture
+def store(object_store: ObjectStore) -> ObjectStore:
+    object_store.observer = Bytes()
+    return object_store
+
+
+def keys(a: int, b: int) -> KeyRange:
+    return KeyRange(key_from_int(a), key_from_int(b))
+
+
+def test_a_slice_fetches_only_its_row_groups_and_reads_the_same_rows(store: ObjectStore, tmp_path: Path) -> None:
+    entry = layer(tmp_path, store)
+    moved = store.observer
+    assert isinstance(moved, Bytes)
+    moved.moved = 0
+    slices = LayerCache(store, tmp_path / "slices")
+    part = slices.fetch(entry, keys(100, 140))
+    assert part != slices.path_for(entry) and part.stat().st_size == entry.size
+    # Two row groups of ten (a tenth of the layer each) and one 64 KiB read of the footer.
+    assert 0 < moved.moved < entry.size * 0.35, f"fetched {moved.moved} of {entry.size} bytes"
+    got = [b for batch in slices.batches(entry, keys(100, 140)) for b in batch.column(0).to_pylist()]
+
+    whole = LayerCache(store, tmp_path / "whole")
+    expected = [b for batch in whole.batches(entry, keys(100, 140)) for b in batch.column(0).to_pylist()]
+    assert got == expected == [key_from_int(k) for k in range(100, 140)]
+    # Another range than the slice's reads the whole (verified) layer, never the holes.
+    rest = [b for batch in slices.batches(entry, keys(0, 400)) for b in batch.column(0).to_pylist()]
+    assert len(rest) == N_KEYS and slices.path_for(entry).exists()
+
+
+def test_a_large_slice_downloads_the_whole_layer(store: ObjectStore, tmp_path: Path) -> None:
+    entry = layer(tmp_path, store)
+    cache = LayerCache(store, tmp_path / "cache")
+    assert cache.fetch(entry, keys(0, 300)) == cache.path_for(entry)
+
+
+def test_damage_in_a_fetched_row_group_is_caught(store: ObjectStore, tmp_path: Path) -> None:
+    entry = layer(tmp_path, store, damage_key=120)
+    cache = LayerCache(store, tmp_path / "cache")
+    with pytest.raises(CorruptLayer, match="corrupt layer"):
+        list(cache.batches(entry, keys(100, 140)))
