@@ -1,11 +1,13 @@
 """What Flower, the result backend, the worker's log and ``job show`` say about jobs, end to end:
 an embedded stack with one real prefork worker node at the production heartbeat interval and
-log level, and a real Flower reading its events (issue 13, points 4 and 6).
+log level, and a real Flower reading its events (issue 13, points 4 to 7).
 
 - a sub-job that fails on a corrupt layer ends its task FAILURE with the one-line reason (in
   Flower and the result backend), its message acknowledged and not run again, and its worker
   logs one line at WARNING;
-- a cancelled job ends its tasks REVOKED.
+- a cancelled job ends its tasks REVOKED;
+- a running sub-job's progress reaches its record within about a second (`job show`, `jobs`),
+  and Flower shows the numbers while it runs.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from compactor.worker.runtime.records import (
     sub_job_id,
 )
 from tests.test_distributed import cli, import_timeline, wait_ended, wait_for
-from tests.timelines import TENANT
+from tests.timelines import TENANT, Layer, Timeline, Value, record
 
 pytestmark = [pytest.mark.integration]
 
@@ -228,3 +230,78 @@ def test_cancelled_job_ends_its_tasks_revoked(
         wait_for(
             "the revoked task's message to be acknowledged", lambda t=task_id: not unacked(records, t), timeout_s=10
         )
+
+
+def one_chain_timeline(timeline_id: str, bands: int = 3, keys_per_band: int = 16) -> Timeline:
+    """Delta layers of one LSN range side by side: one chain, read one layer after the other, so
+    a pause in the merge of each layer holds the sub-job between layers."""
+    layers = []
+    for band in range(bands):
+        k0, k1 = band * keys_per_band, (band + 1) * keys_per_band
+        delta = Layer("delta", (k0, k1), (11, 50))
+        for k in range(k0, k1):
+            delta.values[k] = [
+                Value(12, record=record(f"N{k};".encode(), clear=True, will_init=True)),
+                *(Value(lsn, record=record(f"+{k}@{lsn};".encode())) for lsn in (20, 30, 40)),
+            ]
+        layers.append(delta)
+    return Timeline(timeline_id, layers, cutoff=60, retain_lsns=[25])
+
+
+def paused_between_layers(storage: Storage, records: JobRecords, tid: str) -> str:
+    """Start a one-sub-job meta job over a one-chain timeline that pauses 2.5 s in each layer;
+    its sub-job's id once the first pause began."""
+    storage.import_timeline(json.dumps(one_chain_timeline(tid).to_json()))
+    job_id = os.urandom(16).hex()
+    sid = sub_job_id(job_id, 0)
+    records.set_fault("pause_in_merge", sid, {"seconds": 2.5})
+    send(tid, job_id, sub_compaction=False)
+    wait_for("the sub-job to pause", lambda: records.r.get(f"compactor:fault-hit:pause_in_merge:{sid}"))
+    return sid
+
+
+def finish(records: JobRecords, sid: str) -> None:
+    records.r.delete(f"compactor:fault:pause_in_merge:{sid}")
+    meta = wait_ended(records, sid.split(".")[0])
+    assert meta.state == JobState.SUCCEEDED, meta.error
+
+
+def test_progress_reaches_the_record_within_a_second_and_job_show(
+    stack: Any, storage: Storage, records: JobRecords
+) -> None:
+    sid = paused_between_layers(storage, records, "a9" * 16)
+    # The heartbeat writes every 10 s; progress must not wait for it.
+    sub = wait_for(
+        "the sub-job's record to show keys",
+        lambda: (s := records.get_sub(sid)) and s.state == JobState.RUNNING and s.progress.keys > 0 and s,
+        timeout_s=2.0,
+        interval_s=0.05,
+    )
+    # "paused" is the fault point's own mark, taken over from the numbers it found.
+    assert sub.progress.phase in ("compacting", "paused") and sub.progress.bytes_in > 0, sub.progress
+    show = json.loads(cli(stack, "job", "show", sub.meta_id).stdout)
+    assert show["state"] == "running" and show["progress"]["keys"] >= sub.progress.keys, show["progress"]
+    listing = {j["job_id"]: j for j in json.loads(cli(stack, "jobs", "--json").stdout)["jobs"]}
+    assert listing[sub.meta_id]["keys"] >= sub.progress.keys
+    finish(records, sid)
+
+
+def test_flower_shows_progress_while_a_sub_job_runs(flower: Flower, storage: Storage, records: JobRecords) -> None:
+    sid = paused_between_layers(storage, records, "aa" * 16)
+
+    def progress_in_flower() -> dict[str, Any] | None:
+        found = flower.task_of("compactor.run_sub_job", sub_job_id=sid)
+        if found is None or found[1]["state"] != "STARTED" or not found[1]["result"]:
+            return None
+        shown = ast.literal_eval(found[1]["result"])
+        return shown if shown["keys"] > 0 else None
+
+    shown = wait_for("Flower to show the sub-job's progress", progress_in_flower, timeout_s=10)
+    assert shown["phase"] == "compacting" and shown["bytes_in"] > 0 and shown["sub_job_id"] == sid, shown
+    finish(records, sid)
+    done = wait_for(
+        "Flower to show SUCCESS",
+        lambda: (t := flower.task_of("compactor.run_sub_job", sub_job_id=sid)) and t[1]["state"] == "SUCCESS" and t,
+        timeout_s=30,
+    )
+    assert "'state': 'succeeded'" in done[1]["result"]

@@ -111,6 +111,9 @@ class RetryLater(Exception):
         self.countdown = countdown
 
 
+PROGRESS_INTERVAL_S = 1.0
+"""How often a running sub-job's progress reaches its record, and Flower, when it changed."""
+
 PROGRESS_EVENT = "task-STARTED"
 """The task event that carries a sub-job's progress. Flower keeps only Celery's own task fields,
 so the numbers ride in ``result`` too (the final result replaces them). Celery's event state
@@ -337,28 +340,44 @@ def _run_claimed(
     token = claimed.owner.token
     stop = _Stop()
     progress = [JobProgress(phase="running")]
+    stored = [progress[0]]
     last_state_report = [0.0]
     log.info(
         "sub-job started sub_job=%s attempt=%d node=%s pid=%d keys=%s-%s",
         sub_id, attempt, ctx.node_id, os.getpid(), claimed.spec.key_start, claimed.spec.key_end,
     )  # fmt: skip
 
+    def superseded() -> None:
+        stop.set(AttemptSuperseded(f"attempt {attempt} of sub-job {sub_id} is no longer current"))
+
     def tick() -> None:
         if not lock.renew():
             stop.set(NodeLockLost(f"node lock of {ctx.node_id} lost while running"))
+        current = progress[0]
         try:
-            records.heartbeat(sub_id, attempt, token, progress[0])
+            records.heartbeat(sub_id, attempt, token, current)
+            stored[0] = current
         except StaleAttempt:
-            stop.set(AttemptSuperseded(f"attempt {attempt} of sub-job {sub_id} is no longer current"))
+            superseded()
         if _cancel_requested(records, meta_id):
             stop.set(JobCancelled("cancelled while running; nothing committed"))
+
+    def store_progress() -> None:
+        current = progress[0]
+        if current is stored[0]:
+            return
+        try:
+            records.report_progress(sub_id, attempt, token, current)
+            stored[0] = current
+        except StaleAttempt:
+            superseded()
 
     def on_progress(p: Progress) -> None:
         progress[0] = JobProgress(
             phase="compacting", keys=p.keys, versions_in=p.versions_in, bytes_in=p.bytes_in, bytes_out=p.bytes_out
         )
         at = time.monotonic()
-        if report_state is not None and at - last_state_report[0] >= min(1.0, settings.heartbeat_interval_s):
+        if report_state is not None and at - last_state_report[0] >= PROGRESS_INTERVAL_S:
             last_state_report[0] = at
             report_state({"sub_job_id": sub_id, "attempt": attempt, **progress[0].model_dump()})
 
@@ -377,6 +396,8 @@ def _run_claimed(
 
     hooks = Hooks(on_progress=on_progress, check_cancelled=stop.check)
     heartbeat = Heartbeat(settings.heartbeat_interval_s, tick, name=f"heartbeat-{sub_id}").start()
+    # The heartbeat interval (10 s by default) is too long for `job show` to follow a sub-job.
+    progress_writer = Heartbeat(PROGRESS_INTERVAL_S, store_progress, name=f"progress-{sub_id}").start()
     state, error, outcome = JobState.FAILED, None, None
     retry = False
     try:
@@ -394,6 +415,7 @@ def _run_claimed(
         state = JobState.SUCCEEDED
     except AttemptSuperseded as err:
         heartbeat.stop()
+        progress_writer.stop()
         log.warning("sub-job attempt superseded, stopping sub_job=%s attempt=%d reason=%r", sub_id, attempt, str(err))
         return None, {"sub_job_id": sub_id, "state": "superseded", "attempt": attempt}
     except JobCancelled as err:
@@ -413,6 +435,7 @@ def _run_claimed(
         error = one_line(err)
     finally:
         heartbeat.stop()
+        progress_writer.stop()
 
     final_progress = progress[0].model_copy(update={"phase": state.value})
     if outcome is not None and outcome.stats is not None:
