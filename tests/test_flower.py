@@ -31,9 +31,9 @@ from compactor.worker.runtime.records import (
     MetaJobRecord,
     SubJobRecord,
     celery_redis_url,
-    connect,
     sub_job_id,
 )
+from tests import test_distributed
 from tests.test_distributed import cli, import_timeline, wait_ended, wait_for
 from tests.timelines import TENANT, Layer, Timeline, Value, record
 
@@ -116,14 +116,8 @@ def flower(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flo
         log.close()
 
 
-@pytest.fixture(scope="module")
-def storage(stack: Any) -> Storage:
-    return Storage(stack.settings)
-
-
-@pytest.fixture(scope="module")
-def records(stack: Any) -> JobRecords:
-    return JobRecords(connect(stack.settings))
+# Over this module's stack.
+storage, records = test_distributed.storage, test_distributed.records
 
 
 def send(tid: str, job_id: str, **payload: Any) -> None:
