@@ -96,11 +96,12 @@ class Progress:
 
 @dataclass
 class Hooks:
-    """Called from the main loop: report progress (and heartbeat), stop when cancelled."""
+    """Called from the main loop after every merged chunk (whole keys from one record batch of
+    a layer, a few MB at most), so that progress is never staler than one chunk: report
+    progress, stop when cancelled. Both must be cheap; throttling is the caller's."""
 
     on_progress: Callable[[Progress], None] = lambda progress: None
     check_cancelled: Callable[[], None] = lambda: None
-    every_versions: int = 20_000
 
 
 @dataclass
@@ -326,8 +327,6 @@ def _merge_loop(
     one_by_one = _KeyByKey(output, io)
     in_columns = _InColumns(output)
     progress = Progress()
-    every = hooks.every_versions
-    next_report = every
 
     for chunk in merged_chunks(streams, limit, _too_much_history):
         if not progress.versions_in:
@@ -348,11 +347,8 @@ def _merge_loop(
         progress.keys += len(starts) - 1
         progress.versions_in += table.num_rows
         progress.bytes_in += pc.sum(pc.binary_length(table.column("value"))).as_py() or 0
-        if progress.versions_in >= next_report:
-            next_report = (progress.versions_in // every + 1) * every
-            hooks.check_cancelled()
-            hooks.on_progress(progress)
-    hooks.on_progress(progress)
+        hooks.check_cancelled()
+        hooks.on_progress(progress)
     return progress.keys
 
 

@@ -6,7 +6,7 @@ running twice live here, in the app every process shares (docs/design/README.md)
 - JSON only, never pickle;
 - ``acks_late`` + ``worker_prefetch_multiplier=1`` + ``task_reject_on_worker_lost``: a message
   is acknowledged when its task ends, so a worker that dies hands the task back; the attempt
-  cap lives in the job record (Celery has none);
+  cap lives in the job record (Celery has none); a task that ends FAILURE is acknowledged too;
 - the broker's ``visibility_timeout`` exceeds the hard time limit, or Redis would hand a still
   running task to a second worker.
 
@@ -59,6 +59,9 @@ def app_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "worker_prefetch_multiplier": 1,
         "task_reject_on_worker_lost": True,
+        # A task that ends FAILURE (its job failed: ``tasks.JobEnded``) is acknowledged, never
+        # delivered again: whether a job runs again is for its record to say (Celery's default).
+        "task_acks_on_failure_or_timeout": True,
         "task_time_limit": settings.task_hard_time_limit_s,
         "task_soft_time_limit": min(settings.task_soft_time_limit_s, settings.task_hard_time_limit_s),
         "broker_transport_options": {"visibility_timeout": visibility},

@@ -660,11 +660,16 @@ class JobRecords:
 
         def change(rec: SubJobRecord) -> None:
             rec.heartbeat_at = at
-            if progress is not None and progress.marker() != rec.progress.marker():
-                rec.progress = progress
-                rec.progress_changed_at = at
+            if progress is not None:
+                _set_progress(rec, progress, at)
 
         return self.report(sub_id, attempt, token, change)
+
+    def report_progress(self, sub_id: str, attempt: int, token: str, progress: JobProgress) -> SubJobRecord:
+        """Store the attempt's progress, guarded like :meth:`report`, without renewing its
+        heartbeat: only the thread that also renews the node lock may say the attempt is alive."""
+        at = now()
+        return self.report(sub_id, attempt, token, lambda rec: _set_progress(rec, progress, at))
 
     def claim(
         self,
@@ -912,6 +917,12 @@ class JobRecords:
         return None
 
     # ------------------------------------------------------------------ scanning
+
+
+def _set_progress(rec: SubJobRecord, progress: JobProgress, at: float) -> None:
+    if progress.marker() != rec.progress.marker():
+        rec.progress = progress
+        rec.progress_changed_at = at
 
 
 def _end_attempt(rec: SubJobRecord, at: float, outcome: str) -> None:

@@ -17,6 +17,9 @@ Running a sub-job (``compactor.run_sub_job``):
    uploads);
 5. record the outcome (statistics and this sub-job's part of the proposal) and hand over to
    ``dispatch.sub_job_ended`` (finalize, which commits, once every sub-job has ended).
+
+A task whose job ended failed or cancelled ends FAILURE or REVOKED (``JobEnded``), so that
+Flower and the result backend tell the truth; the job record stays the source of truth.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 import redis
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.utils.saferepr import saferepr
 from pydantic import BaseModel, ValidationError
 
 from compactor.storage.errors import CompactorError, StoreError, one_line
@@ -92,11 +96,34 @@ class InjectedFault(CompactorError):
     """A failure set through a fault point (tests)."""
 
 
+class JobEnded(Exception):
+    """Raised by a task's Celery shell once the job it ran has ended failed, its record stored:
+    the task ends FAILURE with the job's one-line error. Expected (``Task.throws``): Celery logs
+    one line without a traceback and acknowledges the message (``task_acks_on_failure_or_timeout``)
+    instead of delivering it again, since only the job record decides what runs again."""
+
+
+class JobEndedCancelled(JobEnded, Ignore):  # type: ignore[misc]
+    """The job ended cancelled: the shell marks the task REVOKED, as Celery does for a task
+    revoked through it, and Celery then leaves that state alone (``Ignore``)."""
+
+
 class RetryLater(Exception):
     def __init__(self, countdown: float) -> None:
         super().__init__(f"retry in {countdown}s")
         self.countdown = countdown
 
+
+PROGRESS_INTERVAL_S = 1.0
+"""How often a running sub-job's progress reaches its record, and Flower, when it changed."""
+
+PROGRESS_EVENT = "task-STARTED"
+"""The task event that carries a sub-job's progress. Flower keeps only Celery's own task fields,
+so the numbers ride in ``result`` too (the final result replaces them). Celery's event state
+takes the state of an unknown event from its upper-cased name: this one keeps the task STARTED.
+A custom state such as PROGRESS would rank after REVOKED in Celery's order of states, and a
+cancelled task could then never show REVOKED; ``task-started`` itself would count as a second
+start in Flower's metrics."""
 
 # Errors worth another attempt: the object store or Redis failing after their own retries.
 _RETRYABLE: tuple[type[BaseException], ...] = (StoreError, redis.ConnectionError, redis.TimeoutError)
@@ -280,7 +307,9 @@ def run_sub_job(ctx: Context, sub_id: str, report_state: Any = None) -> dict[str
             ended, result = _run_claimed(ctx, claimed, lock, time.perf_counter() - waited, report_state)
         else:
             ended = claimed if outcome in (ClaimOutcome.GAVE_UP, ClaimOutcome.CANCELLED) else None
-            log.info("sub-job not claimed sub_job=%s outcome=%s", sub_id, outcome.value)
+            (log.warning if outcome == ClaimOutcome.GAVE_UP else log.info)(
+                "sub-job not claimed sub_job=%s outcome=%s", sub_id, outcome.value
+            )
             current = records.get_sub(sub_id)
             result = {
                 "sub_job_id": sub_id,
@@ -314,28 +343,44 @@ def _run_claimed(
     token = claimed.owner.token
     stop = _Stop()
     progress = [JobProgress(phase="running")]
+    stored = [progress[0]]
     last_state_report = [0.0]
     log.info(
         "sub-job started sub_job=%s attempt=%d node=%s pid=%d keys=%s-%s",
         sub_id, attempt, ctx.node_id, os.getpid(), claimed.spec.key_start, claimed.spec.key_end,
     )  # fmt: skip
 
+    def superseded() -> None:
+        stop.set(AttemptSuperseded(f"attempt {attempt} of sub-job {sub_id} is no longer current"))
+
     def tick() -> None:
         if not lock.renew():
             stop.set(NodeLockLost(f"node lock of {ctx.node_id} lost while running"))
+        current = progress[0]
         try:
-            records.heartbeat(sub_id, attempt, token, progress[0])
+            records.heartbeat(sub_id, attempt, token, current)
+            stored[0] = current
         except StaleAttempt:
-            stop.set(AttemptSuperseded(f"attempt {attempt} of sub-job {sub_id} is no longer current"))
+            superseded()
         if _cancel_requested(records, meta_id):
             stop.set(JobCancelled("cancelled while running; nothing committed"))
+
+    def store_progress() -> None:
+        current = progress[0]
+        if current is stored[0]:
+            return
+        try:
+            records.report_progress(sub_id, attempt, token, current)
+            stored[0] = current
+        except StaleAttempt:
+            superseded()
 
     def on_progress(p: Progress) -> None:
         progress[0] = JobProgress(
             phase="compacting", keys=p.keys, versions_in=p.versions_in, bytes_in=p.bytes_in, bytes_out=p.bytes_out
         )
         at = time.monotonic()
-        if report_state is not None and at - last_state_report[0] >= min(1.0, settings.heartbeat_interval_s):
+        if report_state is not None and at - last_state_report[0] >= PROGRESS_INTERVAL_S:
             last_state_report[0] = at
             report_state({"sub_job_id": sub_id, "attempt": attempt, **progress[0].model_dump()})
 
@@ -354,6 +399,8 @@ def _run_claimed(
 
     hooks = Hooks(on_progress=on_progress, check_cancelled=stop.check)
     heartbeat = Heartbeat(settings.heartbeat_interval_s, tick, name=f"heartbeat-{sub_id}").start()
+    # The heartbeat interval (10 s by default) is too long for `job show` to follow a sub-job.
+    progress_writer = Heartbeat(PROGRESS_INTERVAL_S, store_progress, name=f"progress-{sub_id}").start()
     state, error, outcome = JobState.FAILED, None, None
     retry = False
     try:
@@ -371,6 +418,7 @@ def _run_claimed(
         state = JobState.SUCCEEDED
     except AttemptSuperseded as err:
         heartbeat.stop()
+        progress_writer.stop()
         log.warning("sub-job attempt superseded, stopping sub_job=%s attempt=%d reason=%r", sub_id, attempt, str(err))
         return None, {"sub_job_id": sub_id, "state": "superseded", "attempt": attempt}
     except JobCancelled as err:
@@ -390,6 +438,7 @@ def _run_claimed(
         error = one_line(err)
     finally:
         heartbeat.stop()
+        progress_writer.stop()
 
     final_progress = progress[0].model_copy(update={"phase": state.value})
     if outcome is not None and outcome.stats is not None:
@@ -410,7 +459,8 @@ def _run_claimed(
         _delete_uploads(ctx, outcome)
         return None, {"sub_job_id": sub_id, "state": "superseded", "attempt": attempt}
     _observe(ended, state, outcome)
-    log.info(
+    # A failure is news on the node where it happened, at the default level (WARNING).
+    (log.warning if state == JobState.FAILED else log.info)(
         "sub-job ended sub_job=%s attempt=%d state=%s added=%d removed=%d error=%r",
         sub_id, attempt, state.value, len(ended.proposal.added) if ended.proposal else 0,
         len(ended.proposal.removed) if ended.proposal else 0, error,
@@ -547,6 +597,21 @@ def finalize_meta_job(ctx: Context, job_id: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- Celery shell
 
 
+def _ended(task: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` of a task whose job goes on or succeeded; raises JobEnded when the job ended
+    failed or cancelled (a duplicate delivery of an ended job changed nothing and succeeds).
+    Not for a task that found no job to end (an unknown id): it returns its one-line error."""
+    state = result.get("state")
+    if result.get("duplicate") or state not in (JobState.FAILED.value, JobState.CANCELLED.value):
+        return result
+    reason = str(result.get("error") or state)
+    if state == JobState.CANCELLED.value:
+        task.backend.mark_as_revoked(task.request.id, reason, request=task.request)
+        task.send_event("task-revoked", terminated=False, signum=None, expired=False)
+        raise JobEndedCancelled(reason)
+    raise JobEnded(reason)
+
+
 def _compact_timeline_task(task: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     try:
         payload = payload_of(args, kwargs)
@@ -566,7 +631,7 @@ def _plan_meta_job_task(task: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     except CompactorError as err:
         log.error("planning failed job=%s error=%r", ref.job_id, one_line(err))
         return {"job_id": ref.job_id, "state": "failed", "error": one_line(err)}
-    return _meta_result(meta)
+    return _ended(task, _meta_result(meta))
 
 
 def _run_sub_job_task(task: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -578,10 +643,10 @@ def _run_sub_job_task(task: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     def report_state(meta: dict[str, Any]) -> None:
         if task.request.id is not None and not task.request.called_directly:
             task.update_state(state="PROGRESS", meta=meta)
-            task.send_event("task-progress", **meta)
+            task.send_event(PROGRESS_EVENT, result=saferepr(meta), **meta)
 
     try:
-        return run_sub_job(context(), ref.sub_job_id, report_state)
+        result = run_sub_job(context(), ref.sub_job_id, report_state)
     except RetryLater as later:
         # Back to the queue with a delay; the wait holds no worker slot and is no attempt.
         raise task.retry(countdown=later.countdown) from None
@@ -590,6 +655,7 @@ def _run_sub_job_task(task: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         log.warning("redis unavailable, sub-job back to the queue sub_job=%s error=%r", ref.sub_job_id, one_line(err))
         delay = context().settings.lock_retry_delay_s
         raise task.retry(countdown=delay) from None
+    return _ended(task, result)
 
 
 def _finalize_meta_job_task(task: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -598,14 +664,17 @@ def _finalize_meta_job_task(task: Any, *args: Any, **kwargs: Any) -> dict[str, A
     except Rejected as err:
         return _rejected(TASK_FINALIZE, err)
     try:
-        return finalize_meta_job(context(), ref.job_id)
+        result = finalize_meta_job(context(), ref.job_id)
     except CompactorError as err:
         log.error("finalize failed job=%s error=%r", ref.job_id, one_line(err))
         return {"job_id": ref.job_id, "state": "failed", "error": one_line(err)}
+    return _ended(task, result)
 
 
+# compact_timeline keeps returning a failed job as its result (docs/task-api.md): clients wait
+# for that result to learn that the job was planned.
 compact_timeline_task = app.task(name=TASK_COMPACT, bind=True)(_compact_timeline_task)
-plan_meta_job_task = app.task(name=TASK_PLAN, bind=True)(_plan_meta_job_task)
+plan_meta_job_task = app.task(name=TASK_PLAN, bind=True, throws=(JobEnded,))(_plan_meta_job_task)
 # max_retries=None on the task: retry(max_retries=None) alone falls back to the default of 3.
-run_sub_job_task = app.task(name=TASK_RUN, bind=True, max_retries=None)(_run_sub_job_task)
-finalize_meta_job_task = app.task(name=TASK_FINALIZE, bind=True)(_finalize_meta_job_task)
+run_sub_job_task = app.task(name=TASK_RUN, bind=True, max_retries=None, throws=(JobEnded,))(_run_sub_job_task)
+finalize_meta_job_task = app.task(name=TASK_FINALIZE, bind=True, throws=(JobEnded,))(_finalize_meta_job_task)
