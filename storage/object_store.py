@@ -153,14 +153,14 @@ class RequestCounter(StoreObserver):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counts: dict[RequestKind, tuple[int, int]] = {}
+        self._counts: dict[str, tuple[int, int]] = {}
 
     def request(self, kind: RequestKind, payload_bytes: int) -> None:
         with self._lock:
             requests, moved = self._counts.get(kind, (0, 0))
             self._counts[kind] = (requests + 1, moved + payload_bytes)
 
-    def counts(self) -> dict[RequestKind, tuple[int, int]]:
+    def counts(self) -> dict[str, tuple[int, int]]:
         """``(requests, object bytes)`` by kind, as counted so far."""
         with self._lock:
             return dict(self._counts)

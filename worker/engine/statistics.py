@@ -4,6 +4,7 @@ where its time went. Serialised as JSON into job status and meta-job summaries."
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
@@ -22,6 +23,10 @@ TimeField = Literal[
     "time_final_phase_secs",
     "time_total_secs",
 ]
+
+
+S3_KINDS = ("get", "put", "part", "multipart", "list", "delete", "head")
+"""The kinds of object-store request counted, each in a ``s3_<kind>`` field."""
 
 
 class NumSize(BaseModel):
@@ -55,6 +60,16 @@ class CompactionStatistics(BaseModel):
     image_keys_visited: NumSize = Field(default_factory=NumSize)
     wal_produced: NumSize = Field(default_factory=NumSize)
     image_produced: NumSize = Field(default_factory=NumSize)
+
+    # Object-store requests the job sent, every attempt, by kind as S3 bills them (num), and the
+    # object bytes they moved up or down (size); see compactor.storage.object_store.RequestKind.
+    s3_get: NumSize = Field(default_factory=NumSize)
+    s3_put: NumSize = Field(default_factory=NumSize)
+    s3_part: NumSize = Field(default_factory=NumSize)
+    s3_multipart: NumSize = Field(default_factory=NumSize)
+    s3_list: NumSize = Field(default_factory=NumSize)
+    s3_delete: NumSize = Field(default_factory=NumSize)
+    s3_head: NumSize = Field(default_factory=NumSize)
 
     time_acquire_lock_secs: float = 0.0
     time_analyze_secs: float = 0.0
@@ -113,6 +128,22 @@ class CompactionStatistics(BaseModel):
 
     def produce_image_layer(self, size: int) -> None:
         self.image_layer_produced.add(size)
+
+    def add_requests(self, counts: Mapping[str, tuple[int, int]]) -> None:
+        """Add ``(requests, object bytes)`` by request kind (``RequestCounter.counts``)."""
+        for kind, (requests, moved) in counts.items():
+            counter: NumSize = getattr(self, f"s3_{kind}")
+            counter.num += requests
+            counter.size += moved
+
+    def s3_requests(self) -> dict[str, int]:
+        """Requests by kind, their ``total``, and the object ``bytes`` they moved."""
+        counts = {kind: getattr(self, f"s3_{kind}") for kind in S3_KINDS}
+        return {
+            **{kind: counter.num for kind, counter in counts.items()},
+            "total": sum(counter.num for counter in counts.values()),
+            "bytes": sum(counter.size for counter in counts.values()),
+        }
 
     def finalize(self) -> None:
         # The +1.0 keeps an empty job at ratio 0 instead of dividing by zero (as the seed).
