@@ -26,7 +26,6 @@ from compactor.storage.object_store import RequestCounter
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
 from compactor.worker.engine.jobs import CompactionJob, SubJobSpec
-from compactor.worker.engine.statistics import S3_KINDS
 from compactor.worker.runtime import dispatch, tasks
 from compactor.worker.runtime.dispatch import TASK_FINALIZE, TASK_PLAN, TASK_RUN
 from compactor.worker.runtime.records import (
@@ -783,13 +782,13 @@ def test_sub_jobs_count_their_requests_and_job_show_sums_them(
     assert len(subs) >= 3 and set(sent) == set(meta.sub_jobs)
     for sub in subs:
         assert sub.stats is not None
-        recorded = {kind: (c.num, c.size) for kind in S3_KINDS if (c := getattr(sub.stats, f"s3_{kind}")).num}
+        recorded = {kind: (counter.num, counter.size) for kind, counter in sub.stats.s3_requests.items()}
         assert recorded == sent[sub.id]
         assert recorded["get"][1] >= sub.stats.delta_layer_visited.size + sub.stats.image_layer_visited.size
         uploaded = sum(recorded.get(kind, (0, 0))[1] for kind in ("put", "part"))
         assert uploaded == sub.stats.delta_layer_produced.size + sub.stats.image_layer_produced.size
     assert meta.compaction_statistics is not None
-    summed = meta.compaction_statistics.s3_requests()
+    summed = meta.compaction_statistics.s3_summary()
     assert summed["total"] == sum(n for counts in sent.values() for n, _ in counts.values())
 
     shown = CliRunner().invoke(main, ["job", "show", meta.id[:8]], env=_cli_env(flow.settings))

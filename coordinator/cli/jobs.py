@@ -408,7 +408,7 @@ def requests_of(sub_jobs: list[dict[str, Any]]) -> dict[str, int]:
     for sub in sub_jobs:
         if sub.get("stats") is not None:
             total.merge(CompactionStatistics.model_validate(sub["stats"]))
-    return total.s3_requests()
+    return total.s3_summary()
 
 
 @job_group.command("cancel")

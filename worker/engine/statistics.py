@@ -25,10 +25,6 @@ TimeField = Literal[
 ]
 
 
-S3_KINDS = ("get", "put", "part", "multipart", "list", "delete", "head")
-"""The kinds of object-store request counted, each in a ``s3_<kind>`` field."""
-
-
 class NumSize(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -61,15 +57,9 @@ class CompactionStatistics(BaseModel):
     wal_produced: NumSize = Field(default_factory=NumSize)
     image_produced: NumSize = Field(default_factory=NumSize)
 
-    # Object-store requests the job sent, every attempt, by kind as S3 bills them (num), and the
+    # Object-store requests the job sent, every attempt, by kind as S3 bills them (num), with the
     # object bytes they moved up or down (size); see compactor.storage.object_store.RequestKind.
-    s3_get: NumSize = Field(default_factory=NumSize)
-    s3_put: NumSize = Field(default_factory=NumSize)
-    s3_part: NumSize = Field(default_factory=NumSize)
-    s3_multipart: NumSize = Field(default_factory=NumSize)
-    s3_list: NumSize = Field(default_factory=NumSize)
-    s3_delete: NumSize = Field(default_factory=NumSize)
-    s3_head: NumSize = Field(default_factory=NumSize)
+    s3_requests: dict[str, NumSize] = Field(default_factory=dict)
 
     time_acquire_lock_secs: float = 0.0
     time_analyze_secs: float = 0.0
@@ -132,17 +122,17 @@ class CompactionStatistics(BaseModel):
     def add_requests(self, counts: Mapping[str, tuple[int, int]]) -> None:
         """Add ``(requests, object bytes)`` by request kind (``RequestCounter.counts``)."""
         for kind, (requests, moved) in counts.items():
-            counter: NumSize = getattr(self, f"s3_{kind}")
+            counter = self.s3_requests.setdefault(kind, NumSize())
             counter.num += requests
             counter.size += moved
 
-    def s3_requests(self) -> dict[str, int]:
+    def s3_summary(self) -> dict[str, int]:
         """Requests by kind, their ``total``, and the object ``bytes`` they moved."""
-        counts = {kind: getattr(self, f"s3_{kind}") for kind in S3_KINDS}
+        counters = sorted(self.s3_requests.items())
         return {
-            **{kind: counter.num for kind, counter in counts.items()},
-            "total": sum(counter.num for counter in counts.values()),
-            "bytes": sum(counter.size for counter in counts.values()),
+            **{kind: counter.num for kind, counter in counters},
+            "total": sum(counter.num for _, counter in counters),
+            "bytes": sum(counter.size for _, counter in counters),
         }
 
     def finalize(self) -> None:
@@ -168,6 +158,8 @@ class CompactionStatistics(BaseModel):
             if isinstance(mine, NumSize):
                 mine.num += theirs.num
                 mine.size += theirs.size
+            elif isinstance(mine, dict):
+                self.add_requests({kind: (counter.num, counter.size) for kind, counter in theirs.items()})
             elif not name.endswith("_ratio"):
                 setattr(self, name, mine + theirs)
 
