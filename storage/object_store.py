@@ -286,6 +286,8 @@ class ObjectStore:
             if s and len(s) >= 4
         ]
         self._client: S3Client = self._make_client(settings)
+        # Parts in flight of every multipart upload through this store and its views: memory.
+        self._part_slots = threading.Semaphore(settings.multipart_concurrency)
 
     @staticmethod
     def _make_client(settings: Settings) -> S3Client:
@@ -555,8 +557,7 @@ class ObjectStore:
 
     def open_upload(self, key: str) -> StreamingUpload:
         """An upload to ``key`` that is written as a stream (see :class:`StreamingUpload`)."""
-        settings = self._settings
-        return StreamingUpload(self, key, settings.multipart_chunk_bytes, settings.multipart_threshold_bytes)
+        return StreamingUpload(self, key, self._settings.multipart_chunk_bytes)
 
     def _put_file(self, path: str | os.PathLike[str], key: str, size: int, metadata: Mapping[str, str] | None) -> None:
         md5 = hashlib.md5(usedforsecurity=False)
@@ -589,7 +590,7 @@ class ObjectStore:
         if math.ceil(size / chunk) > MAX_PARTS:
             mib = 1024 * 1024
             chunk = math.ceil(size / MAX_PARTS / mib) * mib
-        upload = StreamingUpload(self, key, chunk, 0, metadata)
+        upload = StreamingUpload(self, key, chunk, metadata)
         try:
             sent = 0
             with open(path, "rb") as fh:
@@ -905,13 +906,15 @@ class ObjectStore:
 class StreamingUpload:
     """An object uploaded while it is being written.
 
-    ``write`` buffers bytes until they reach ``threshold``; from then on a multipart upload
-    sends a part of ``part_bytes`` each time one fills, up to ``multipart_concurrency`` parts at
-    once (``write`` waits for a free slot, so memory holds the threshold or the parts in flight,
-    never the whole object). ``complete`` sends what is left, at most one part, and completes
-    the upload; a stream that stayed below the threshold becomes one PUT there. ``abort`` drops
-    what was sent. An upload neither completed nor aborted (its process was killed) is left for
-    orphan cleanup, which lists and aborts old ones.
+    A multipart upload that sends a part of ``part_bytes`` each time one fills, up to
+    ``multipart_concurrency`` parts in flight per store (``write`` waits for a free slot), so
+    memory holds one part being filled per stream and the parts in flight, never the object.
+    ``complete`` sends what is left, at most one part, and completes the upload; a stream that
+    never filled a part becomes one PUT there. (Waiting for ``multipart_threshold_bytes``
+    before choosing, as :meth:`ObjectStore.upload_file` does for a file of known size, would
+    hold that much per stream in memory: 64 MiB by default, for each writer open at once.)
+    ``abort`` drops what was sent. An upload neither completed nor aborted (its process was
+    killed) is left for orphan cleanup, which lists and aborts old ones.
 
     One thread writes at a time. A part that fails for good does not raise from ``write``,
     whose caller may be a Parquet thread that would bury the error: the stream stops sending
@@ -923,7 +926,6 @@ class StreamingUpload:
         store: ObjectStore,
         key: str,
         part_bytes: int,
-        threshold: int,
         metadata: Mapping[str, str] | None = None,
     ) -> None:
         self.key = key
@@ -931,13 +933,11 @@ class StreamingUpload:
         """Bytes written so far."""
         self._store = store
         self._part_bytes = part_bytes
-        self._threshold = max(threshold, part_bytes)
         self._metadata = dict(metadata or {})
         self._token = uuid.uuid4().hex
         self._buffer = bytearray()
         self._upload_id: str | None = None
-        self._concurrency = store._settings.multipart_concurrency
-        self._slots = threading.Semaphore(self._concurrency)
+        self._slots = store._part_slots
         self._pool: ThreadPoolExecutor | None = None
         self._parts: list[Future[CompletedPartTypeDef]] = []
         self._failure: BaseException | None = None
@@ -950,8 +950,6 @@ class StreamingUpload:
         if self._failure is not None:
             return
         self._buffer += data
-        if self._upload_id is None and len(self._buffer) < self._threshold:
-            return
         sent = 0
         try:
             with memoryview(self._buffer) as view:
@@ -967,7 +965,8 @@ class StreamingUpload:
         if self._upload_id is None:
             meta = {**self._metadata, WRITE_TOKEN_META: self._token}
             self._upload_id = store._create_multipart(self.key, meta)
-            self._pool = ThreadPoolExecutor(max_workers=self._concurrency, thread_name_prefix="s3-part")
+            concurrency = store._settings.multipart_concurrency
+            self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3-part")
         assert self._pool is not None
         if len(self._parts) >= MAX_PARTS:
             where = store._where(self.key)

@@ -57,7 +57,7 @@ def test_stream_becomes_a_multipart_upload_part_by_part(object_store: ObjectStor
     upload = object_store.open_upload("streamed/big")
     for start in range(0, len(data), 700_000):
         upload.write(data[start : start + 700_000])
-    # The upload started once the threshold was passed; its parts go on their own threads.
+    # The upload started with the first full part; parts go on their own threads.
     assert events.count("multipart") == 1
     assert uploads_in_progress(object_store) == ["streamed/big"]
     upload.complete()
@@ -67,7 +67,7 @@ def test_stream_becomes_a_multipart_upload_part_by_part(object_store: ObjectStor
     assert uploads_in_progress(object_store) == []
 
 
-def test_stream_below_the_threshold_is_one_put(object_store: ObjectStore) -> None:
+def test_stream_shorter_than_a_part_is_one_put(object_store: ObjectStore) -> None:
     events = Events()
     object_store.observer = events
     upload = object_store.open_upload("streamed/small")
@@ -104,6 +104,34 @@ def test_failed_part_fails_complete_and_aborts(object_store: ObjectStore, monkey
         upload.complete()
     assert uploads_in_progress(object_store) == []
     assert object_store.head("streamed/failed") is None
+
+
+def test_parts_in_flight_are_capped_per_store(s3_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ObjectStore(s3_settings.model_copy(update={"multipart_concurrency": 2}))
+    store.ensure_bucket()
+    send = store._upload_part
+    lock, in_flight, most = threading.Lock(), [0], [0]
+
+    def counted(key: str, upload_id: str, number: int, data: bytes) -> object:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        try:
+            return send(key, upload_id, number, data)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(store, "_upload_part", counted)
+    part = os.urandom(5 * MIB)
+    uploads = [store.observed_by(StoreObserver()).open_upload(f"streamed/{i}") for i in range(3)]
+    for _ in range(3):
+        for upload in uploads:
+            upload.write(part)
+    for upload in uploads:
+        upload.complete()
+    assert most[0] <= 2
+    assert all(store.head(f"streamed/{i}") is not None for i in range(3))
 
 
 def test_layer_keys_do_not_depend_on_the_name() -> None:
