@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from compactor.storage.layer_file import LayerWriter
+from compactor.storage.object_store import RequestCounter
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
 from compactor.worker.engine.jobs import CompactionJob
@@ -46,9 +47,10 @@ def _cpu() -> float:
 
 def run_compact(storage: Storage, job: CompactionJob, workdir: Path) -> dict[str, Any]:
     settings = EngineSettings(target_layer_bytes=storage.settings.target_layer_bytes, workdir=workdir / "work")
+    requests = RequestCounter()  # the whole meta job's: planning, sub-job, commit
     cpu = _cpu()
     start = time.perf_counter()
-    outcome = compact(storage, job, settings, written_by="bench")
+    outcome = compact(storage.observed_by(requests), job, settings, written_by="bench")
     wall = time.perf_counter() - start
     cpu = _cpu() - cpu
     stats = outcome.stats
@@ -76,6 +78,7 @@ def run_compact(storage: Storage, job: CompactionJob, workdir: Path) -> dict[str
         "keys": stats.num_unique_keys_visited,
         "phases_s": phases,
         "manifest_number": outcome.manifest_number,
+        "s3_requests": {kind: n for kind, (n, _) in requests.counts().items()},
         "stats": stats.model_dump(),
     }
 

@@ -28,6 +28,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -267,6 +268,13 @@ class Bench:
         return result
 
 
+def requests_per_gb(run: dict[str, Any]) -> float:
+    """S3 requests of a compaction per GB of input layers (NaN in results from before they were
+    counted)."""
+    requests: dict[str, float] = run.get("s3_requests", {"": math.nan})
+    return sum(requests.values()) / (float(run["input_bytes"]) / 1e9)
+
+
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(runs, key=lambda r: r["wall_s"])
     best = dict(ordered[len(ordered) // 2])
@@ -283,7 +291,8 @@ def measure_workload(bench: Bench, spec: WorkloadSpec, repeat: int, unverified: 
     for r in range(repeat):
         timeline = bench.reset(manifest)
         result = bench.run_job("compact", timeline, f"{spec.name}-{spec.size_bytes}-{r}")
-        bench.log(f"    compact: {result['mb_s']:.1f} MB/s ({result['wall_s']:.2f}s)")
+        bench.log(f"    compact: {result['mb_s']:.1f} MB/s ({result['wall_s']:.2f}s), "
+                  f"{requests_per_gb(result):.0f} S3 requests per GB")  # fmt: skip
         compacts.append(result)
         copy = bench.run_job("copy", bench.reset(manifest), f"{spec.name}-{spec.size_bytes}-copy-{r}")
         bench.log(f"    copy-through: {copy['mb_s']:.1f} MB/s ({copy['wall_s']:.2f}s)")
@@ -442,8 +451,8 @@ def render(results: dict[str, Any]) -> str:
             "",
             "| workload | input MB | output MB | compaction MB/s | copy-through MB/s | ratio | engine MB/s | "
             "compaction s: download wait / main loop / upload tail + commit | "
-            "copy-through s: download / decode + encode / upload | VmHWM MiB |",
-            "|---|---:|---:|---:|---:|---:|---:|---|---|---:|",
+            "copy-through s: download / decode + encode / upload | VmHWM MiB | S3 requests per GB |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|",
         ]
         for w in results["workloads"]:
             c, t = w["compaction"], w["copy_through"]
@@ -452,7 +461,8 @@ def render(results: dict[str, Any]) -> str:
                 f"| {w['workload']} | {c['input_bytes'] / MB:.0f} | {c['output_bytes'] / MB:.0f} | {c['mb_s']:.1f} | "
                 f"{t['mb_s']:.1f} | **{w['ratio']:.2f}** | {engine_mb_s(c):.1f} | {p['download']:.1f} / "
                 f"{p['main_loop']:.1f} / {p['upload_commit'] + p['final']:.1f} | {q['download']:.1f} / "
-                f"{q['decode_encode']:.1f} / {q['upload']:.1f} | {c['vmhwm_bytes'] / MIB:.0f} |"
+                f"{q['decode_encode']:.1f} / {q['upload']:.1f} | {c['vmhwm_bytes'] / MIB:.0f} | "
+                f"{requests_per_gb(c):.0f} |"
             )
         lines.append("")
         unverified = [w for w in results["workloads"] if "compaction_unverified" in w]

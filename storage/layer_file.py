@@ -34,7 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Final, NamedTuple, Self, cast
+from typing import Any, BinaryIO, Final, NamedTuple, Protocol, Self, cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -86,11 +86,29 @@ class RowGroup(NamedTuple):
     raw_bytes: int  # payload bytes plus a fixed per-row overhead: the in-memory size
 
 
+class LayerSink(Protocol):
+    """Where a :class:`LayerWriter` streams the bytes of its file as it writes them, besides
+    the local file: an upload to ``key`` that its owner completes once the file is finished (and
+    named) and aborts otherwise. ``write`` is called by one thread at a time, maybe not the
+    caller's (Parquet writes row groups on the writer's thread)."""
+
+    @property
+    def key(self) -> str: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def complete(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class LayerFileInfo:
     path: Path
     size: int
     sha256: str  # hex digest of the complete file
+    sink: LayerSink | None = None
+    """Where the file was streamed while written, if anywhere: its upload is not complete yet."""
 
 
 # --- conversions -------------------------------------------------------------------------------
@@ -199,11 +217,12 @@ def _schema_text(schema: pa.Schema) -> str:
 
 
 class _HashingSink:
-    """File object handed to Parquet: hashes and counts the bytes on their way to disk, so the
-    sha256 and size are known at close without reading the file back."""
+    """File object handed to Parquet: hashes and counts the bytes on their way to disk (and to
+    ``stream``), so the sha256 and size are known at close without reading the file back."""
 
-    def __init__(self, file: BinaryIO) -> None:
+    def __init__(self, file: BinaryIO, stream: LayerSink | None) -> None:
         self._file = file
+        self._stream = stream
         self._hash = hashlib.sha256()
         self.size = 0
         self.closed = False
@@ -211,6 +230,8 @@ class _HashingSink:
     def write(self, data: Any) -> int:
         self._hash.update(data)
         n = self._file.write(data)
+        if self._stream is not None:
+            self._stream.write(data)
         self.size += n
         return n
 
@@ -241,6 +262,9 @@ class LayerWriter:
     fields accepted). Rows must arrive strictly increasing by ``(key, lsn, kind)`` across all
     calls; order is checked per flushed row group and violations raise ``InvalidInput``. Use as a
     context manager: an exception inside the block aborts and deletes the file.
+
+    With a ``sink``, every byte of the file also goes there as it is written; ``abort`` aborts
+    the sink, and ``finish`` hands it on in the file's info, for its owner to complete.
     """
 
     def __init__(
@@ -249,13 +273,15 @@ class LayerWriter:
         *,
         row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
         compression_level: int = DEFAULT_ZSTD_LEVEL,
+        sink: LayerSink | None = None,
     ) -> None:
         if not 0 < row_group_bytes <= _MAX_GROUP_BYTES:
             raise ValueError(f"row_group_bytes must be in [1, {_MAX_GROUP_BYTES}]")
         self.path = Path(path)
         self.row_group_bytes = row_group_bytes
+        self._stream = sink
         self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed by finish/abort
-        self._sink = _HashingSink(self._file)
+        self._sink = _HashingSink(self._file, sink)
         try:
             self._writer: Any = pq.ParquetWriter(
                 self._sink,
@@ -274,6 +300,8 @@ class LayerWriter:
         except BaseException:
             self._file.close()
             self.path.unlink(missing_ok=True)
+            if sink is not None:
+                sink.abort()
             raise
         self._open = True
         # Buffered rows: finished batches plus the rows of `add` calls not yet made a batch.
@@ -500,7 +528,9 @@ class LayerWriter:
         except BaseException:
             self.abort()
             raise
-        return LayerFileInfo(self.path, self._sink.size, self._sink.hexdigest())
+        info = LayerFileInfo(self.path, self._sink.size, self._sink.hexdigest(), self._stream)
+        self._stream = None  # the info's holder completes or aborts it now
+        return info
 
     def _check_name(self, name: LayerName) -> None:
         if self._written_rows == 0:
@@ -536,6 +566,8 @@ class LayerWriter:
         if not self._file.closed:
             self._file.close()
         self.path.unlink(missing_ok=True)
+        if self._stream is not None:
+            self._stream.abort()
         self._batches, self._keys, self._values = [], [], []
 
     def _check_open(self) -> None:

@@ -4,15 +4,15 @@
 tenants/{tenant}/timelines/{timeline}/manifests/{number:020d}.json   numbered, create-only
 tenants/{tenant}/timelines/{timeline}/manifest-boundary.json         lowest number still valid
 tenants/{tenant}/timelines/{timeline}/manifest-latest                hint: a recent number
-tenants/{tenant}/timelines/{timeline}/layers/{layer name}-{suffix}   immutable layer objects
+tenants/{tenant}/timelines/{timeline}/layers/{uuid}                  immutable layer objects
 tenants/{tenant}/timelines/{timeline}/meta-stats/{job id}.json       meta-job statistics
 ```
 """
 
+import re
 import uuid
 
 from compactor.storage.ids import validate_id
-from compactor.storage.layer_name import LayerName
 
 MANIFEST_DIGITS = 20
 
@@ -54,10 +54,22 @@ def layers_prefix(tenant_id: str, timeline_id: str) -> str:
     return timeline_prefix(tenant_id, timeline_id) + "layers/"
 
 
-def new_layer_key(tenant_id: str, timeline_id: str, name: LayerName) -> str:
-    """A fresh object key for a layer: the name plus a unique suffix, so that uploads of
-    different attempts never overwrite each other."""
-    return f"{layers_prefix(tenant_id, timeline_id)}{name}-{uuid.uuid4().hex}"
+def new_layer_key(tenant_id: str, timeline_id: str) -> str:
+    """A fresh object key for a layer: a unique id, so that uploads of different attempts never
+    overwrite each other, and independent of the layer's name, which a streaming upload does
+    not know yet when it starts (the manifest keeps the name beside the key)."""
+    return f"{layers_prefix(tenant_id, timeline_id)}{uuid.uuid4().hex}"
+
+
+# Keys of older versions are ``{layer name}-{uuid}``: names are hex, '-' and '_'.
+_LAYER_LEAF = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]*")
+
+
+def is_layer_key(tenant_id: str, timeline_id: str, object_key: str) -> bool:
+    """Whether ``object_key`` can be a layer object of this timeline: right under its layers
+    prefix, one plain path segment."""
+    prefix = layers_prefix(tenant_id, timeline_id)
+    return object_key.startswith(prefix) and _LAYER_LEAF.fullmatch(object_key[len(prefix) :]) is not None
 
 
 def meta_stats_key(tenant_id: str, timeline_id: str, job_id: str) -> str:

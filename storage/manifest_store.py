@@ -95,8 +95,7 @@ class ManifestStore:
         # "../" paths. Every legitimate key is ``layout.new_layer_key`` of this timeline.
         prefix = layout.layers_prefix(tenant, timeline)
         for entry in manifest.layers.values():
-            leaf = entry.object_key[len(prefix) :]
-            if not entry.object_key.startswith(prefix) or not leaf.startswith(entry.name) or "/" in leaf:
+            if not layout.is_layer_key(tenant, timeline, entry.object_key):
                 raise CorruptManifest(
                     f"manifest {key} is corrupt: layer {entry.name} has object key {entry.object_key[:200]!r} "
                     f"outside {prefix}"

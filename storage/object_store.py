@@ -10,6 +10,7 @@ bucket and key; credentials never appear in messages or logs.
 from __future__ import annotations
 
 import base64
+import copy
 import functools
 import hashlib
 import logging
@@ -21,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
     from mypy_boto3_s3.type_defs import (
         CompletedPartTypeDef,
+        ListMultipartUploadsRequestTypeDef,
         ListObjectsV2OutputTypeDef,
         ListObjectsV2RequestTypeDef,
         ObjectIdentifierTypeDef,
@@ -144,8 +146,54 @@ class StoreObserver:
         every attempt."""
 
 
+class RequestCounter(StoreObserver):
+    """Counts requests and the object bytes they moved, by kind; thread-safe. Told of one
+    job's requests through :meth:`ObjectStore.observed_by`, it counts that job's alone,
+    whichever of the job's threads sends them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, tuple[int, int]] = {}
+
+    def request(self, kind: RequestKind, payload_bytes: int) -> None:
+        with self._lock:
+            requests, moved = self._counts.get(kind, (0, 0))
+            self._counts[kind] = (requests + 1, moved + payload_bytes)
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """``(requests, object bytes)`` by kind, as counted so far."""
+        with self._lock:
+            return dict(self._counts)
+
+
+class _Both(StoreObserver):
+    def __init__(self, first: StoreObserver, second: StoreObserver) -> None:
+        self._first, self._second = first, second
+
+    def request(self, kind: RequestKind, payload_bytes: int) -> None:
+        self._first.request(kind, payload_bytes)
+        self._second.request(kind, payload_bytes)
+
+    def retry(self, kind: RequestKind, operation: str) -> None:
+        self._first.retry(kind, operation)
+        self._second.retry(kind, operation)
+
+    def download(self, seconds: float, size: int) -> None:
+        self._first.download(seconds, size)
+        self._second.download(seconds, size)
+
+
 def _no_payload(_result: object) -> int:
     return 0
+
+
+@dataclass(frozen=True, slots=True)
+class UploadInfo:
+    """A multipart upload in progress."""
+
+    key: str
+    upload_id: str
+    initiated: datetime | None
 
 
 class AlreadyExists(StoreError):
@@ -238,6 +286,8 @@ class ObjectStore:
             if s and len(s) >= 4
         ]
         self._client: S3Client = self._make_client(settings)
+        # Parts in flight of every multipart upload through this store and its views: memory.
+        self._part_slots = threading.Semaphore(settings.multipart_concurrency)
 
     @staticmethod
     def _make_client(settings: Settings) -> S3Client:
@@ -270,6 +320,13 @@ class ObjectStore:
                 config=Config(**config_args),
             )
         return client
+
+    def observed_by(self, observer: StoreObserver) -> ObjectStore:
+        """This store, sharing its client, with every request, retry and download told to
+        ``observer`` as well as to this store's observer."""
+        view = copy.copy(self)
+        view.observer = _Both(self.observer, observer)
+        return view
 
     @property
     def bucket(self) -> str:
@@ -490,13 +547,17 @@ class ObjectStore:
 
     def upload_file(self, path: str | os.PathLike[str], key: str, *, metadata: Mapping[str, str] | None = None) -> None:
         """Upload a local file: one PUT below ``multipart_threshold_bytes``, else a multipart
-        upload read part by part (memory stays at one part), each part retried on its own and
-        the upload aborted on failure."""
+        upload read part by part (memory stays at the parts in flight), each part retried on its
+        own and the upload aborted on failure."""
         size = os.path.getsize(path)
         if size < self._settings.multipart_threshold_bytes:
             self._put_file(path, key, size, metadata)
         else:
             self._multipart_upload(path, key, size, metadata)
+
+    def open_upload(self, key: str) -> StreamingUpload:
+        """An upload to ``key`` that is written as a stream (see :class:`StreamingUpload`)."""
+        return StreamingUpload(self, key, self._settings.multipart_chunk_bytes)
 
     def _put_file(self, path: str | os.PathLike[str], key: str, size: int, metadata: Mapping[str, str] | None) -> None:
         md5 = hashlib.md5(usedforsecurity=False)
@@ -529,57 +590,48 @@ class ObjectStore:
         if math.ceil(size / chunk) > MAX_PARTS:
             mib = 1024 * 1024
             chunk = math.ceil(size / MAX_PARTS / mib) * mib
-        token = uuid.uuid4().hex
-        meta = {**(metadata or {}), WRITE_TOKEN_META: token}
+        upload = StreamingUpload(self, key, chunk, metadata)
         try:
-            upload_id = self._call(
+            sent = 0
+            with open(path, "rb") as fh:
+                while data := fh.read(chunk):
+                    upload.write(data)
+                    sent += len(data)
+            if sent != size or os.path.getsize(path) != size:
+                raise StoreError(f"s3 upload {self._where(key)}: file {path} changed size during upload")
+        except BaseException:
+            upload.abort()
+            raise
+        upload.complete()
+
+    def _create_multipart(self, key: str, metadata: Mapping[str, str]) -> str:
+        try:
+            return self._call(
                 "create-multipart",
                 "multipart",
                 key,
-                lambda: self._client.create_multipart_upload(Bucket=self._bucket, Key=key, Metadata=meta)["UploadId"],
+                lambda: self._client.create_multipart_upload(Bucket=self._bucket, Key=key, Metadata=dict(metadata))[
+                    "UploadId"
+                ],
             )
         except bexc.ClientError as err:
             raise self._map_client_error("create-multipart", key, err) from err
 
-        def send(fd: int, number: int) -> CompletedPartTypeDef:
-            # Each part is read by the thread that sends it: memory holds the parts in flight.
-            data = os.pread(fd, chunk, (number - 1) * chunk)
-            if len(data) != min(chunk, size - (number - 1) * chunk):
-                raise StoreError(f"s3 upload {self._where(key)}: file {path} changed size during upload")
-            upload_part = functools.partial(
-                self._client.upload_part,
-                Bucket=self._bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=data,
-                ContentMD5=_b64_md5(data),
-            )
-            sent = self._call(f"upload-part {number}", "part", key, upload_part, lambda _: len(data))
-            return {"PartNumber": number, "ETag": sent["ETag"]}
-
+    def _upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> CompletedPartTypeDef:
+        upload_part = functools.partial(
+            self._client.upload_part,
+            Bucket=self._bucket,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=data,
+            ContentMD5=_b64_md5(data),
+        )
         try:
-            count = math.ceil(size / chunk)
-            with (
-                open(path, "rb") as fh,
-                ThreadPoolExecutor(
-                    max_workers=min(self._settings.multipart_concurrency, count), thread_name_prefix="s3-part"
-                ) as pool,
-            ):
-                futures = [pool.submit(send, fh.fileno(), number) for number in range(1, count + 1)]
-                try:
-                    parts = [future.result() for future in futures]
-                finally:
-                    for future in futures:
-                        future.cancel()
-            if os.path.getsize(path) != size:
-                raise StoreError(f"s3 upload {self._where(key)}: file {path} changed size during upload")
-            self._complete_multipart(key, upload_id, parts, token)
-        except BaseException as err:
-            self._abort_multipart(key, upload_id)
-            if isinstance(err, bexc.ClientError):
-                raise self._map_client_error("multipart-upload", key, err) from err
-            raise
+            sent = self._call(f"upload-part {number}", "part", key, upload_part, lambda _: len(data))
+        except bexc.ClientError as err:
+            raise self._map_client_error("upload-part", key, err) from err
+        return {"PartNumber": number, "ETag": sent["ETag"]}
 
     def _complete_multipart(self, key: str, upload_id: str, parts: list[CompletedPartTypeDef], token: str) -> None:
         attempts = 0
@@ -614,6 +666,40 @@ class ObjectStore:
                 key,
                 self._redact(_describe(err)),
             )
+
+    def list_uploads(self, prefix: str) -> Iterator[UploadInfo]:
+        """Multipart uploads in progress under ``prefix``; one request per page of up to 1000,
+        each retried on its own."""
+        request: ListMultipartUploadsRequestTypeDef = {"Bucket": self._bucket, "Prefix": prefix}
+        while True:
+            try:
+                page = self._call(
+                    "list-uploads", "list", prefix, functools.partial(self._client.list_multipart_uploads, **request)
+                )
+            except bexc.ClientError as err:
+                raise self._fail("list-uploads", prefix, err) from err
+            for upload in page.get("Uploads", []):
+                yield UploadInfo(key=upload["Key"], upload_id=upload["UploadId"], initiated=upload.get("Initiated"))
+            if not page.get("IsTruncated"):
+                return
+            request = {
+                **request,
+                "KeyMarker": page.get("NextKeyMarker", ""),
+                "UploadIdMarker": page.get("NextUploadIdMarker", ""),
+            }
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort a multipart upload found by :meth:`list_uploads`, retried like any call; one
+        already gone is not an error."""
+
+        def abort() -> None:
+            self._client.abort_multipart_upload(Bucket=self._bucket, Key=key, UploadId=upload_id)
+
+        try:
+            self._call("abort-multipart", "multipart", key, abort)
+        except bexc.ClientError as err:
+            if _error_code(err) != "NoSuchUpload":
+                raise self._fail("abort-multipart", key, err) from err
 
     # ------------------------------------------------------------------ reads
 
@@ -815,3 +901,122 @@ class ObjectStore:
         if batch:
             flush()
         return failures
+
+
+class StreamingUpload:
+    """An object uploaded while it is being written.
+
+    A multipart upload that sends a part of ``part_bytes`` each time one fills, up to
+    ``multipart_concurrency`` parts in flight per store (``write`` waits for a free slot), so
+    memory holds one part being filled per stream and the parts in flight, never the object.
+    ``complete`` sends what is left, at most one part, and completes the upload; a stream that
+    never filled a part becomes one PUT there. (Waiting for ``multipart_threshold_bytes``
+    before choosing, as :meth:`ObjectStore.upload_file` does for a file of known size, would
+    hold that much per stream in memory: 64 MiB by default, for each writer open at once.)
+    ``abort`` drops what was sent. An upload neither completed nor aborted (its process was
+    killed) is left for orphan cleanup, which lists and aborts old ones.
+
+    One thread writes at a time. A part that fails for good does not raise from ``write``,
+    whose caller may be a Parquet thread that would bury the error: the stream stops sending
+    and ``complete`` raises it.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        key: str,
+        part_bytes: int,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.key = key
+        self.size = 0
+        """Bytes written so far."""
+        self._store = store
+        self._part_bytes = part_bytes
+        self._metadata = dict(metadata or {})
+        self._token = uuid.uuid4().hex
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._slots = store._part_slots
+        self._pool: ThreadPoolExecutor | None = None
+        self._parts: list[Future[CompletedPartTypeDef]] = []
+        self._failure: BaseException | None = None
+        self._ended = False
+
+    def write(self, data: bytes) -> None:
+        if self._ended:
+            raise ValueError(f"upload to {self.key} has ended")
+        self.size += len(data)
+        if self._failure is not None:
+            return
+        self._buffer += data
+        sent = 0
+        try:
+            with memoryview(self._buffer) as view:
+                while len(view) - sent >= self._part_bytes:
+                    self._send(bytes(view[sent : sent + self._part_bytes]))
+                    sent += self._part_bytes
+        except Exception as err:
+            self._failure = err
+        del self._buffer[:sent]
+
+    def _send(self, data: bytes) -> None:
+        store = self._store
+        if self._upload_id is None:
+            meta = {**self._metadata, WRITE_TOKEN_META: self._token}
+            self._upload_id = store._create_multipart(self.key, meta)
+            concurrency = store._settings.multipart_concurrency
+            self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3-part")
+        assert self._pool is not None
+        if len(self._parts) >= MAX_PARTS:
+            where = store._where(self.key)
+            raise StoreError(f"s3 upload {where}: more than {MAX_PARTS} parts of {self._part_bytes} bytes")
+        self._slots.acquire()
+        part = self._pool.submit(store._upload_part, self.key, self._upload_id, len(self._parts) + 1, data)
+        part.add_done_callback(self._part_done)
+        self._parts.append(part)
+
+    def _part_done(self, part: Future[CompletedPartTypeDef]) -> None:
+        if not part.cancelled() and part.exception() is not None:
+            self._failure = self._failure or part.exception()
+        self._slots.release()
+
+    def complete(self) -> None:
+        """Send the rest and complete the object; on failure the upload is aborted."""
+        if self._ended:
+            raise ValueError(f"upload to {self.key} has ended")
+        store = self._store
+        try:
+            if self._upload_id is None and self._failure is None:
+                store.put_bytes(self.key, bytes(self._buffer), metadata=self._metadata)
+            else:
+                if self._buffer and self._failure is None:
+                    self._send(bytes(self._buffer))
+                parts = [part.result() for part in self._parts]
+                if self._failure is not None:
+                    raise self._failure
+                assert self._upload_id is not None
+                store._complete_multipart(self.key, self._upload_id, parts, self._token)
+        except BaseException as err:
+            self.abort()
+            if isinstance(err, bexc.ClientError):
+                raise store._map_client_error("complete-multipart", self.key, err) from err
+            raise
+        self._end()
+
+    def abort(self) -> None:
+        """Drop what was sent; does nothing once the upload has completed or was aborted."""
+        if self._ended:
+            return
+        for part in self._parts:
+            part.cancel()
+        # A part still being sent would otherwise land after the abort and keep the upload alive.
+        self._end()
+        if self._upload_id is not None:
+            self._store._abort_multipart(self.key, self._upload_id)
+
+    def _end(self) -> None:
+        self._ended = True
+        self._buffer = bytearray()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

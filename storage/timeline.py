@@ -4,6 +4,9 @@ This is the storage facade the CLI and the workers use; it ties the object store
 manifest chain and the layer cache together.
 """
 
+from __future__ import annotations
+
+import copy
 import logging
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -16,7 +19,7 @@ from compactor.storage.errors import InvalidInput, NotFound
 from compactor.storage.ids import validate_id
 from compactor.storage.keys import FULL_KEY_RANGE, KeyRange
 from compactor.storage.layer_cache import LayerCache
-from compactor.storage.layer_file import LayerFileInfo, LayerWriter, RowGroup
+from compactor.storage.layer_file import LayerFileInfo, LayerSink, LayerWriter, RowGroup
 from compactor.storage.layer_name import LayerName
 from compactor.storage.layout import new_layer_key
 from compactor.storage.manifest import GcInfo, LayerEntry, Manifest
@@ -44,6 +47,15 @@ class Storage:
         self.objects = ObjectStore(settings, observer=store_observer)
         self.manifests = ManifestStore(self.objects, observer=commit_observer)
         self.cache = LayerCache(self.objects, settings.cache_dir / "layers", settings.cache_max_bytes)
+
+    def observed_by(self, observer: StoreObserver) -> Storage:
+        """This storage, sharing its clients and cache directory, with every object-store
+        request also told to ``observer``: what one job sends, from whichever thread."""
+        view = copy.copy(self)
+        view.objects = self.objects.observed_by(observer)
+        view.manifests = ManifestStore(view.objects, observer=self.manifests.observer)
+        view.cache = LayerCache(view.objects, self.cache.root, self.cache.max_bytes)
+        return view
 
     # --- reading --------------------------------------------------------------------------
 
@@ -91,8 +103,16 @@ class Storage:
             skip_unreadable=True,
         )
 
+    def open_upload(self, manifest: Manifest) -> LayerSink:
+        """A layer upload streamed while its file is written, under a fresh object key."""
+        return self.objects.open_upload(new_layer_key(manifest.tenant_id, manifest.timeline_id))
+
     def upload(self, manifest: Manifest, name: LayerName, file: LayerFileInfo) -> LayerEntry:
-        return self.upload_layer(manifest.tenant_id, manifest.timeline_id, name, file.path, file.sha256)
+        """Complete the upload ``file`` was streamed to, or upload the file if it was not."""
+        if file.sink is None:
+            return self.upload_layer(manifest.tenant_id, manifest.timeline_id, name, file.path, file.sha256)
+        file.sink.complete()
+        return LayerEntry(name=str(name), object_key=file.sink.key, size=file.size, sha256=file.sha256)
 
     def delete_uploads(self, entries: list[LayerEntry]) -> None:
         if entries:
@@ -106,7 +126,7 @@ class Storage:
 
     def upload_layer(self, tenant_id: str, timeline_id: str, name: LayerName, path: Path, sha256: str) -> LayerEntry:
         """Upload a finished layer file under a fresh object key and describe it."""
-        key = new_layer_key(tenant_id, timeline_id, name)
+        key = new_layer_key(tenant_id, timeline_id)
         self.objects.upload_file(path, key, metadata={"sha256": sha256, "layer": str(name)})
         return LayerEntry(name=str(name), object_key=key, size=path.stat().st_size, sha256=sha256)
 

@@ -21,11 +21,33 @@ from tests.timelines import Timeline
 _ids = itertools.count()
 
 
+class MemorySink:
+    """A streamed upload kept in memory: ``state`` is open, completed or aborted."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.data = bytearray()
+        self.state = "open"
+
+    def write(self, data: bytes) -> None:
+        assert self.state == "open", self.state
+        self.data += data
+
+    def complete(self) -> None:
+        assert self.state == "open", self.state
+        self.state = "completed"
+
+    def abort(self) -> None:
+        if self.state == "open":
+            self.state = "aborted"
+
+
 class MemoryIO:
     def __init__(self) -> None:
         self.objects: dict[str, list[Version]] = {}
         self.manifests: dict[str, Manifest] = {}
         self.uploads = 0
+        self.sinks: list[MemorySink] = []
 
     def load(self, tls: dict[str, Timeline]) -> None:
         for tl_id, tl in tls.items():
@@ -81,8 +103,18 @@ class MemoryIO:
     ) -> Iterator[tuple[bytes, bytes]]:
         return read_range(manifest, self, key_range, lsn, self.manifests.__getitem__, exclude, skip_unreadable=True)
 
+    def open_upload(self, manifest: Manifest) -> MemorySink:
+        sink = MemorySink(f"{manifest.timeline_id}/{next(_ids)}")
+        self.sinks.append(sink)
+        return sink
+
     def upload(self, manifest: Manifest, name: LayerName, file: LayerFileInfo) -> LayerEntry:
         key = f"{manifest.timeline_id}/{name}-{next(_ids)}"
+        if isinstance(file.sink, MemorySink):
+            file.sink.complete()
+            key = file.sink.key
+            # What was streamed is the file, byte for byte.
+            assert hashlib.sha256(file.sink.data).hexdigest() == file.sha256
         self.objects[key] = list(LayerReader(file.path, name=name).iter_versions())
         self.uploads += 1
         return LayerEntry(name=str(name), object_key=key, size=file.size, sha256=file.sha256)

@@ -334,7 +334,7 @@ def test_overlapping_layers_fail_planning_clearly(fs: FaultStack) -> None:
     current = fs.direct.manifest(TENANT, tid)
     template = next(e for e in current.layers.values() if e.layer.is_delta)
     overlapping = LayerName.delta(key_from_int(0), key_from_int(12), 20, 40)  # crosses bands and LSN bands
-    object_key = layout.new_layer_key(TENANT, tid, overlapping)
+    object_key = layout.new_layer_key(TENANT, tid)
     fs.direct.objects.put_bytes(object_key, fs.direct.objects.get_bytes(template.object_key))
     entry = LayerEntry(**{**template.model_dump(), "name": str(overlapping), "object_key": object_key})
     layers = {**current.layers, str(overlapping): entry}

@@ -22,6 +22,7 @@ from compactor.coordinator.jobs.scheduler import Scheduler
 from compactor.storage import layout
 from compactor.storage.errors import InvalidInput, one_line
 from compactor.storage.keys import format_key, key_from_int
+from compactor.storage.object_store import RequestCounter
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
 from compactor.worker.engine.jobs import CompactionJob, SubJobSpec
@@ -765,3 +766,52 @@ def test_a_message_held_by_a_dead_worker_is_sent_again(flow: tasks.Context) -> N
     assert records.held_by(sid) is None, "the new message has not reached anyone yet"
     scheduler.tick()
     assert len(published.of(TASK_RUN)) == 1, "sent again once, not every tick"
+
+
+def test_sub_jobs_count_their_requests_and_job_show_sums_them(
+    flow: tasks.Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from compactor.coordinator.cli.main import main
+
+    tl = banded_timeline(TL)
+    flow.storage.import_timeline(json.dumps(tl.to_json()))
+    total = sum(e.size for e in flow.storage.manifest(TENANT, TL).layers.values())
+    seen = RequestCounter()
+    flow.storage.objects.observer = seen
+    sent: dict[str, dict[str, tuple[int, int]]] = {}
+    run = tasks.run_sub_job
+
+    def counted(ctx: tasks.Context, sub_id: str) -> dict[str, Any]:
+        # Sub-jobs run one at a time here: what the store saw meanwhile is the sub-job's.
+        before = seen.counts()
+        result = run(ctx, sub_id)
+        after = seen.counts()
+        sent[sub_id] = {
+            kind: (n - before.get(kind, (0, 0))[0], size - before.get(kind, (0, 0))[1])
+            for kind, (n, size) in after.items()
+            if (n, size) != before.get(kind, (0, 0))
+        }
+        return result
+
+    monkeypatch.setattr(tasks, "run_sub_job", counted)
+    result = submit(flow, {"tenant_id": TENANT, "timeline_id": TL, "max_job_bytes": total // 4})
+    meta = flow.records.require_meta(result["job_id"])
+    assert meta.state == JobState.SUCCEEDED, meta.error
+    subs = flow.records.get_subs(meta.sub_jobs)
+    assert len(subs) >= 3 and set(sent) == set(meta.sub_jobs)
+    for sub in subs:
+        assert sub.stats is not None
+        recorded = {kind: (counter.num, counter.size) for kind, counter in sub.stats.s3_requests.items()}
+        assert recorded == sent[sub.id]
+        assert recorded["get"][1] >= sub.stats.delta_layer_visited.size + sub.stats.image_layer_visited.size
+        uploaded = sum(recorded.get(kind, (0, 0))[1] for kind in ("put", "part"))
+        assert uploaded == sub.stats.delta_layer_produced.size + sub.stats.image_layer_produced.size
+    assert meta.compaction_statistics is not None
+    summed = meta.compaction_statistics.s3_summary()
+    assert summed["total"] == sum(n for counts in sent.values() for n, _ in counts.values())
+
+    shown = CliRunner().invoke(main, ["job", "show", meta.id[:8]], env=_cli_env(flow.settings))
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["s3_requests"] == summed

@@ -2,7 +2,9 @@
 
 import json
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,3 +107,37 @@ def test_cli_gc_orphans_reports_and_spares_in_flight_timelines(
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["orphans"] == 0
     assert stray in layer_objects(storage) and stray + "-2" in layer_objects(storage)
+
+
+def test_old_multipart_uploads_are_aborted_young_ones_spared(storage: Storage) -> None:
+    storage.import_timeline(json.dumps(history_timeline(cutoff=60).to_json()))
+    client, bucket = storage.objects.client, storage.objects.bucket
+    now = time.time()
+    prefix = layers_prefix(TENANT, PARENT)
+    ages = {prefix + "old": 7200, prefix + "mid": 1800, prefix + "young": 60}
+    outside = manifests_prefix(TENANT, PARENT) + "not-a-layer"
+    for key in [*ages, outside]:
+        client.create_multipart_upload(Bucket=bucket, Key=key)
+
+    # The test server reports one fixed initiation time; give each upload its age.
+    def initiated(parsed: dict[str, Any], **_: object) -> None:
+        for upload in parsed.get("Uploads", []):
+            upload["Initiated"] = datetime.fromtimestamp(now - ages.get(upload["Key"], 0), UTC)
+
+    client.meta.events.register("after-call.s3.ListMultipartUploads", initiated)
+
+    def in_progress() -> set[str]:
+        return {u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])}
+
+    report = collect_orphans(storage.objects, storage.manifests, grace_s=600, dry_run=True, now=now)
+    assert sorted(report.uploads) == [prefix + "mid", prefix + "old"] and report.young_uploads == 1
+    assert in_progress() == {*ages, outside}
+
+    # a meta job in flight since an hour ago may own the upload started after it
+    report = collect_orphans(storage.objects, storage.manifests, grace_s=600, inflight_since=lambda t, tl: now - 3600)
+    assert report.uploads == [prefix + "old"] and report.young_uploads == 2 and not report.errors
+    assert in_progress() == {prefix + "mid", prefix + "young", outside}
+
+    report = collect_orphans(storage.objects, storage.manifests, grace_s=600, now=now)
+    assert report.uploads == [prefix + "mid"] and report.summary()["multipart_uploads_aborted"] == 1
+    assert in_progress() == {prefix + "young", outside}, "a young upload or one outside the layers was aborted"

@@ -5,6 +5,7 @@ commit conflicts), which the worker turns into metrics."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from compactor.storage.errors import ManifestConflict
 from compactor.storage.manifest import Manifest
 from compactor.storage.manifest_store import CommitObserver, ManifestStore
-from compactor.storage.object_store import ObjectStore, RequestKind, StoreObserver
+from compactor.storage.object_store import ObjectStore, RequestCounter, RequestKind, StoreObserver
 from tests.conftest import MIB
 from tests.test_manifest_store import add_lease, start_timeline
 from tests.test_object_store import Attempts, slow_down
@@ -118,3 +119,30 @@ def test_lost_races_and_conflicts_are_reported(object_store: ObjectStore) -> Non
     with pytest.raises(ManifestConflict, match="gave up after 2 lost races"):
         ms.commit(tenant, timeline, always_overtaken, attempts=2)
     assert len(recorder.races) == 3 and recorder.conflicts == ["selected layer is gone"]
+
+
+def test_views_count_their_own_requests_from_any_thread(object_store: ObjectStore, recorder: Recorder) -> None:
+    object_store.observer = recorder
+    object_store.put_bytes("shared", b"s" * 100)
+    jobs = {name: RequestCounter() for name in ("a", "b")}
+    views = {name: object_store.observed_by(counter) for name, counter in jobs.items()}
+    start = threading.Barrier(4)
+
+    def work(name: str, puts: int) -> None:
+        store = views[name]
+        start.wait()
+        for i in range(puts):
+            store.put_bytes(f"{name}/{threading.get_ident()}/{i}", b"x" * 10)
+            store.get_bytes("shared")
+
+    threads = [
+        threading.Thread(target=work, args=(name, puts)) for name, puts in (("a", 5), ("a", 5), ("b", 3), ("b", 3))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert jobs["a"].counts() == {"put": (10, 100), "get": (10, 1000)}
+    assert jobs["b"].counts() == {"put": (6, 60), "get": (6, 600)}
+    # The store's own observer still sees everything (the process's metrics).
+    assert len(recorder.requests) == 1 + 32

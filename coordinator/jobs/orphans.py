@@ -2,6 +2,9 @@
 
 A layer object is deleted only when it is unreferenced by the newest manifest, older than a grace
 period, and older than every in-flight job on its timeline (whose uploads are not committed yet).
+Multipart uploads of layers still in progress by the same rules are aborted: workers stream
+their outputs, and one killed while writing leaves its upload open (a failing job aborts its
+own), where its parts would be stored, and billed, forever.
 Old manifests are pruned through the deletion boundary (``ManifestStore.prune``), so a number is
 never reused. Referenced objects are never touched: the newest manifest is read again right
 before deleting, and anything it references is spared.
@@ -33,6 +36,8 @@ class OrphanReport:
     timelines: int = 0
     orphans: list[str] = field(default_factory=list)  # deleted (or, in a dry run, to delete)
     young: int = 0  # unreferenced but inside the grace period or newer than an in-flight job
+    uploads: list[str] = field(default_factory=list)  # keys of multipart uploads aborted (or to abort)
+    young_uploads: int = 0  # in progress, inside the grace period or newer than an in-flight job
     manifests_pruned: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -41,6 +46,8 @@ class OrphanReport:
             "timelines": self.timelines,
             "orphans": len(self.orphans),
             "young_unreferenced": self.young,
+            "multipart_uploads_aborted": len(self.uploads),
+            "young_multipart_uploads": self.young_uploads,
             "manifests_pruned": self.manifests_pruned,
             "errors": self.errors,
         }
@@ -106,6 +113,7 @@ def _collect_timeline(
         still = {e.object_key for e in fresh.layers.values()} if fresh else referenced
         candidates = [key for key in candidates if key not in still]
     report.orphans += candidates
+    _abort_old_uploads(objects, layers_prefix(tenant, timeline), cutoff, report, dry_run)
     if dry_run:
         return
     if candidates:
@@ -113,6 +121,24 @@ def _collect_timeline(
         report.errors += [f"{key}: {why}" for key, why in failed.items()]
         log.info("orphans deleted tenant=%s timeline=%s count=%d", tenant, timeline, len(candidates) - len(failed))
     report.manifests_pruned += len(manifests.prune(tenant, timeline, keep=keep_manifests))
+
+
+def _abort_old_uploads(objects: ObjectStore, prefix: str, cutoff: float, report: OrphanReport, dry_run: bool) -> None:
+    """Abort the multipart uploads under ``prefix`` initiated before ``cutoff``. One that is
+    younger may belong to a job still writing, whose later parts would then fail it."""
+    for upload in objects.list_uploads(prefix):
+        if upload.initiated is None or upload.initiated.timestamp() >= cutoff:
+            report.young_uploads += 1
+            continue
+        report.uploads.append(upload.key)
+        if dry_run:
+            continue
+        try:
+            objects.abort_upload(upload.key, upload.upload_id)
+        except CompactorError as err:
+            report.errors.append(f"{upload.key} (multipart upload): {one_line(err)}")
+    if report.uploads and not dry_run:
+        log.info("multipart uploads aborted prefix=%s count=%d", prefix, len(report.uploads))
 
 
 def inflight_from_records(records: JobRecords) -> InflightSince:

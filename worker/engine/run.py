@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 
 from compactor.storage.errors import CompactorError, RedoError
 from compactor.storage.keys import KEY_MAX, KeyRange, format_key, key_next
-from compactor.storage.layer_file import LayerFileInfo, LayerReader, LayerWriter, batch_to_versions
+from compactor.storage.layer_file import LayerFileInfo, LayerReader, LayerSink, LayerWriter, batch_to_versions
 from compactor.storage.layer_name import LayerName
 from compactor.storage.manifest import LayerEntry, Manifest
 from compactor.storage.read_path import live_filter
@@ -44,7 +44,14 @@ from compactor.worker.engine.jobs import CommitProposal
 from compactor.worker.engine.merge import KEY_DTYPE, chains, key_array, merged_chunks
 from compactor.worker.engine.plan import JobPlan
 from compactor.worker.engine.retention import DELTA_THRESHOLD, generate_key_retention, place
-from compactor.worker.engine.split_writers import Discarded, Produced, SplitDeltaWriter, SplitImageWriter, WriterResult
+from compactor.worker.engine.split_writers import (
+    Discarded,
+    Produced,
+    SplitDeltaWriter,
+    SplitImageWriter,
+    WriterResult,
+    drop_piece,
+)
 from compactor.worker.engine.statistics import CompactionStatistics, KeyValueCounters, PhaseTimer
 
 log = logging.getLogger(__name__)
@@ -81,7 +88,15 @@ class LayerIO(Protocol):
         treats them as having nothing below (the seed fails the whole job instead)."""
         ...
 
-    def upload(self, manifest: Manifest, name: LayerName, file: LayerFileInfo) -> LayerEntry: ...
+    def open_upload(self, manifest: Manifest) -> LayerSink:
+        """An upload of a layer of ``manifest``'s timeline that a ``LayerWriter`` streams its file
+        to while writing it, under an object key that does not depend on the layer's name."""
+        ...
+
+    def upload(self, manifest: Manifest, name: LayerName, file: LayerFileInfo) -> LayerEntry:
+        """Complete the upload of a finished layer file: the one it was streamed to
+        (``file.sink``), or the whole file."""
+        ...
 
     def delete_uploads(self, entries: list[LayerEntry]) -> None: ...
 
@@ -182,7 +197,7 @@ def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | Non
 
         def on_cut(name: LayerName, file: LayerFileInfo) -> WriterResult:
             if discard(name, file):
-                file.path.unlink(missing_ok=True)
+                drop_piece(file)
                 return Discarded(name)
             piece = Produced(name, file)
             uploads.submit(piece)
@@ -193,9 +208,9 @@ def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | Non
         images = (
             None
             if plan.has_data_below
-            else SplitImageWriter(workdir, plan.keys.start, plan.lowest_retain_lsn, target, on_cut)
+            else SplitImageWriter(workdir, plan.keys.start, plan.lowest_retain_lsn, target, on_cut, uploads.open_sink)
         )
-        deltas = SplitDeltaWriter(workdir, plan.delta_lsn_range, target, on_cut)
+        deltas = SplitDeltaWriter(workdir, plan.delta_lsn_range, target, on_cut, uploads.open_sink)
         try:
             try:
                 hooks.on_progress(Progress())
@@ -613,15 +628,21 @@ class _Downloads:
 
 
 class _Uploads:
-    """Uploads output layers on a background thread as they are cut. Each local file is deleted
-    once its upload ends, whatever the outcome. ``entries`` waits for the uploads and returns
-    them in the order asked for; ``abort`` deletes every object uploaded and every file left."""
+    """Output layers stream to uploads that ``open_sink`` starts while the writers write them;
+    as each is cut, its upload is completed on a background thread (the part still buffered
+    and the completion), or, for a piece written without one, the whole file is uploaded
+    there. Each local file is deleted once its upload ends, whatever the outcome. ``entries``
+    waits for the uploads and returns them in the order asked for; ``abort`` deletes every
+    object uploaded and every file left, and aborts every upload not completed."""
 
     def __init__(self, io: LayerIO, manifest: Manifest) -> None:
         self._io = io
         self._manifest = manifest
         self._pool: ThreadPoolExecutor | None = None
         self._pending: dict[int, tuple[Produced, Future[LayerEntry]]] = {}
+
+    def open_sink(self) -> LayerSink:
+        return self._io.open_upload(self._manifest)
 
     def submit(self, piece: Produced) -> None:
         for _, future in self._pending.values():
@@ -651,9 +672,9 @@ class _Uploads:
             self._pool.shutdown(wait=True)
         uploaded = []
         for piece, future in self._pending.values():
-            piece.file.path.unlink(missing_ok=True)
             if future.done() and not future.cancelled() and future.exception() is None:
                 uploaded.append(future.result())
+            drop_piece(piece.file)
         self._pending = {}
         if uploaded:
             self._io.delete_uploads(uploaded)

@@ -1,9 +1,10 @@
 """Writers that cut their output into layers of about a target size (the seed's
 ``SplitDeltaLayerWriter`` and ``SplitImageLayerWriter``).
 
-Each piece is a local layer file; names are decided when a piece is cut, and at ``finish`` every
-piece is either kept as a produced layer or discarded (deleted) when ``discard(name)`` says so,
-e.g. because an identical layer already exists.
+Each piece is a local layer file, streamed to a ``LayerSink`` (an upload) as it is written when
+the writer is given ``open_sink``; names are decided when a piece is cut, and at ``finish`` every
+piece is either kept as a produced layer or discarded (deleted, its upload aborted) when
+``discard(name)`` says so, e.g. because an identical layer already exists.
 """
 
 from collections.abc import Callable, Sequence
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from compactor.storage.keys import KEY_MAX, KEY_SIZE, key_next
-from compactor.storage.layer_file import SCHEMA, LayerFileInfo, LayerWriter
+from compactor.storage.layer_file import SCHEMA, LayerFileInfo, LayerSink, LayerWriter
 from compactor.storage.layer_name import LayerName
 from compactor.storage.values import ValueKind, Version
 from compactor.worker.engine.merge import key_array, key_at
@@ -102,7 +103,16 @@ WriterResult = Produced | Discarded
 Discard = Callable[[LayerName], bool]
 OnCut = Callable[[LayerName, LayerFileInfo], WriterResult]
 """Decides about a piece as soon as it is cut, instead of at ``finish``; a kept piece's file then
-belongs to the callee (the engine uploads it while the writers go on)."""
+belongs to the callee (the engine completes its upload while the writers go on)."""
+OpenSink = Callable[[], LayerSink]
+"""Where each new piece streams its bytes while it is written."""
+
+
+def drop_piece(file: LayerFileInfo) -> None:
+    """Delete a piece that is not kept: its local file and what was streamed of it."""
+    file.path.unlink(missing_ok=True)
+    if file.sink is not None:
+        file.sink.abort()
 
 
 class _Pieces:
@@ -110,9 +120,10 @@ class _Pieces:
     writer at a time. Whether a piece is kept is decided for all of them at the end, as the
     seed's batch writer does, or for each one as it is cut when ``on_cut`` is given."""
 
-    def __init__(self, workdir: Path, on_cut: OnCut | None = None) -> None:
+    def __init__(self, workdir: Path, on_cut: OnCut | None = None, open_sink: OpenSink | None = None) -> None:
         self.workdir = workdir
         self.on_cut = on_cut
+        self.open_sink = open_sink
         self.decided: list[WriterResult] = []
         self.done: list[LayerFileInfo] = []  # undecided
         self.names: list[LayerName] = []
@@ -120,12 +131,17 @@ class _Pieces:
 
     def new_writer(self) -> LayerWriter:
         self._count += 1
-        return LayerWriter(self.workdir / f"piece-{id(self):x}-{self._count}.parquet")
+        sink = self.open_sink() if self.open_sink is not None else None
+        return LayerWriter(self.workdir / f"piece-{id(self):x}-{self._count}.parquet", sink=sink)
 
     def add(self, name: LayerName, writer: LayerWriter) -> None:
         file = writer.finish(name)
         if self.on_cut is not None:
-            self.decided.append(self.on_cut(name, file))
+            try:
+                self.decided.append(self.on_cut(name, file))
+            except BaseException:
+                drop_piece(file)
+                raise
         else:
             self.done.append(file)
             self.names.append(name)
@@ -134,7 +150,7 @@ class _Pieces:
         results = self.decided
         for name, file in zip(self.names, self.done, strict=True):
             if discard(name):
-                file.path.unlink(missing_ok=True)
+                drop_piece(file)
                 results.append(Discarded(name))
             else:
                 results.append(Produced(name, file))
@@ -144,7 +160,7 @@ class _Pieces:
     def abort(self) -> None:
         """Delete the undecided pieces (decided ones were deleted or handed on when cut)."""
         for file in self.done:
-            file.path.unlink(missing_ok=True)
+            drop_piece(file)
         self.decided, self.done, self.names = [], [], []
 
 
@@ -156,11 +172,16 @@ class SplitDeltaWriter:
     """
 
     def __init__(
-        self, workdir: Path, lsn_range: tuple[int, int], target_bytes: int, on_cut: OnCut | None = None
+        self,
+        workdir: Path,
+        lsn_range: tuple[int, int],
+        target_bytes: int,
+        on_cut: OnCut | None = None,
+        open_sink: OpenSink | None = None,
     ) -> None:
         self.lsn_range = lsn_range
         self.target_bytes = target_bytes
-        self._pieces = _Pieces(workdir, on_cut)
+        self._pieces = _Pieces(workdir, on_cut, open_sink)
         self._checks = _SizeChecks(target_bytes)
         self._writer: LayerWriter | None = None
         self._start_key = b""
@@ -226,11 +247,17 @@ class SplitImageWriter:
     """Images at one LSN; the pieces together cover exactly ``[start_key, end_key)`` of the job."""
 
     def __init__(
-        self, workdir: Path, start_key: bytes, lsn: int, target_bytes: int, on_cut: OnCut | None = None
+        self,
+        workdir: Path,
+        start_key: bytes,
+        lsn: int,
+        target_bytes: int,
+        on_cut: OnCut | None = None,
+        open_sink: OpenSink | None = None,
     ) -> None:
         self.lsn = lsn
         self.target_bytes = target_bytes
-        self._pieces = _Pieces(workdir, on_cut)
+        self._pieces = _Pieces(workdir, on_cut, open_sink)
         self._checks = _SizeChecks(target_bytes)
         self._writer: LayerWriter | None = None
         self._start_key = start_key

@@ -4,6 +4,7 @@ where its time went. Serialised as JSON into job status and meta-job summaries."
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
@@ -56,6 +57,10 @@ class CompactionStatistics(BaseModel):
     wal_produced: NumSize = Field(default_factory=NumSize)
     image_produced: NumSize = Field(default_factory=NumSize)
 
+    # Object-store requests the job sent, every attempt, by kind as S3 bills them (num), with the
+    # object bytes they moved up or down (size); see compactor.storage.object_store.RequestKind.
+    s3_requests: dict[str, NumSize] = Field(default_factory=dict)
+
     time_acquire_lock_secs: float = 0.0
     time_analyze_secs: float = 0.0
     time_download_layer_secs: float = 0.0
@@ -107,6 +112,22 @@ class CompactionStatistics(BaseModel):
     def produce_image_layer(self, size: int) -> None:
         self.image_layer_produced.add(size)
 
+    def add_requests(self, counts: Mapping[str, tuple[int, int]]) -> None:
+        """Add ``(requests, object bytes)`` by request kind (``RequestCounter.counts``)."""
+        for kind, (requests, moved) in counts.items():
+            counter = self.s3_requests.setdefault(kind, NumSize())
+            counter.num += requests
+            counter.size += moved
+
+    def s3_summary(self) -> dict[str, int]:
+        """Requests by kind, their ``total``, and the object ``bytes`` they moved."""
+        counters = sorted(self.s3_requests.items())
+        return {
+            **{kind: counter.num for kind, counter in counters},
+            "total": sum(counter.num for _, counter in counters),
+            "bytes": sum(counter.size for _, counter in counters),
+        }
+
     def finalize(self) -> None:
         # The +1.0 keeps an empty job at ratio 0 instead of dividing by zero (as the seed).
         original_kv = self.image_keys_visited.size + self.wal_keys_visited.size
@@ -130,6 +151,8 @@ class CompactionStatistics(BaseModel):
             if isinstance(mine, NumSize):
                 mine.num += theirs.num
                 mine.size += theirs.size
+            elif isinstance(mine, dict):
+                self.add_requests({kind: (counter.num, counter.size) for kind, counter in theirs.items()})
             elif not name.endswith("_ratio"):
                 setattr(self, name, mine + theirs)
 

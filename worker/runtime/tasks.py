@@ -47,6 +47,7 @@ from compactor.storage.layer_file import LayerFileInfo
 from compactor.storage.layer_name import LayerName
 from compactor.storage.manifest import LayerEntry, Manifest
 from compactor.storage.manifest_store import ManifestStore
+from compactor.storage.object_store import RequestCounter
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
 from compactor.worker.engine.run import EngineSettings, Hooks, Progress
@@ -395,7 +396,10 @@ def _run_claimed(
             raise JobCancelled("cancelled; nothing committed")
 
     faults = _Faults(ctx, meta_id, claimed, stop, progress, token) if settings.faults_enabled else None
-    storage = ctx.storage if faults is None else _FaultyStorage(ctx.storage, faults.hit)
+    # Every request of this attempt, from whichever of its threads, and only of this attempt.
+    requests = RequestCounter()
+    counted = ctx.storage.observed_by(requests)
+    storage = counted if faults is None else _FaultyStorage(counted, faults.hit)
 
     hooks = Hooks(on_progress=on_progress, check_cancelled=stop.check)
     heartbeat = Heartbeat(settings.heartbeat_interval_s, tick, name=f"heartbeat-{sub_id}").start()
@@ -443,6 +447,7 @@ def _run_claimed(
     final_progress = progress[0].model_copy(update={"phase": state.value})
     if outcome is not None and outcome.stats is not None:
         stats = outcome.stats
+        stats.add_requests(requests.counts())
         final_progress.bytes_out = stats.delta_layer_produced.size + stats.image_layer_produced.size
 
     def change(rec: SubJobRecord) -> None:
