@@ -13,6 +13,7 @@ manifest is the highest number. Two small side objects keep this cheap and safe:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -76,6 +77,12 @@ class ManifestStore:
     @property
     def store(self) -> ObjectStore:
         return self._store
+
+    def using(self, store: ObjectStore) -> ManifestStore:
+        """This manifest store (its kind and observer too) over another view of the object store."""
+        view = copy.copy(self)
+        view._store = store
+        return view
 
     # ------------------------------------------------------------------ reading
 

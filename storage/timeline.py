@@ -53,7 +53,7 @@ class Storage:
         request also told to ``observer``: what one job sends, from whichever thread."""
         view = copy.copy(self)
         view.objects = self.objects.observed_by(observer)
-        view.manifests = ManifestStore(view.objects, observer=self.manifests.observer)
+        view.manifests = self.manifests.using(view.objects)
         view.cache = LayerCache(view.objects, self.cache.root, self.cache.max_bytes)
         return view
 

@@ -33,13 +33,14 @@ from compactor.storage.keys import format_key
 from compactor.storage.lsn import LSN_MAX
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
-from compactor.worker.engine.statistics import CompactionStatistics
+from compactor.worker.engine.statistics import CompactionStatistics, s3_summary
 from compactor.worker.runtime.records import (
     KEY_JOBS,
     CompactRequest,
     JobRecords,
     JobState,
     MetaJobRecord,
+    MetaStatistics,
     SubJobRecord,
     check_connectivity,
     connect,
@@ -392,22 +393,23 @@ def resolve_job_id(records: JobRecords, given: str) -> str:
 @service_errors
 def job_show(ctx: click.Context, job_id: str) -> None:
     """Print the JSON status of a meta job and its sub-jobs, with the object-store requests of
-    its sub-jobs so far (``s3_requests``: by kind, their total and the object bytes moved)."""
+    its own and its sub-jobs' so far (``s3_requests``: by kind, their total and the object bytes moved)."""
     from compactor.coordinator.jobs.meta_jobs import status
 
     records = _connect(settings_from(ctx))
     out = status(records, records.require_meta(resolve_job_id(records, job_id)))
-    _echo_json({**out, "s3_requests": requests_of(out["sub_jobs"])})
+    _echo_json({**out, "s3_requests": requests_of(out)})
 
 
-def requests_of(sub_jobs: list[dict[str, Any]]) -> dict[str, int]:
-    """The object-store requests of the sub-jobs (as ``status`` dumps them) that recorded
-    statistics, summed."""
-    total = CompactionStatistics()
-    for sub in sub_jobs:
-        if sub.get("stats") is not None:
-            total.merge(CompactionStatistics.model_validate(sub["stats"]))
-    return total.s3_summary()
+def requests_of(status: dict[str, Any]) -> dict[str, int]:
+    """The object-store requests of a meta job (as ``status`` dumps it): its own (planning,
+    commit) and those of its sub-jobs that recorded statistics, summed."""
+    counters = [
+        CompactionStatistics.model_validate(sub["stats"]).s3_requests for sub in status["sub_jobs"] if sub.get("stats")
+    ]
+    if status.get("statistics"):
+        counters.append(MetaStatistics.model_validate(status["statistics"]).s3_requests)
+    return s3_summary(*counters)
 
 
 @job_group.command("cancel")

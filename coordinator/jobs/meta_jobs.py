@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,13 +39,14 @@ from compactor.storage import layout
 from compactor.storage.errors import CompactorError, InvalidInput, ManifestConflict, one_line
 from compactor.storage.keys import format_key
 from compactor.storage.manifest import GcCompactionState, Manifest
+from compactor.storage.object_store import RequestCounter
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
 from compactor.worker.engine.commit import CommitRefused
 from compactor.worker.engine.jobs import CommitProposal, SubJobSpec
 from compactor.worker.engine.plan import plan_job
 from compactor.worker.engine.run import EngineSettings
-from compactor.worker.engine.statistics import CompactionStatistics
+from compactor.worker.engine.statistics import CompactionStatistics, add_requests
 from compactor.worker.runtime import metrics
 from compactor.worker.runtime.dispatch import Publisher, enqueue_sub, maybe_finalize
 from compactor.worker.runtime.records import (
@@ -176,8 +177,11 @@ def sub_job_records(meta_id: str, planned: MetaPlan, first_index: int = 0) -> li
     ]
 
 
-def _planned(meta: MetaJobRecord, planned: MetaPlan, subs: list[SubJobRecord], at: float) -> MetaJobRecord:
-    """``meta`` with the fields a (re-)plan sets."""
+def _planned(
+    meta: MetaJobRecord, planned: MetaPlan, subs: list[SubJobRecord], at: float, requests: Mapping[str, tuple[int, int]]
+) -> MetaJobRecord:
+    """``meta`` with the fields a (re-)plan sets; ``requests`` are the object-store requests the
+    meta job made since it was last recorded."""
     meta.state = JobState.RUNNING if subs else meta.state
     meta.planned_at = meta.planned_at or at
     meta.sub_jobs = [sub.id for sub in subs]
@@ -192,7 +196,9 @@ def _planned(meta: MetaJobRecord, planned: MetaPlan, subs: list[SubJobRecord], a
         before_compaction_layer_size=planned.before_size,
         below_lsn=planned.below_lsn,
         start_time=(meta.statistics.start_time if meta.statistics else None) or datetime.fromtimestamp(at, UTC),
+        s3_requests=meta.statistics.s3_requests if meta.statistics else {},
     )
+    add_requests(meta.statistics.s3_requests, requests)
     return meta
 
 
@@ -209,7 +215,8 @@ def plan(storage: Storage, records: JobRecords, publisher: Publisher, job_id: st
     if meta.state != JobState.QUEUED or meta.planned_at is not None:
         return meta
     try:
-        planned = _plan_on_newest(storage, meta, settings)
+        counter = RequestCounter()
+        planned = _plan_on_newest(storage.observed_by(counter), meta, settings)
     except (CompactorError, ValidationError, OSError) as err:
         error = f"planning failed: {one_line(err)}"
         log.warning("meta job planning failed job=%s error=%r", job_id, error)
@@ -218,7 +225,7 @@ def plan(storage: Storage, records: JobRecords, publisher: Publisher, job_id: st
 
     subs = sub_job_records(job_id, planned)
     at = now()
-    stored = records.store_plan(job_id, lambda m: _planned(m, planned, subs, at), subs)
+    stored = records.store_plan(job_id, lambda m: _planned(m, planned, subs, at, counter.counts()), subs)
     if stored is None:  # planned meanwhile by a duplicate message, or cancelled
         current = records.require_meta(job_id)
         if current.cancel_requested and current.planned_at is not None and not current.sub_jobs:
@@ -237,7 +244,13 @@ def plan(storage: Storage, records: JobRecords, publisher: Publisher, job_id: st
 
 
 def _replan(
-    storage: Storage, records: JobRecords, publisher: Publisher, meta: MetaJobRecord, settings: Settings, reason: str
+    storage: Storage,
+    records: JobRecords,
+    publisher: Publisher,
+    meta: MetaJobRecord,
+    settings: Settings,
+    reason: str,
+    counter: RequestCounter,
 ) -> MetaJobRecord | None:
     """Plan a meta job again after its commit met a conflict: a new set of sub-jobs on the newest
     manifest, enqueued at once. None when there is nothing left to do or it cannot be planned."""
@@ -255,7 +268,7 @@ def _replan(
     def apply(m: MetaJobRecord) -> MetaJobRecord:
         m.replans += 1
         m.conflicts.append(reason)
-        return _planned(m, planned, subs, now())
+        return _planned(m, planned, subs, now(), counter.counts())
 
     stored = records.store_plan(meta.id, apply, subs, replan=True)
     if stored is None:
@@ -357,9 +370,10 @@ def _commit(
     subs: list[SubJobRecord],
     settings: Settings,
     before_commit: CommitHook | None,
+    counter: RequestCounter,
 ) -> tuple[MetaJobRecord | None, int | None, str | None]:
-    """The meta job's one commit. Returns ``(re-planned meta job or None, manifest number written,
-    error)``."""
+    """The meta job's one commit (``storage`` counts its requests in ``counter``). Returns
+    ``(re-planned meta job or None, manifest number written, error)``."""
     parts = [sub.proposal for sub in subs if sub.proposal is not None]
     if not parts:
         commit_l2_lsn(storage, meta)
@@ -372,7 +386,7 @@ def _commit(
     except ManifestConflict as err:
         reason = one_line(err)
         if meta.replans < settings.max_replans and not meta.cancel_requested:
-            replanned = _replan(storage, records, publisher, meta, settings, reason)
+            replanned = _replan(storage, records, publisher, meta, settings, reason, counter)
             if replanned is not None:
                 return replanned, None, None
         return None, None, f"commit conflict after {meta.replans} re-plans: {reason}"
@@ -396,6 +410,8 @@ def finalize(
     meta = records.require_meta(job_id)
     if meta.state.ended:
         return meta
+    counter = RequestCounter()
+    storage = storage.observed_by(counter)
     subs = records.get_subs(meta.sub_jobs)
     waiting = [s.id for s in subs if not s.state.ended]
     if meta.planned_at is None or waiting or len(subs) != len(meta.sub_jobs):
@@ -411,7 +427,7 @@ def finalize(
     try:
         if state == JobState.SUCCEEDED:
             replanned, final.manifest_number, commit_error = _commit(
-                storage, records, publisher, meta, subs, settings, before_commit
+                storage, records, publisher, meta, subs, settings, before_commit, counter
             )
             if replanned is not None:
                 return replanned
@@ -435,6 +451,7 @@ def finalize(
         proposal = CommitProposal.combine(parts) if parts and final.state == JobState.SUCCEEDED else None
         stats.after_compaction_layer_size = after_compaction_size(manifest, meta, proposal, merged)
     stats.finalize()
+    add_requests(stats.s3_requests, counter.counts())
     final.statistics = stats
     if manifest is not None:  # not for a timeline that does not exist
         final.stats_object = _write_stats(storage, final)

@@ -114,19 +114,7 @@ class CompactionStatistics(BaseModel):
 
     def add_requests(self, counts: Mapping[str, tuple[int, int]]) -> None:
         """Add ``(requests, object bytes)`` by request kind (``RequestCounter.counts``)."""
-        for kind, (requests, moved) in counts.items():
-            counter = self.s3_requests.setdefault(kind, NumSize())
-            counter.num += requests
-            counter.size += moved
-
-    def s3_summary(self) -> dict[str, int]:
-        """Requests by kind, their ``total``, and the object ``bytes`` they moved."""
-        counters = sorted(self.s3_requests.items())
-        return {
-            **{kind: counter.num for kind, counter in counters},
-            "total": sum(counter.num for _, counter in counters),
-            "bytes": sum(counter.size for _, counter in counters),
-        }
+        add_requests(self.s3_requests, counts)
 
     def finalize(self) -> None:
         # The +1.0 keeps an empty job at ratio 0 instead of dividing by zero (as the seed).
@@ -155,6 +143,27 @@ class CompactionStatistics(BaseModel):
                 self.add_requests({kind: (counter.num, counter.size) for kind, counter in theirs.items()})
             elif not name.endswith("_ratio"):
                 setattr(self, name, mine + theirs)
+
+
+def add_requests(into: dict[str, NumSize], counts: Mapping[str, tuple[int, int]]) -> None:
+    """Add ``(requests, object bytes)`` by request kind to the counters ``into``."""
+    for kind, (requests, moved) in counts.items():
+        counter = into.setdefault(kind, NumSize())
+        counter.num += requests
+        counter.size += moved
+
+
+def s3_summary(*counters: Mapping[str, NumSize]) -> dict[str, int]:
+    """Requests by kind, their ``total``, and the object ``bytes`` they moved, over ``counters``."""
+    total: dict[str, NumSize] = {}
+    for each in counters:
+        add_requests(total, {kind: (c.num, c.size) for kind, c in each.items()})
+    ordered = sorted(total.items())
+    return {
+        **{kind: counter.num for kind, counter in ordered},
+        "total": sum(counter.num for _, counter in ordered),
+        "bytes": sum(counter.size for _, counter in ordered),
+    }
 
 
 @dataclass(slots=True)

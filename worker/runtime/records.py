@@ -52,7 +52,7 @@ from compactor.storage.lsn import LSN_MAX
 from compactor.storage.manifest import KeyHex, Lsn
 from compactor.storage.settings import Settings
 from compactor.worker.engine.jobs import CommitProposal, CompactionJob, SubJobSpec
-from compactor.worker.engine.statistics import CompactionStatistics
+from compactor.worker.engine.statistics import CompactionStatistics, NumSize
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +358,9 @@ class MetaStatistics(Record):
     meta_job_id: str = ""
     below_lsn: int = 0
     retention_ratio: float = 0.0
+    # The meta job's own object-store requests (planning, commit, deletes), by kind; its
+    # sub-jobs' are in theirs.
+    s3_requests: dict[str, NumSize] = Field(default_factory=dict)
 
     def finalize(self) -> None:
         end = datetime.now(UTC)
