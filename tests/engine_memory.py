@@ -81,6 +81,9 @@ class MemoryIO:
     ) -> Iterator[tuple[bytes, bytes]]:
         return read_range(manifest, self, key_range, lsn, self.manifests.__getitem__, exclude, skip_unreadable=True)
 
+    def read(self, manifest: Manifest, lsn: int, key_range: KeyRange) -> Iterator[tuple[bytes, bytes]]:
+        return read_range(manifest, self, key_range, lsn, self.manifests.__getitem__)
+
     def upload(self, manifest: Manifest, name: LayerName, file: LayerFileInfo) -> LayerEntry:
         key = f"{manifest.timeline_id}/{name}-{next(_ids)}"
         self.objects[key] = list(LayerReader(file.path, name=name).iter_versions())
