@@ -70,12 +70,19 @@ class Ancestor(Strict):
 
 
 class TimelineSettings(Strict):
-    """Per-timeline gc-compaction settings; defaults are the seed's."""
+    """Per-timeline compaction settings; defaults are the seed's and Neon's
+    ``libs/pageserver_api/src/config.rs``."""
 
     gc_compaction_enabled: bool = True
     gc_compaction_initial_threshold_kb: int = Field(default=5 * 1024 * 1024, ge=0)
     gc_compaction_ratio_percent: int = Field(default=100, ge=0)
     gc_compaction_verification: bool = True
+    # L0 compaction and image-layer creation (CONTRACTS §5)
+    compaction_threshold: int = Field(default=10, ge=1, description="L0 deltas that make L0 compaction due")
+    compaction_upper_limit: int = Field(default=10, ge=1, description="L0 deltas of about checkpoint_distance per job")
+    checkpoint_distance: int = Field(default=256 * 1024**2, ge=1, description="bytes; target size of L1 deltas")
+    compaction_target_size: int = Field(default=128 * 1024**2, ge=1, description="bytes; image partition size")
+    image_creation_threshold: int = Field(default=3, ge=1, description="deltas above an image that make one due")
 
 
 class GcCompactionState(Strict):

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     breaker_failures: int = Field(default=3, ge=1, description="consecutive failed meta jobs that open the breaker")
     breaker_cooldown_s: float = Field(default=3600.0, ge=0)
     coordinator_interval_s: float = Field(default=10.0, gt=0)
+    auto_trigger_kinds: str = Field(
+        default="gc",
+        pattern=r"^((gc|l0|image)(,(gc|l0|image))*)?$",
+        description="job kinds the coordinator's auto-trigger starts, comma-separated (l0,image,gc: L0 first)",
+    )
     redis_timeout_s: float = Field(default=5.0, gt=0)
     # orphan cleanup by the coordinator loop (compactor.coordinator.jobs.orphans); 0 turns the periodic run off
     orphan_interval_s: float = Field(default=3600.0, ge=0, description="seconds between orphan cleanups")

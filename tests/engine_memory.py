@@ -108,6 +108,9 @@ class MemoryIO:
         self.sinks.append(sink)
         return sink
 
+    def read(self, manifest: Manifest, lsn: int, key_range: KeyRange) -> Iterator[tuple[bytes, bytes]]:
+        return read_range(manifest, self, key_range, lsn, self.manifests.__getitem__)
+
     def upload(self, manifest: Manifest, name: LayerName, file: LayerFileInfo) -> LayerEntry:
         key = f"{manifest.timeline_id}/{name}-{next(_ids)}"
         if isinstance(file.sink, MemorySink):

@@ -489,3 +489,46 @@ def test_no_node_ever_ran_two_gc_compactions_at_once(stack: Any, records: Any) -
     assert_one_compaction_per_node(records)
     # Redis answers through the same socket every process uses.
     assert redis.Redis.from_url(stack.settings.redis_url).ping()
+
+
+def l0_stack_timeline(timeline_id: str, count: int = 6, keys: int = 64, seed: int = 2) -> Timeline:
+    """``count`` contiguous L0s as a pageserver flushes them: the first writes an image of every
+    key, each later one appends to some keys; no gc cutoff, so gc-compaction stays away."""
+    from tests.timelines import KEY_MAX_INT
+
+    rnd = random.Random(seed)
+    layers = []
+    for i in range(count):
+        lo, hi = 10 + 10 * i, 20 + 10 * i
+        values: dict[int, list[Value]] = {}
+        for k in range(keys):
+            if i == 0:
+                values[k] = [Value(lo + 1, image=f"I{k};".encode())]
+            elif rnd.random() < 0.5:
+                lsns = sorted(rnd.sample(range(lo, hi), 2))
+                values[k] = [Value(lsn, record=record(f"+{k}@{lsn};".encode())) for lsn in lsns]
+        layers.append(Layer("delta", (0, KEY_MAX_INT), (lo, hi), values))
+    return Timeline(timeline_id, layers)
+
+
+def test_l0_compaction_through_workers_in_several_sub_jobs(stack: Any, storage: Storage, records: Any) -> None:
+    from compactor.worker.runtime.records import JobState
+
+    tid = "b7" * 16
+    tl = l0_stack_timeline(tid)
+    document = tl.to_json()
+    document["settings"] = {"compaction_threshold": 4, "checkpoint_distance": 2000}
+    storage.import_timeline(json.dumps(document))
+    job_id = send_compact(
+        stack, timeline_id=tid, kind="l0", max_job_bytes=total_bytes(storage, tid) // 4, wait_result=True
+    )
+    meta = wait_ended(records, job_id)
+    assert meta.state == JobState.SUCCEEDED, meta.error
+    assert meta.request.kind == "l0" and not meta.pending
+    subs = records.get_subs(meta.sub_jobs)
+    assert len(subs) >= 3 and all(s.state == JobState.SUCCEEDED for s in subs)
+    assert manifests_written_by(storage, TENANT, tid) == Counter({f"meta job {job_id}": 1})
+    layers = storage.manifest(TENANT, tid).layer_names()
+    assert not [n for n in layers if n.is_l0] and len(layers) > len(subs)
+    assert {n.lsn_range for n in layers} == {(10, 70)}
+    assert_reads_exact(storage, {tid: tl}, tid, list(range(0, 72)))

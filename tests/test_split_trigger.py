@@ -121,3 +121,31 @@ def test_trigger_rules() -> None:
 
     child = manifest([(d(0, 10, 10, 20), big)], cutoff=30, ancestor=Ancestor(timeline_id=CHILD, lsn=5))
     assert not should_trigger(child, job_in_flight=False).trigger
+
+
+def test_l0_first_then_images_then_gc() -> None:
+    from compactor.coordinator.jobs.trigger import decide
+    from compactor.storage.keys import KEY_MIN
+
+    def l0(lo: int, hi: int) -> LayerName:
+        return LayerName.delta(KEY_MIN, KEY_MAX, lo, hi)
+
+    big = 6 * 1024**3
+    all_kinds = ("l0", "image", "gc")
+    gc_due = [(d(0, 10, 10, 20), big)]
+    stack = [(l0(20 + 10 * i, 30 + 10 * i), MiB) for i in range(3)]
+    settings = TimelineSettings(compaction_threshold=3)
+    m = manifest(gc_due + stack, cutoff=30, settings=settings)
+    decision = decide(m, job_in_flight=False, kinds=all_kinds)
+    assert decision.trigger and decision.kind == "l0", "L0 first: gc-compaction yields"
+    assert not decide(m, job_in_flight=True, kinds=all_kinds).trigger
+    assert decide(m, job_in_flight=False).kind == "gc", "only gc enabled: gc as before"
+    # Below the threshold: three deltas stacked with no image under them make an image due.
+    m = manifest(gc_due + stack[:2], cutoff=30, settings=settings)
+    decision = decide(m, job_in_flight=False, kinds=all_kinds)
+    assert decision.trigger and decision.kind == "image"
+    image = LayerName.image(KEY_MIN, KEY_MAX, 39)
+    m = manifest([*gc_due, *stack[:2], (image, MiB)], cutoff=30, settings=settings)
+    decision = decide(m, job_in_flight=False, kinds=all_kinds)
+    assert decision.trigger and decision.kind == "gc"
+    assert not decide(m, job_in_flight=False, kinds=("l0", "image")).trigger

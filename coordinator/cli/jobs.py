@@ -122,6 +122,9 @@ def _echo_json(value: Any) -> None:
               help="sub-job size  [default: COMPACTOR_MAX_JOB_BYTES of the planning worker, 4GiB]")  # fmt: skip
 @click.option("--no-sub-compaction", is_flag=True, help="one job for the whole range instead of sub-jobs")
 @click.option("--dry-run", is_flag=True, help="compute statistics, commit nothing")
+@click.option("--kind", type=click.Choice(["gc", "l0", "image"]), default="gc", show_default=True,
+              help="gc: gc-compaction; l0: L0 compaction; image: image-layer creation")  # fmt: skip
+@click.option("--force", is_flag=True, help="l0 and image: ignore the L0 and image thresholds")
 @click.option("--wait", is_flag=True, help="block until the job ends and print its final JSON status")
 @click.option("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
 @click.option("--inline", is_flag=True, help="run in this process without Redis or Celery (debugging)")
@@ -139,11 +142,14 @@ def compact_command(
     max_job_size: int | None,
     no_sub_compaction: bool,
     dry_run: bool,
+    kind: str,
+    force: bool,
     wait: bool,
     timeout: float | None,
     inline: bool,
 ) -> None:
-    """Schedule a gc-compaction meta job and print its id.
+    """Schedule a compaction meta job (gc-compaction, L0 compaction or image creation) and
+    print its id.
 
     With --wait, progress goes to stderr (a progress bar on a terminal, plain lines otherwise)
     and stdout gets only the final JSON status."""
@@ -156,6 +162,8 @@ def compact_command(
         "max_job_bytes": max_job_size,
         "sub_compaction": not no_sub_compaction,
         "dry_run": dry_run,
+        "kind": kind,
+        "force": force,
     }
     if key_start is not None:
         fields["key_start"] = format_key(key_start)

@@ -44,7 +44,7 @@ from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
 from compactor.worker.engine.commit import CommitRefused
 from compactor.worker.engine.jobs import CommitProposal, SubJobSpec
-from compactor.worker.engine.plan import plan_job
+from compactor.worker.engine.kinds import is_pending, plan_any
 from compactor.worker.engine.run import EngineSettings
 from compactor.worker.engine.statistics import CompactionStatistics, add_requests
 from compactor.worker.runtime import metrics
@@ -141,6 +141,7 @@ class MetaPlan:
     max_job_bytes: int
     l2_lsn: int | None  # gc_compaction.last_completed_lsn its commit writes
     skipped: str | None
+    pending: bool = False  # l0: more L0s are left for another job once this one commits
 
 
 def layer_size_below(manifest: Manifest, lsn: int) -> int:
@@ -157,17 +158,17 @@ def plan_meta_job(
     max_bytes = request.max_job_bytes or default_max_job_bytes
     below = compact_below_lsn(manifest, job)
     before = layer_size_below(manifest, below)
-    plan = plan_job(manifest, job)
+    plan = plan_any(manifest, job)
     if isinstance(plan, str):
-        # A job over everything with nothing below its horizon has still completed up to it.
-        l2 = below if job.full_range and below and not job.dry_run else None
+        # A gc job over everything with nothing below its horizon has still completed up to it.
+        l2 = below if job.kind == "gc" and job.full_range and below and not job.dry_run else None
         return MetaPlan([], manifest.number, below, before, max_bytes, l2, plan)
     keys = slices(plan, row_groups, max_bytes) if request.sub_compaction else [plan.key_range]
     specs = [
         SubJobSpec(job=job, manifest_number=manifest.number, key_start=format_key(k.start), key_end=format_key(k.end))
         for k in keys
     ]
-    return MetaPlan(specs, manifest.number, below, before, max_bytes, plan.l2_lsn, None)
+    return MetaPlan(specs, manifest.number, below, before, max_bytes, plan.l2_lsn, None, is_pending(plan))
 
 
 def sub_job_records(meta_id: str, planned: MetaPlan, first_index: int = 0) -> list[SubJobRecord]:
@@ -190,6 +191,7 @@ def _planned(
     meta.max_job_bytes = planned.max_job_bytes
     meta.l2_lsn = planned.l2_lsn
     meta.skipped = planned.skipped
+    meta.pending = planned.pending
     meta.statistics = MetaStatistics(
         meta_job_id=meta.id,
         total_sub_compaction_jobs=len(subs),
@@ -653,7 +655,7 @@ def run_inline(storage: Storage, request: CompactRequest, settings: Settings) ->
         else:
             meta.state, meta.skipped = JobState.SUCCEEDED, outcome.skipped
             meta.compaction_statistics, meta.manifest_number = outcome.stats, outcome.manifest_number
-            meta.replans = outcome.replans
+            meta.replans, meta.pending = outcome.replans, outcome.pending
             stats.total_sub_compaction_jobs = stats.succeeded_sub_compaction_jobs = outcome.sub_jobs
     after = storage.manifest(request.tenant_id, request.timeline_id)
     meta.l2_lsn = after.gc_compaction.last_completed_lsn if meta.state == JobState.SUCCEEDED else None

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compactor.coordinator.jobs.orphans import collect_orphans, inflight_from_records
-from compactor.coordinator.jobs.trigger import should_trigger
+from compactor.coordinator.jobs.trigger import decide
 from compactor.storage.errors import CompactorError, one_line
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
@@ -265,13 +265,14 @@ class Scheduler:
         manifest = self.storage.manifests.latest(tenant_id, timeline_id)
         if manifest is None:
             return "no manifest"
-        decision = should_trigger(manifest, job_in_flight=inflight is not None)
+        kinds = self.settings.auto_trigger_kinds.split(",")
+        decision = decide(manifest, job_in_flight=inflight is not None, kinds=kinds)
         if not decision.trigger:
             return decision.reason
         job_id = new_job_id()
         if not self.records.set_inflight(tenant_id, timeline_id, job_id):
             return "a meta job is already in flight"
-        request = CompactRequest(tenant_id=tenant_id, timeline_id=timeline_id, job_id=job_id)
+        request = CompactRequest(tenant_id=tenant_id, timeline_id=timeline_id, job_id=job_id, kind=decision.kind)
         meta = MetaJobRecord(id=job_id, tenant_id=tenant_id, timeline_id=timeline_id, request=request, auto=True)
         if not self.records.create_meta(meta):
             self.records.clear_inflight(tenant_id, timeline_id, job_id)
@@ -279,8 +280,8 @@ class Scheduler:
         self.publisher.publish(TASK_PLAN, {"job_id": job_id})
         report.triggered.append(job_id)
         log.info(
-            "auto gc-compaction triggered job=%s tenant=%s timeline=%s reason=%r",
-            job_id, tenant_id, timeline_id, decision.reason,
+            "auto compaction triggered kind=%s job=%s tenant=%s timeline=%s reason=%r",
+            decision.kind, job_id, tenant_id, timeline_id, decision.reason,
         )  # fmt: skip
         return None
 

@@ -6,7 +6,8 @@ Where the bytes lie along the keys comes from the row-group index in each select
 (first and last key and size of every group of about 8 MiB), spread evenly over each group's key
 span, as SlateDB samples block anchors. A cut moves to a nearby key that no selected layer spans
 when one lies within a quarter of a slice's bytes, so a meta job run again on its own output
-usually cuts at the same keys, writes the same layers, and changes nothing.
+usually cuts at the same keys, writes the same layers, and changes nothing. An image-creation
+job's slices end only between the image layers it plans, each of which one sub-job writes whole.
 """
 
 import logging
@@ -19,8 +20,10 @@ from compactor.storage.keys import KeyRange, key_from_int, key_to_int
 from compactor.storage.layer_file import RowGroup
 from compactor.storage.lsn import LSN_MAX
 from compactor.storage.manifest import LayerEntry, Manifest
+from compactor.worker.engine.coverage import cumulative, interpolate
+from compactor.worker.engine.image import ImagePlan
 from compactor.worker.engine.jobs import CompactionJob
-from compactor.worker.engine.plan import JobPlan
+from compactor.worker.engine.kinds import Plan
 
 DEFAULT_MAX_JOB_BYTES = 4 * 1024**3
 # How far (in a slice's bytes) a cut may move to reach a key no selected layer spans.
@@ -49,10 +52,14 @@ def or_whole_layer(row_groups: RowGroups) -> RowGroups:
 
 
 def compact_below_lsn(manifest: Manifest, job: CompactionJob) -> int:
+    """The LSN below which the meta job's statistics count layer bytes: the horizon for
+    gc-compaction, the whole timeline for the other kinds."""
+    if job.kind != "gc":
+        return manifest.top_lsn
     return job.lsn_end if job.lsn_end != LSN_MAX else manifest.gc.cutoff
 
 
-def _spans(plan: JobPlan, row_groups: RowGroups) -> list[tuple[int, int, float]]:
+def _spans(plan: Plan, row_groups: RowGroups) -> list[tuple[int, int, float]]:
     """``(start, end, bytes)`` along the keys as integers, ``[start, end)`` clipped to the meta
     job's keys: each selected layer's file bytes, shared out over its row groups by their raw
     size."""
@@ -70,24 +77,7 @@ def _spans(plan: JobPlan, row_groups: RowGroups) -> list[tuple[int, int, float]]
     return spans
 
 
-def _cumulative(points: list[int], spans: list[tuple[int, int, float]]) -> list[float]:
-    """Bytes of ``spans`` below each of the sorted ``points`` (every span bound is a point): a
-    sweep, since the sum is linear between two points."""
-    slope_changes: dict[int, float] = {}
-    for start, end, size in spans:
-        slope = size / (end - start)
-        slope_changes[start] = slope_changes.get(start, 0.0) + slope
-        slope_changes[end] = slope_changes.get(end, 0.0) - slope
-    out, total, slope, previous = [], 0.0, 0.0, points[0]
-    for point in points:
-        total += slope * (point - previous)
-        out.append(total)
-        slope += slope_changes.get(point, 0.0)
-        previous = point
-    return out
-
-
-def slices(plan: JobPlan, row_groups: RowGroups, max_job_bytes: int = DEFAULT_MAX_JOB_BYTES) -> list[KeyRange]:
+def slices(plan: Plan, row_groups: RowGroups, max_job_bytes: int = DEFAULT_MAX_JOB_BYTES) -> list[KeyRange]:
     """The key slices ``[start, end)`` of a meta job's sub-jobs: in order, together exactly the
     meta job's key range, each holding about the same bytes and at most about ``max_job_bytes``."""
     spans = _spans(plan, row_groups)
@@ -100,27 +90,21 @@ def slices(plan: JobPlan, row_groups: RowGroups, max_job_bytes: int = DEFAULT_MA
     bounds = [(key_to_int(e.layer.key_range.start), key_to_int(e.layer.key_range.end)) for e in plan.selected]
     edges = {b for bound in bounds for b in bound if lo < b < hi}
     clean = {b for b in edges if not any(start < b < end for start, end in bounds)}
-    points = sorted({lo, hi} | {b for start, end, _ in spans for b in (start, end)} | clean)
-    below = _cumulative(points, spans)
+    allowed = {key_to_int(k) for k in plan.cut_points} if isinstance(plan, ImagePlan) else None
+    snaps = clean if allowed is None else allowed
+    points = sorted({lo, hi} | {b for start, end, _ in spans for b in (start, end)} | clean | (allowed or set()))
+    below = cumulative(points, spans)
     step = total / count
     cuts = [lo]
     for i in range(1, count):
         target = step * i
-        cut = _interpolate(points, below, target)
-        near = [(abs(below[j] - target), p) for j, p in enumerate(points) if p in clean]
-        if near and min(near)[0] <= step * SNAP_FRACTION:
+        cut = interpolate(points, below, target)
+        near = [(abs(below[j] - target), p) for j, p in enumerate(points) if p in snaps]
+        if near and (allowed is not None or min(near)[0] <= step * SNAP_FRACTION):
             cut = min(near)[1]
+        elif allowed is not None:
+            continue
         if cuts[-1] < cut < hi:
             cuts.append(cut)
     cuts.append(hi)
     return [KeyRange(key_from_int(a), key_from_int(b)) for a, b in pairwise(cuts)]
-
-
-def _interpolate(points: list[int], below: list[float], target: float) -> int:
-    """The key at which ``target`` bytes lie below, between the two points around it."""
-    for j in range(1, len(points)):
-        if below[j] >= target:
-            width = below[j] - below[j - 1]
-            fraction = (target - below[j - 1]) / width if width > 0 else 0.0
-            return points[j - 1] + int(fraction * (points[j] - points[j - 1]))
-    return points[-1]

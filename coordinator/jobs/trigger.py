@@ -1,8 +1,15 @@
-"""The seed's auto-trigger for gc-compaction of one timeline (``trigger_auto_compaction``)."""
+"""The auto-trigger of one timeline: the seed's ``trigger_auto_compaction`` for gc-compaction,
+and L0 first (``decide``): L0 compaction when the L0 deltas reach ``compaction_threshold``, then
+image creation when a partition is due, and gc-compaction only when no L0 compaction is due (the
+seed's ``YieldForL0``)."""
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from compactor.storage.manifest import Manifest
+from compactor.worker.engine.image import plan_image
+from compactor.worker.engine.jobs import CompactionJob, JobKind
+from compactor.worker.engine.l0 import l0_deltas
 
 AUTO_TRIGGER_LIMIT = 150 * 1024**3  # the seed does not auto-trigger timelines this large
 
@@ -13,6 +20,7 @@ class TriggerDecision:
     reason: str
     l1_bytes: int = 0
     l2_bytes: int = 0
+    kind: JobKind = "gc"
 
 
 def layer_sizes(manifest: Manifest) -> tuple[int, int]:
@@ -52,3 +60,22 @@ def should_trigger(manifest: Manifest, *, job_in_flight: bool) -> TriggerDecisio
     if l1 / l2 >= ratio:
         return TriggerDecision(True, f"ratio: l1/l2={l1 / l2:.2f} >= {ratio:.2f}", l1, l2)
     return TriggerDecision(False, f"l1/l2={l1 / l2:.2f} below {ratio:.2f}", l1, l2)
+
+
+def decide(manifest: Manifest, *, job_in_flight: bool, kinds: Collection[str] = ("gc",)) -> TriggerDecision:
+    """Which meta job, if any, the auto-trigger starts on this timeline, among the enabled
+    ``kinds``: L0 compaction first, then image creation, then gc-compaction, which yields while
+    L0 compaction is due (it would only rewrite the L0s into pieces)."""
+    if job_in_flight:
+        return TriggerDecision(False, "a meta job is already in flight")
+    l0_count, threshold = len(l0_deltas(manifest)), manifest.settings.compaction_threshold
+    if "l0" in kinds and l0_count >= threshold:
+        return TriggerDecision(True, f"{l0_count} L0 deltas >= compaction_threshold {threshold}", kind="l0")
+    if "image" in kinds:
+        job = CompactionJob(tenant_id=manifest.tenant_id, timeline_id=manifest.timeline_id, kind="image")
+        image = plan_image(manifest, job)
+        if not isinstance(image, str):
+            return TriggerDecision(True, f"{len(image.images)} image layers due at LSN {image.lsn}", kind="image")
+    if "gc" not in kinds:
+        return TriggerDecision(False, "gc-compaction is not auto-triggered")
+    return should_trigger(manifest, job_in_flight=False)

@@ -1,5 +1,7 @@
-"""The payloads that cross process boundaries: a gc-compaction job, the sub-jobs it is cut into,
-and the commit proposal they produce together."""
+"""The payloads that cross process boundaries: a compaction job of one of three kinds, the
+sub-jobs it is cut into, and the commit proposal they produce together."""
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -8,9 +10,25 @@ from compactor.storage.keys import KEY_MAX, KEY_MIN, KeyRange, format_key
 from compactor.storage.lsn import LSN_MAX
 from compactor.storage.manifest import KeyHex, LayerEntry, LayerNameStr, Lsn
 
+JobKind = Literal["gc", "l0", "image"]
+"""``gc``: gc-compaction; ``l0``: L0 compaction; ``image``: image-layer creation (CONTRACTS §5)."""
+
+
+def check_kind(kind: JobKind, *, force: bool, dry_run: bool, full_range: bool) -> None:
+    """Raise ``ValueError`` for options the kind does not take."""
+    if kind != "gc" and not full_range:
+        # An L0 covers every key: compacting part of it would leave pieces that are neither L0
+        # nor L1; image creation partitions the whole live keyspace, as Neon does.
+        raise ValueError(f"a {kind} job covers every key and all history: no key or LSN range")
+    if kind != "gc" and dry_run:
+        raise ValueError(f"dry run is for gc-compaction only, not {kind}")
+    if kind == "gc" and force:
+        raise ValueError("force applies to l0 and image jobs only")
+
 
 class CompactionJob(BaseModel):
-    """One gc-compaction over a key range and LSN range of a timeline (the seed's GcCompactJob).
+    """One compaction over a key range and LSN range of a timeline (for ``gc``, the seed's
+    GcCompactJob; ``l0`` and ``image`` work on every key and all history).
 
     ``lsn_end`` of ``LSN_MAX`` means "up to the gc cutoff"; ``lsn_start`` of 0 means "all history".
     """
@@ -24,6 +42,8 @@ class CompactionJob(BaseModel):
     lsn_start: Lsn = 0
     lsn_end: Lsn = LSN_MAX
     dry_run: bool = False
+    kind: JobKind = "gc"
+    force: bool = False  # ignore the L0 and image thresholds
 
     @model_validator(mode="after")
     def _ranges(self) -> "CompactionJob":
@@ -31,6 +51,7 @@ class CompactionJob(BaseModel):
             raise ValueError(f"empty or inverted key range {self.key_start}-{self.key_end}")
         if self.lsn_start >= self.lsn_end:
             raise ValueError(f"empty or inverted LSN range [{self.lsn_start}, {self.lsn_end})")
+        check_kind(self.kind, force=self.force, dry_run=self.dry_run, full_range=self.full_range)
         return self
 
     @property

@@ -102,6 +102,23 @@ def conflicting_layers(manifest: Manifest, key_range: KeyRange, max_layer_lsn: i
     ]
 
 
+def keeping_read_set(manifest: Manifest, key_range: KeyRange, selected: list[str], max_layer_lsn: int) -> ReadSet:
+    """The read set of a job that keeps every read (L0 compaction, image creation): it depends
+    on its selection and on no layer appearing below ``max_layer_lsn``, not on gc info (no
+    horizon, no retain LSNs)."""
+    names = set(selected)
+    return ReadSet(
+        manifest_number=manifest.number,
+        selected=selected,
+        key_start=key_range.start.hex().upper(),
+        key_end=key_range.end.hex().upper(),
+        max_layer_lsn=max_layer_lsn,
+        horizon=0,
+        retain_lsns=[],
+        others=[name for name in conflicting_layers(manifest, key_range, max_layer_lsn) if name not in names],
+    )
+
+
 def effective_horizon(manifest: Manifest, job: CompactionJob) -> int:
     """The gc cutoff, or the requested LSN end capped by it; 0 means nothing may be compacted."""
     cutoff = manifest.gc.cutoff

@@ -88,6 +88,11 @@ class LayerIO(Protocol):
         treats them as having nothing below (the seed fails the whole job instead)."""
         ...
 
+    def read(self, manifest: Manifest, lsn: int, key_range: KeyRange) -> Iterator[tuple[bytes, bytes]]:
+        """``(key, value)`` at ``lsn`` of every live key in the range that exists there (through
+        the ancestor on a branch); raises ``RedoError`` for a key that cannot be read."""
+        ...
+
     def open_upload(self, manifest: Manifest) -> LayerSink:
         """An upload of a layer of ``manifest``'s timeline that a ``LayerWriter`` streams its file
         to while writing it, under an object key that does not depend on the layer's name."""

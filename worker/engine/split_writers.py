@@ -29,7 +29,7 @@ _IMAGE_ROW_ESTIMATE = KEY_SIZE + 8192
 _ROW_RAW = KEY_SIZE + 13
 
 
-def _raw_sizes(table: pa.Table) -> np.ndarray:
+def raw_sizes(table: pa.Table) -> np.ndarray:
     """Cumulative raw size before each row of ``table``, and after the last."""
     sizes = pc.binary_length(table.column("value")).to_numpy(zero_copy_only=False).astype(np.int64) + _ROW_RAW
     before: np.ndarray = np.concatenate(([0], np.cumsum(sizes)))
@@ -77,7 +77,7 @@ def _feed(
 ) -> None:
     """Hand ``table`` to the writers in slices that end where the next size check is due;
     ``starts`` are the rows a piece may begin with (key starts)."""
-    before = _raw_sizes(table)
+    before = raw_sizes(table)
     pos = 0
     while pos < table.num_rows:
         writer = writer_for(key_at(keys, pos))

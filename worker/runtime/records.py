@@ -51,7 +51,7 @@ from compactor.storage.keys import KEY_MAX, KEY_MIN, format_key
 from compactor.storage.lsn import LSN_MAX
 from compactor.storage.manifest import KeyHex, Lsn
 from compactor.storage.settings import Settings
-from compactor.worker.engine.jobs import CommitProposal, CompactionJob, SubJobSpec
+from compactor.worker.engine.jobs import CommitProposal, CompactionJob, JobKind, SubJobSpec, check_kind
 from compactor.worker.engine.statistics import CompactionStatistics, NumSize
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,12 @@ class CompactRequest(BaseModel):
     job_id: HexId | None = Field(
         default=None, description="client-chosen meta job id; null = a new one", json_schema_extra=_HEX_ID
     )
+    kind: JobKind = Field(
+        default="gc",
+        description="gc: gc-compaction; l0: L0 compaction; image: image-layer creation (l0 and image: every key, "
+        "all history, no dry run)",
+    )
+    force: bool = Field(default=False, description="l0 and image only: ignore the L0 and image thresholds")
 
     @model_validator(mode="after")
     def _ranges(self) -> CompactRequest:
@@ -186,6 +192,13 @@ class CompactRequest(BaseModel):
             raise ValueError(f"empty or inverted key range {self.key_start}-{self.key_end}")
         if self.lsn_start >= self.lsn_end:
             raise ValueError(f"empty or inverted LSN range [{self.lsn_start}, {self.lsn_end})")
+        full_range = (self.key_start, self.key_end, self.lsn_start, self.lsn_end) == (
+            format_key(KEY_MIN),
+            format_key(KEY_MAX),
+            0,
+            LSN_MAX,
+        )
+        check_kind(self.kind, force=self.force, dry_run=self.dry_run, full_range=full_range)
         return self
 
     def to_job(self) -> CompactionJob:
@@ -197,6 +210,8 @@ class CompactRequest(BaseModel):
             lsn_start=self.lsn_start,
             lsn_end=self.lsn_end,
             dry_run=self.dry_run,
+            kind=self.kind,
+            force=self.force,
         )
 
     def same_job(self, other: CompactRequest) -> bool:
@@ -395,6 +410,7 @@ class MetaJobRecord(Record):
     compaction_statistics: CompactionStatistics | None = None  # the sub-jobs' merged counters
     l2_lsn: int | None = None  # gc_compaction.last_completed_lsn its commit writes (None: a partial job)
     stats_object: str | None = None
+    pending: bool = False  # l0: the byte bound left L0s for another job (the seed's CompactionOutcome::Pending)
 
 
 class BreakerState(Record):

@@ -15,8 +15,8 @@ from compactor.storage.keys import KeyRange
 from compactor.storage.timeline import Storage
 from compactor.worker.engine.commit import CommitRefused, commit
 from compactor.worker.engine.jobs import CommitProposal, CompactionJob, SubJobSpec
-from compactor.worker.engine.plan import JobPlan, plan_job
-from compactor.worker.engine.run import EngineSettings, Hooks, run
+from compactor.worker.engine.kinds import Plan, is_pending, plan_any, run_any
+from compactor.worker.engine.run import EngineSettings, Hooks
 from compactor.worker.engine.statistics import CompactionStatistics
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,10 @@ def run_sub_job(
     outputs; commit nothing."""
     job = spec.job
     manifest = storage.manifests.load(job.tenant_id, job.timeline_id, spec.manifest_number)
-    plan = plan_job(manifest, job)
+    plan = plan_any(manifest, job)
     if isinstance(plan, str):
         return SubJobOutcome(plan, None, None)
-    result = run(plan.restrict(spec.key_range), storage, settings, hooks)
+    result = run_any(plan.restrict(spec.key_range), storage, settings, hooks)
     return SubJobOutcome(None, result.stats, result.proposal)
 
 
@@ -117,9 +117,10 @@ class JobOutcome:
     manifest_number: int | None  # the manifest the commit wrote, if any
     replans: int = 0
     sub_jobs: int = 0
+    pending: bool = False  # work of the kind is left for another job (the seed's Pending)
 
 
-Cutter = Callable[[JobPlan], list[KeyRange]]
+Cutter = Callable[[Plan], list[KeyRange]]
 """Cuts a meta job's plan into the key slices of its sub-jobs."""
 
 
@@ -139,16 +140,17 @@ def compact(
     plan again up to ``max_replans`` times when a concurrent commit got in the way."""
     for attempt in range(max_replans + 1):
         manifest = storage.manifest(job.tenant_id, job.timeline_id)
-        plan = plan_job(manifest, job)
+        plan = plan_any(manifest, job)
         if isinstance(plan, str):
-            log.info("gc-compaction skipped tenant=%s timeline=%s reason=%r", job.tenant_id, job.timeline_id, plan)
+            log.info("compaction skipped kind=%s tenant=%s timeline=%s reason=%r",
+                     job.kind, job.tenant_id, job.timeline_id, plan)  # fmt: skip
             return JobOutcome(plan, None, None, None, attempt)
         slices = cut(plan) if cut is not None else [plan.key_range]
         parts: list[CommitProposal] = []
         stats = CompactionStatistics()
         try:
             for keys in slices:
-                result = run(plan.restrict(keys), storage, settings, hooks)
+                result = run_any(plan.restrict(keys), storage, settings, hooks)
                 parts.append(result.proposal)
                 stats.merge(result.stats)
         except BaseException:
@@ -164,9 +166,9 @@ def compact(
             if attempt == max_replans:
                 raise ManifestConflict(f"gave up after {attempt + 1} attempts: {err}") from None
             log.warning(
-                "gc-compaction conflict, re-planning tenant=%s timeline=%s attempt=%d reason=%r",
+                "compaction conflict, re-planning tenant=%s timeline=%s attempt=%d reason=%r",
                 job.tenant_id, job.timeline_id, attempt + 1, str(err),
             )  # fmt: skip
             continue
-        return JobOutcome(None, stats, proposal, number, attempt, len(slices))
+        return JobOutcome(None, stats, proposal, number, attempt, len(slices), is_pending(plan))
     raise AssertionError("unreachable")
