@@ -63,18 +63,21 @@ class LayerCache:
     def footer(self, entry: LayerEntry) -> Footer:
         """The layer's footer: from the cached copy when there is one, else from ranged reads of
         the object's tail, so that planning and slices never download whole layers for it."""
-        label = f"{entry.name} (object {entry.object_key})"
+        return footer_from_tail(self._tail(entry), f"{entry.name} (object {entry.object_key})")
+
+    def _tail(self, entry: LayerEntry) -> bytes:
+        """The layer file's last bytes, holding at least its whole footer when it is intact."""
         size = entry.size
         path = self.path_for(entry)
         if self._cached(path, entry):
             with open(path, "rb") as f:
                 f.seek(max(0, size - FOOTER_READ_BYTES))
-                return footer_from_tail(f.read(), label)
+                return f.read()
         tail = self.store.get_range(entry.object_key, max(0, size - FOOTER_READ_BYTES), min(size, FOOTER_READ_BYTES))
         needed = footer_length(tail)
         if needed is not None and len(tail) < needed <= size:
             tail = self.store.get_range(entry.object_key, size - needed, needed)
-        return footer_from_tail(tail, label)
+        return tail
 
     def fetch(self, entry: LayerEntry, key_range: KeyRange | None = None) -> Path:
         """The local path of a copy of the layer that holds the keys of ``key_range`` (all of
@@ -103,7 +106,8 @@ class LayerCache:
         path = self._slice_path(entry, key_range)
         if self._cached(path, entry):
             return path
-        footer = self.footer(entry)
+        tail = self._tail(entry)
+        footer = footer_from_tail(tail, f"{entry.name} (object {entry.object_key})")
         wanted = [
             span
             for group, span in zip(footer.index, footer.byte_ranges, strict=True)
@@ -112,12 +116,17 @@ class LayerCache:
         if sum(end - start for start, end in wanted) + footer.length > entry.size * SLICE_MAX_FRACTION:
             return None
         size = entry.size
-        spans = [(0, len(_PARQUET_MAGIC)), *wanted, (size - footer.length, size)]
         partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
         try:
             with open(partial, "wb") as f:
                 f.truncate(size)  # sparse: the row groups of other keys are never written
-                for start, end in spans:
+                # The leading magic is a constant and the tail was read for the footer already;
+                # the row groups of a slice lie next to each other: one read covers them.
+                f.write(_PARQUET_MAGIC)
+                f.seek(size - len(tail))
+                f.write(tail)
+                start, end = (wanted[0][0], wanted[-1][1]) if wanted else (0, 0)  # none: no row to read
+                if end > start:
                     data = self.store.get_range(entry.object_key, start, end - start)
                     if len(data) != end - start:
                         raise StoreError(f"short read of layer {entry.name}: {len(data)} of {end - start} bytes")
@@ -129,7 +138,7 @@ class LayerCache:
         finally:
             partial.unlink(missing_ok=True)
         log.debug("layer slice cached name=%s keys=%s bytes=%d of %d", entry.name, key_range,
-                  sum(end - start for start, end in spans), size)  # fmt: skip
+                  end - start + len(tail), size)  # fmt: skip
         if self.max_bytes is not None:
             self._trim(self.max_bytes, spare=path)
         return path

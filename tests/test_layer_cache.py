@@ -93,3 +93,20 @@ def test_damage_in_a_fetched_row_group_is_caught(store: ObjectStore, tmp_path: P
     cache = LayerCache(store, tmp_path / "cache")
     with pytest.raises(CorruptLayer, match="corrupt layer"):
         list(cache.batches(entry, keys(100, 140)))
+
+
+def test_a_slice_between_two_row_groups_reads_nothing(store: ObjectStore, tmp_path: Path) -> None:
+    """Keys of the layer's range that no row group holds: a slice file with no row group."""
+    name = LayerName.delta(KEY_MIN, KEY_MAX, 10, 20)
+    path = tmp_path / "gap.parquet"
+    with LayerWriter(path, row_group_bytes=10 * 2100) as writer:
+        for k in [*range(0, 100), *range(300, 400)]:
+            writer.add(key_from_int(k), 11, ValueKind.IMAGE, random.Random(k).randbytes(2048))
+        info = writer.finish(name)
+    store.upload_file(path, "tenants/t/timelines/l/layers/gap")
+    entry = LayerEntry(
+        name=str(name), object_key="tenants/t/timelines/l/layers/gap", size=info.size, sha256=info.sha256
+    )
+    cache = LayerCache(store, tmp_path / "cache")
+    assert list(cache.batches(entry, keys(150, 250))) == []
+    assert not cache.path_for(entry).exists()
