@@ -68,9 +68,10 @@ def run(workers: int, tenant: str, timeline: str, max_job_bytes: int, cpus: floa
         cpu = {node: cpu_seconds(proc.pid) - cpu_before[node] for node, proc in stack.workers.items()}
         throttling = caps.throttling()
         # Each node's layer cache (the stack gives node N the cache directory cache-N) holds what
-        # it downloaded: every layer a sub-job's slice overlaps, whole, once per node.
+        # it downloaded: whole layers, and sparse slice files holding only a slice's row groups,
+        # counted by the bytes on disk.
         downloaded = {
-            node: sum(f.stat().st_size for f in (directory / f"cache-{node}" / "layers").glob("*.parquet"))
+            node: sum(f.stat().st_blocks * 512 for f in (directory / f"cache-{node}" / "layers").glob("*.parquet"))
             for node in stack.workers
         }
         subs = records.get_subs(meta.sub_jobs)
