@@ -385,7 +385,7 @@ def check_invariants(
         storage.objects,
         store,
         grace_s=0,
-        inflight_since=inflight_from_records(fs.records),
+        inflight=inflight_from_records(fs.records),
         now=time.time() + 600,
     )
     # Other timelines may be damaged on purpose (bad-input tests); this one must clean up.

@@ -12,6 +12,7 @@ lost, no orphan left after a cleanup, and every job ended clearly.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -37,6 +38,7 @@ from tests.faultkit import (
     wait_hit,
     wait_planned,
 )
+from tests.test_distributed import l0_stack_timeline
 from tests.timelines import TENANT
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
@@ -113,6 +115,28 @@ def test_sigkill_at_each_phase(fs: FaultStack, where: str) -> None:
         sub = fs.records.get_sub(hit["sub_job"])
         assert sub is not None and sub.attempt >= 2, f"the killed attempt was not replaced: {sub}"
         assert (sub.attempts[0].outcome or "").startswith("preempted"), sub.attempts[0]
+
+
+@pytest.mark.parametrize("where", ["in_merge", "in_commit"])
+def test_sigkill_during_l0_compaction(fs: FaultStack, where: str) -> None:
+    """L0 compaction (``--kind l0``) under kills: one of its sub-jobs held in its merge, or its
+    finalize right after the manifest was written, and that node SIGKILLed and restarted. The
+    job succeeds, commits once, leaves no L0, and reads at every LSN are exact."""
+    fs.ready()
+    tid = os.urandom(16).hex()
+    tl = l0_stack_timeline(tid)
+    document = tl.to_json()
+    document["settings"] = {"compaction_threshold": 4, "checkpoint_distance": 2000}
+    fs.direct.import_timeline(json.dumps(document))
+    job_id = os.urandom(16).hex()
+    set_fault(fs, f"pause_{where}", job_id, seconds=15, once=True)
+    submit(fs, tid, job_id=job_id, parts=3, kind="l0")
+    fs.kill(wait_hit(fs, f"pause_{where}", job_id)["node"])
+    meta = wait_ended(fs, job_id)
+    check_invariants(fs, {tid: tl}, tid, [job_id], kind=f"sigkill l0 {where}")
+    assert_committed_once(fs, tid, job_id)
+    assert meta.state == JobState.SUCCEEDED
+    assert not [name for name in fs.direct.manifest(TENANT, tid).layer_names() if name.is_l0]
 
 
 def test_sigkill_at_random_times(fs: FaultStack) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from compactor.coordinator.jobs.orphans import collect_orphans
+from compactor.coordinator.jobs.orphans import Inflight, collect_orphans
 from compactor.storage.keys import key_to_int
 from compactor.storage.layout import layers_prefix, manifests_prefix
 from compactor.storage.settings import Settings
@@ -54,7 +54,7 @@ def test_cleanup_after_compaction_and_failed_upload(storage: Storage, tmp_path: 
         storage.objects,
         storage.manifests,
         grace_s=0,
-        inflight_since=lambda t, tl: time.time() - 3600,
+        inflight=Inflight(started={(TENANT, PARENT): time.time() - 3600}),
         now=time.time() + 5,
     )
     assert report.orphans == []
@@ -134,10 +134,28 @@ def test_old_multipart_uploads_are_aborted_young_ones_spared(storage: Storage) -
     assert in_progress() == {*ages, outside}
 
     # a meta job in flight since an hour ago may own the upload started after it
-    report = collect_orphans(storage.objects, storage.manifests, grace_s=600, inflight_since=lambda t, tl: now - 3600)
+    report = collect_orphans(
+        storage.objects, storage.manifests, grace_s=600, inflight=Inflight(started={(TENANT, PARENT): now - 3600})
+    )
     assert report.uploads == [prefix + "old"] and report.young_uploads == 2 and not report.errors
     assert in_progress() == {prefix + "mid", prefix + "young", outside}
 
     report = collect_orphans(storage.objects, storage.manifests, grace_s=600, now=now)
     assert report.uploads == [prefix + "mid"] and report.summary()["multipart_uploads_aborted"] == 1
     assert in_progress() == {prefix + "young", outside}, "a young upload or one outside the layers was aborted"
+
+
+def test_pruning_keeps_the_manifest_an_in_flight_meta_job_was_planned_on(storage: Storage) -> None:
+    """Sub-jobs load the manifest their meta job was planned on: however many commits land
+    meanwhile, pruning keeps it (and those after it) while the meta job is in flight."""
+    storage.import_timeline(json.dumps(history_timeline(cutoff=60).to_json()))
+    for _ in range(5):
+        storage.set_gc(TENANT, PARENT, 60)
+    newest = storage.manifest(TENANT, PARENT).number
+    planned_on = newest - 3
+    inflight = Inflight(planned_on={(TENANT, PARENT): planned_on})
+    report = collect_orphans(storage.objects, storage.manifests, grace_s=0, keep_manifests=1, inflight=inflight)
+    assert report.manifests_pruned == planned_on and not report.errors
+    assert storage.manifests.load(TENANT, PARENT, planned_on).number == planned_on
+    report = collect_orphans(storage.objects, storage.manifests, grace_s=0, keep_manifests=1)
+    assert report.manifests_pruned == 3, "once it ended, only the newest is kept"

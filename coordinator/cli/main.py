@@ -123,7 +123,7 @@ def gc_orphans(ctx: click.Context, grace_s: float | None, keep_manifests: int, d
         storage.objects,
         storage.manifests,
         grace_s=settings.orphan_grace_s if grace_s is None else grace_s,
-        inflight_since=inflight_from_records(JobRecords(connect(settings))),
+        inflight=inflight_from_records(JobRecords(connect(settings))),
         keep_manifests=keep_manifests,
         dry_run=dry_run,
     )

@@ -6,13 +6,13 @@ Multipart uploads of layers still in progress by the same rules are aborted: wor
 their outputs, and one killed while writing leaves its upload open (a failing job aborts its
 own), where its parts would be stored, and billed, forever.
 Old manifests are pruned through the deletion boundary (``ManifestStore.prune``), so a number is
-never reused. Referenced objects are never touched: the newest manifest is read again right
+never reused, and never below the manifest an in-flight meta job was planned on (its sub-jobs
+load it). Referenced objects are never touched: the newest manifest is read again right
 before deleting, and anything it references is spared.
 """
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from compactor.storage.errors import CompactorError, one_line
@@ -27,8 +27,21 @@ log = logging.getLogger(__name__)
 # second: an in-flight job protects everything from a while before it started.
 CLOCK_SKEW_MARGIN_S = 300.0
 
-InflightSince = Callable[[str, str], float | None]
-"""Epoch seconds at which the oldest in-flight job on a timeline started, or None."""
+
+@dataclass(frozen=True)
+class Inflight:
+    """What the meta jobs in flight need kept, per ``(tenant, timeline)``."""
+
+    started: dict[tuple[str, str], float] = field(default_factory=dict)  # the oldest's creation time
+    planned_on: dict[tuple[str, str], int] = field(default_factory=dict)  # the lowest manifest planned on
+
+    def since(self, tenant: str, timeline: str) -> float | None:
+        """Epoch seconds at which the oldest in-flight meta job on the timeline started."""
+        return self.started.get((tenant, timeline))
+
+    def pinned(self, tenant: str, timeline: str) -> int | None:
+        """The lowest manifest number an in-flight meta job on the timeline was planned on."""
+        return self.planned_on.get((tenant, timeline))
 
 
 @dataclass
@@ -58,18 +71,19 @@ def collect_orphans(
     manifests: ManifestStore,
     *,
     grace_s: float,
-    inflight_since: InflightSince = lambda tenant, timeline: None,
+    inflight: Inflight | None = None,
     keep_manifests: int = 10,
     dry_run: bool = False,
     now: float | None = None,
 ) -> OrphanReport:
     report = OrphanReport()
     now = time.time() if now is None else now
+    inflight = inflight or Inflight()
     for tenant, timeline in manifests.list_timelines():
         report.timelines += 1
         try:
             _collect_timeline(
-                objects, manifests, tenant, timeline, report, grace_s, inflight_since, keep_manifests, dry_run, now
+                objects, manifests, tenant, timeline, report, grace_s, inflight, keep_manifests, dry_run, now
             )
         except CompactorError as err:
             # Found by the bad-input tests: one timeline with a damaged manifest stopped the
@@ -86,7 +100,7 @@ def _collect_timeline(
     timeline: str,
     report: OrphanReport,
     grace_s: float,
-    inflight_since: InflightSince,
+    inflight: Inflight,
     keep_manifests: int,
     dry_run: bool,
     now: float,
@@ -95,7 +109,7 @@ def _collect_timeline(
     if newest is None:
         return  # an import that never committed: its objects are left for an operator
     cutoff = now - grace_s
-    oldest_job = inflight_since(tenant, timeline)
+    oldest_job = inflight.since(tenant, timeline)
     if oldest_job is not None:
         cutoff = min(cutoff, oldest_job - CLOCK_SKEW_MARGIN_S)
     referenced = {entry.object_key for entry in newest.layers.values()}
@@ -120,7 +134,9 @@ def _collect_timeline(
         failed = objects.delete_many(candidates)
         report.errors += [f"{key}: {why}" for key, why in failed.items()]
         log.info("orphans deleted tenant=%s timeline=%s count=%d", tenant, timeline, len(candidates) - len(failed))
-    report.manifests_pruned += len(manifests.prune(tenant, timeline, keep=keep_manifests))
+    pinned = inflight.pinned(tenant, timeline)
+    keep = keep_manifests if pinned is None else max(keep_manifests, newest.number - pinned + 1)
+    report.manifests_pruned += len(manifests.prune(tenant, timeline, keep=keep))
 
 
 def _abort_old_uploads(objects: ObjectStore, prefix: str, cutoff: float, report: OrphanReport, dry_run: bool) -> None:
@@ -141,14 +157,17 @@ def _abort_old_uploads(objects: ObjectStore, prefix: str, cutoff: float, report:
         log.info("multipart uploads aborted prefix=%s count=%d", prefix, len(report.uploads))
 
 
-def inflight_from_records(records: JobRecords) -> InflightSince:
-    """``InflightSince`` over the job records: the creation time of the oldest meta job that has
-    not ended, per timeline (its sub-jobs upload only after it was created)."""
-    oldest: dict[tuple[str, str], float] = {}
+def inflight_from_records(records: JobRecords) -> Inflight:
+    """``Inflight`` over the job records: per timeline, the creation time of the oldest meta job
+    that has not ended (its sub-jobs upload only after it was created), and the lowest manifest
+    number one of them was planned on."""
+    inflight = Inflight()
     for job_id in records.active_meta_ids():
         meta = records.get_meta(job_id)
         if meta is None or meta.state.ended:
             continue
         key = (meta.tenant_id, meta.timeline_id)
-        oldest[key] = min(oldest.get(key, meta.created_at), meta.created_at)
-    return lambda tenant, timeline: oldest.get((tenant, timeline))
+        inflight.started[key] = min(inflight.started.get(key, meta.created_at), meta.created_at)
+        if meta.planned_on is not None:
+            inflight.planned_on[key] = min(inflight.planned_on.get(key, meta.planned_on), meta.planned_on)
+    return inflight

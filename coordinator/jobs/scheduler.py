@@ -115,7 +115,7 @@ class Scheduler:
                 self.storage.objects,
                 self.storage.manifests,
                 grace_s=self.settings.orphan_grace_s,
-                inflight_since=inflight_from_records(self.records),
+                inflight=inflight_from_records(self.records),
             )
         except CompactorError as err:
             report.errors.append(f"orphan cleanup: {one_line(err)}")
