@@ -63,7 +63,7 @@ def ranges(keys: list[KeyRange]) -> list[tuple[int, int]]:
 
 def test_small_request_is_one_slice_covering_exactly_the_request() -> None:
     m = manifest([(d(0, 100, 10, 20), MiB), (d(0, 100, 20, 30), MiB)])
-    assert ranges(slices(plan_of(m, 10, 50), row_groups())) == [(10, 50)]
+    assert ranges(slices(plan_of(m, 10, 50), row_groups(), max_job_bytes=4 * 1024**3)) == [(10, 50)]
 
 
 def test_slices_tile_the_range_and_balance_bytes_across_independent_cuts() -> None:

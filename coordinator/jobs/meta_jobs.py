@@ -338,11 +338,6 @@ def summarize(
     return state, error, stats, merged
 
 
-def uploads_of(subs: list[SubJobRecord]) -> list[Any]:
-    """Every layer the sub-jobs uploaded and recorded."""
-    return [entry for sub in subs if sub.proposal is not None for entry in sub.proposal.added]
-
-
 def commit_l2_lsn(storage: Storage, meta: MetaJobRecord) -> None:
     """The L2 LSN alone, for a meta job that had nothing to compact below its horizon."""
     target = meta.l2_lsn
@@ -369,18 +364,17 @@ def _commit(
     records: JobRecords,
     publisher: Publisher,
     meta: MetaJobRecord,
-    subs: list[SubJobRecord],
+    proposal: CommitProposal | None,
     settings: Settings,
     before_commit: CommitHook | None,
     counter: RequestCounter,
 ) -> tuple[MetaJobRecord | None, int | None, str | None]:
-    """The meta job's one commit (``storage`` counts its requests in ``counter``). Returns
-    ``(re-planned meta job or None, manifest number written, error)``."""
-    parts = [sub.proposal for sub in subs if sub.proposal is not None]
-    if not parts:
+    """The meta job's one commit of its sub-jobs' combined ``proposal`` (``storage`` counts its
+    requests in ``counter``). Returns ``(re-planned meta job or None, manifest number written,
+    error)``."""
+    if proposal is None:
         commit_l2_lsn(storage, meta)
         return None, None, None
-    proposal = CommitProposal.combine(parts)
     try:
         number = commit_meta(
             storage, proposal, written_by=f"meta job {meta.id}", l2_lsn=meta.l2_lsn, before_commit=before_commit
@@ -421,6 +415,8 @@ def finalize(
         log.error("finalize refused: not every sub-job has ended job=%s waiting=%s", job_id, waiting[:5])
         return meta
     state, error, stats, merged = summarize(meta, subs)
+    parts = [sub.proposal for sub in subs if sub.proposal is not None]
+    proposal = CommitProposal.combine(parts) if parts else None
     final = meta.model_copy(deep=True)
     final.state, final.error = state, error
     final.compaction_statistics = merged
@@ -429,7 +425,7 @@ def finalize(
     try:
         if state == JobState.SUCCEEDED:
             replanned, final.manifest_number, commit_error = _commit(
-                storage, records, publisher, meta, subs, settings, before_commit, counter
+                storage, records, publisher, meta, proposal, settings, before_commit, counter
             )
             if replanned is not None:
                 return replanned
@@ -437,7 +433,7 @@ def finalize(
                 final.state, final.error = JobState.FAILED, commit_error
         else:
             # Nothing was committed and nothing will be: the uploads are garbage now.
-            storage.delete_uploads(uploads_of(subs))
+            storage.delete_uploads(proposal.added if proposal is not None else [])
         if meta.planned_at is not None and meta.error is None:
             manifest = storage.manifest(meta.tenant_id, meta.timeline_id)
     except (CompactorError, OSError) as err:
@@ -449,9 +445,8 @@ def finalize(
     if final.state != JobState.SUCCEEDED:
         final.l2_lsn = None
     if manifest is not None and stats.below_lsn:
-        parts = [sub.proposal for sub in subs if sub.proposal is not None]
-        proposal = CommitProposal.combine(parts) if parts and final.state == JobState.SUCCEEDED else None
-        stats.after_compaction_layer_size = after_compaction_size(manifest, meta, proposal, merged)
+        committed = proposal if final.state == JobState.SUCCEEDED else None
+        stats.after_compaction_layer_size = after_compaction_size(manifest, meta, committed, merged)
     stats.finalize()
     add_requests(stats.s3_requests, counter.counts())
     final.statistics = stats

@@ -25,7 +25,6 @@ from compactor.worker.engine.image import ImagePlan
 from compactor.worker.engine.jobs import CompactionJob
 from compactor.worker.engine.kinds import Plan
 
-DEFAULT_MAX_JOB_BYTES = 4 * 1024**3
 # How far (in a slice's bytes) a cut may move to reach a key no selected layer spans.
 SNAP_FRACTION = 0.25
 
@@ -77,7 +76,7 @@ def _spans(plan: Plan, row_groups: RowGroups) -> list[tuple[int, int, float]]:
     return spans
 
 
-def slices(plan: Plan, row_groups: RowGroups, max_job_bytes: int = DEFAULT_MAX_JOB_BYTES) -> list[KeyRange]:
+def slices(plan: Plan, row_groups: RowGroups, max_job_bytes: int) -> list[KeyRange]:
     """The key slices ``[start, end)`` of a meta job's sub-jobs: in order, together exactly the
     meta job's key range, each holding about the same bytes and at most about ``max_job_bytes``."""
     spans = _spans(plan, row_groups)
