@@ -30,6 +30,10 @@ class Publisher(Protocol):
 def enqueue_sub(records: JobRecords, publisher: Publisher, sub_id: str, countdown: float | None = None) -> None:
     """Publish ``run_sub_job`` for a waiting sub-job. A duplicate message is harmless (its
     claim finds the sub-job taken or ended), so this may run more than once."""
+    # Before publishing: a worker may receive the message, and say it holds it, at once (a
+    # deletion after the publish lost that mark, and a message lost with that worker then
+    # waited for the no-progress timeout; found by the random-kill fault test).
+    records.forget_holder(sub_id)
     publisher.publish(TASK_RUN, {"sub_job_id": sub_id}, countdown=countdown)
     records.mark_enqueued(sub_id)
 

@@ -803,8 +803,7 @@ class JobRecords:
         return self.update_sub(sub_id, change)
 
     def mark_enqueued(self, sub_id: str) -> SubJobRecord | None:
-        """Note that a message for this waiting sub-job was published; None unless it waits.
-        The new message has not reached any worker yet: whoever held an earlier one is forgotten."""
+        """Note that a message for this waiting sub-job was published; None unless it waits."""
         at = now()
 
         def change(rec: SubJobRecord) -> SubJobRecord | None:
@@ -813,12 +812,14 @@ class JobRecords:
             rec.enqueued_at = at
             return rec
 
-        written = self.update_sub(sub_id, change)
-        if written is not None:
-            self.r.delete(_key_held(sub_id))
-        return written
+        return self.update_sub(sub_id, change)
 
     # ------------------------------------------------------------------ deliveries
+
+    def forget_holder(self, sub_id: str) -> None:
+        """Whoever held an earlier message of the sub-job: about to send a new one, which has
+        reached no worker yet."""
+        self.r.delete(_key_held(sub_id))
 
     def mark_held(self, sub_id: str, holder: str) -> None:
         """A worker process (``hostname:pid``) received the sub-job's message: it holds it until
