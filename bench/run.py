@@ -376,7 +376,10 @@ def measure_scale_out(
         cmd = [sys.executable, "-m", "bench.scale", str(n), TENANT, timeline, str(max_job_bytes), str(cpus)]
         env = {**os.environ, **bench.env, "PYTHONPATH": str(ROOT), "COMPACTOR_LOCK_RETRY_DELAY_S": "0.25"}
         load = load_average()[0]
-        proc = subprocess.run([*cmd, str(directory)], env=env, cwd=ROOT, capture_output=True, text=True)
+        assert bench.server.pid is not None
+        proc = subprocess.run(
+            [*cmd, str(directory), str(bench.server.pid)], env=env, cwd=ROOT, capture_output=True, text=True
+        )
         shutil.rmtree(directory, ignore_errors=True)
         if proc.returncode != 0:
             raise RuntimeError(f"scale-out run with {n} workers failed:\n{proc.stderr[-4000:]}")
@@ -392,10 +395,13 @@ def measure_scale_out(
                   f"{run['most_at_once']} at most at once, {run['mb_s']:.1f} MB/s; plan {run['plan_s']:.1f}s, "
                   f"finalize {run['finalize_s']:.1f}s, downloaded "
                   f"{' + '.join(f'{b / MB:.0f}' for b in run['node_downloaded_bytes'].values())} MB, worker CPU "
-                  f"{' + '.join(f'{c:.1f}' for c in run['node_cpu_s'].values())} s")  # fmt: skip
+                  f"{' + '.join(f'{c:.1f}' for c in run['node_cpu_s'].values())} s, S3 server CPU "
+                  f"{run['s3_cpu_s']:.1f} s, Redis CPU {run['redis_cpu_s']:.1f} s, idle tail "
+                  f"{run['idle_tail_s']:.1f} node-s")  # fmt: skip
         for sub in run["subs"]:
             bench.log(f"      sub-job {sub['index']:>2} on {sub['node']}: {sub['kv_bytes'] / MB:6.1f} MB of values, "
-                      f"{sub['seconds']:5.1f}s (download wait {sub['download_wait_s']:.1f}s)")  # fmt: skip
+                      f"{sub['seconds']:5.1f}s (download wait {sub['download_wait_s']:.1f}s, main loop "
+                      f"{sub['main_loop_s']:.1f}s, {sub['layer_bytes'] / MB:.0f} MB of layers read)")  # fmt: skip
         runs.append(run)
     medians = [_median_run([r for r in runs if r["workers"] == n]) for n in workers]
     base = medians[0]

@@ -1,14 +1,15 @@
 """One scale-out run in a fresh process, started by ``bench.run``::
 
-    python -m bench.scale WORKERS TENANT TIMELINE MAX_JOB_BYTES CPUS DIRECTORY
+    python -m bench.scale WORKERS TENANT TIMELINE MAX_JOB_BYTES CPUS DIRECTORY S3_PID
 
 Starts the embedded stack (``compactor.coordinator.local.embedded``: real Redis, ``WORKERS`` nodes, each a
 ``compactor worker --queues gc,light``) against the store named by the ``COMPACTOR_S3_*``
 variables, caps each node's processes at ``CPUS`` CPUs (``bench.cgroups``; 0 caps nothing), runs
 one meta job over the timeline through the Celery path and prints one JSON object: wall time from
-publishing the plan task to the meta job's end, its phases, the sub-jobs, and each node's
-CPU-seconds, throttling and downloaded bytes. (A fresh process per run: the Celery app is configured once per
-process.)
+publishing the plan task to the meta job's end, its phases, the sub-jobs, each node's CPU-seconds,
+throttling and downloaded bytes, and the CPU-seconds of the services the nodes share: the S3 server
+(process ``S3_PID``, the benchmark's, not capped) and Redis. (A fresh process per run: the Celery
+app is configured once per process.)
 """
 
 import json
@@ -45,7 +46,21 @@ def _sub_job(sub: SubJobRecord) -> dict[str, Any]:
     }
 
 
-def run(workers: int, tenant: str, timeline: str, max_job_bytes: int, cpus: float, directory: Path) -> dict[str, Any]:
+def _idle_tail(subs: list[SubJobRecord]) -> float:
+    """Node-seconds left idle at the end: for each node, from its last sub-job's end to the last
+    sub-job's end overall (the stragglers' cost; 0 when every node finishes together)."""
+    ends: dict[str, float] = {}
+    for sub in subs:
+        if sub.attempts and sub.ended_at is not None:
+            node = sub.attempts[-1].node
+            ends[node] = max(ends.get(node, 0.0), sub.ended_at)
+    last = max(ends.values(), default=0.0)
+    return sum(last - end for end in ends.values())
+
+
+def run(
+    workers: int, tenant: str, timeline: str, max_job_bytes: int, cpus: float, directory: Path, s3_pid: int
+) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k.startswith("COMPACTOR_")}
     with (
         EmbeddedStack(directory, workers=workers, concurrency=1, coordinator=False, env=env) as stack,
@@ -55,7 +70,11 @@ def run(workers: int, tenant: str, timeline: str, max_job_bytes: int, cpus: floa
 
         for node, proc in stack.workers.items():
             caps.cap(node, proc.pid)
+        assert stack.redis.pid is not None
+        # The services every node shares: with the node CPU flat, their CPU is what grows.
+        services = {"s3": s3_pid, "redis": stack.redis.pid}
         cpu_before = {node: cpu_seconds(proc.pid) for node, proc in stack.workers.items()}
+        services_before = {name: cpu_seconds(pid) for name, pid in services.items()}
         records = JobRecords(connect(stack.settings))
         request = CompactRequest(tenant_id=tenant, timeline_id=timeline, max_job_bytes=max_job_bytes)
         meta, _ = create_meta_job(records, request)
@@ -66,6 +85,7 @@ def run(workers: int, tenant: str, timeline: str, max_job_bytes: int, cpus: floa
             time.sleep(0.05)
         wall = time.perf_counter() - start
         cpu = {node: cpu_seconds(proc.pid) - cpu_before[node] for node, proc in stack.workers.items()}
+        services_cpu = {name: cpu_seconds(pid) - services_before[name] for name, pid in services.items()}
         throttling = caps.throttling()
         # Each node's layer cache (the stack gives node N the cache directory cache-N) holds what
         # it downloaded: whole layers, and sparse slice files holding only a slice's row groups,
@@ -93,6 +113,9 @@ def run(workers: int, tenant: str, timeline: str, max_job_bytes: int, cpus: floa
         "first_start_s": min((s.started_at or published for s in subs), default=published) - published,
         "finalize_s": (meta.ended_at or last_sub_end) - last_sub_end,
         "node_cpu_s": cpu,
+        "s3_cpu_s": services_cpu["s3"],
+        "redis_cpu_s": services_cpu["redis"],
+        "idle_tail_s": _idle_tail(subs),
         "node_throttling": throttling,
         "node_downloaded_bytes": downloaded,
         "subs": [_sub_job(s) for s in sorted(subs, key=lambda s: s.index)],
@@ -100,8 +123,9 @@ def run(workers: int, tenant: str, timeline: str, max_job_bytes: int, cpus: floa
 
 
 def main(argv: list[str]) -> None:
-    workers, tenant, timeline, max_job_bytes, cpus, directory = argv
-    print(json.dumps(run(int(workers), tenant, timeline, int(max_job_bytes), float(cpus), Path(directory))))
+    workers, tenant, timeline, max_job_bytes, cpus, directory, s3_pid = argv
+    result = run(int(workers), tenant, timeline, int(max_job_bytes), float(cpus), Path(directory), int(s3_pid))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
