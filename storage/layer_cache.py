@@ -10,6 +10,10 @@ small part of a layer, only they are fetched (ranged GETs, after the footer), in
 of the layer's size with the bytes at their own offsets. Such a *slice file* holds the footer and
 those row groups only; it is read for that key range alone, and the pages it holds are verified
 by their checksums (the whole file's sha256 cannot be, without the rest of it).
+
+The tail of a layer read for its footer is kept too (``*.tail``): every sub-job of a meta job that
+runs on a node reads the footers of the same layers, and a layer never changes, so only the first
+one asks the store for them.
 """
 
 import hashlib
@@ -52,6 +56,9 @@ class LayerCache:
         keys = hashlib.sha256(key_range.start + key_range.end).hexdigest()[:16]
         return self.path_for(entry).with_suffix(f".{keys}.slice.parquet")
 
+    def _tail_path(self, entry: LayerEntry) -> Path:
+        return self.path_for(entry).with_suffix(".tail")
+
     def _cached(self, path: Path, entry: LayerEntry) -> bool:
         if path.exists():
             if path.stat().st_size == entry.size:
@@ -73,10 +80,20 @@ class LayerCache:
             with open(path, "rb") as f:
                 f.seek(max(0, size - FOOTER_READ_BYTES))
                 return f.read()
+        kept = self._tail_path(entry)
+        try:
+            tail = kept.read_bytes()
+            os.utime(kept)  # recently used: evicted last (utime, unlike touch, never creates it again)
+            return tail
+        except FileNotFoundError:
+            pass  # not kept yet, or trimmed meanwhile
         tail = self.store.get_range(entry.object_key, max(0, size - FOOTER_READ_BYTES), min(size, FOOTER_READ_BYTES))
         needed = footer_length(tail)
         if needed is not None and len(tail) < needed <= size:
             tail = self.store.get_range(entry.object_key, size - needed, needed)
+        partial = kept.with_name(f"{kept.name}.{uuid.uuid4().hex}.partial")
+        partial.write_bytes(tail)
+        os.replace(partial, kept)  # whole or absent for the node's other processes
         return tail
 
     def fetch(self, entry: LayerEntry, key_range: KeyRange | None = None) -> Path:
@@ -147,7 +164,7 @@ class LayerCache:
         """Delete least recently used files until the cache fits ``max_bytes``. A reader that has
         a file open keeps reading it; one that has not opened it yet downloads it again."""
         files = []
-        for path in self.root.glob("*.parquet"):
+        for path in [*self.root.glob("*.parquet"), *self.root.glob("*.tail")]:
             try:
                 stat = path.stat()
             except FileNotFoundError:

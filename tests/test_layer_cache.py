@@ -25,11 +25,13 @@ N_KEYS = 400
 class Bytes(StoreObserver):
     def __init__(self) -> None:
         self.moved = 0
+        self.requests = 0
         self._lock = threading.Lock()
 
     def request(self, kind: RequestKind, payload_bytes: int) -> None:
         with self._lock:
             self.moved += payload_bytes
+            self.requests += 1
 
 
 def layer(tmp_path: Path, store: ObjectStore, damage_key: int | None = None) -> LayerEntry:
@@ -80,6 +82,22 @@ def test_a_slice_fetches_only_its_row_groups_and_reads_the_same_rows(store: Obje
     # Another range than the slice's reads the whole (verified) layer, never the holes.
     rest = [b for batch in slices.batches(entry, keys(0, 400)) for b in batch.column(0).to_pylist()]
     assert len(rest) == N_KEYS and slices.path_for(entry).exists()
+
+
+def test_the_footer_is_fetched_once_per_node(store: ObjectStore, tmp_path: Path) -> None:
+    """Sub-jobs of other slices on the same node (the same cache directory) read the kept tail."""
+    entry = layer(tmp_path, store)
+    moved = store.observer
+    assert isinstance(moved, Bytes)
+    first = LayerCache(store, tmp_path / "node")
+    first.fetch(entry, keys(100, 140))
+    moved.requests = 0
+    again = LayerCache(store, tmp_path / "node")  # another worker process of the node
+    assert again.footer(entry).index == first.footer(entry).index and moved.requests == 0
+    again.fetch(entry, keys(200, 240))
+    assert moved.requests == 1  # its row groups alone
+    got = [b for batch in again.batches(entry, keys(200, 240)) for b in batch.column(0).to_pylist()]
+    assert got == [key_from_int(k) for k in range(200, 240)]
 
 
 def test_a_large_slice_downloads_the_whole_layer(store: ObjectStore, tmp_path: Path) -> None:
