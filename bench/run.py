@@ -352,28 +352,41 @@ def measure_growth(bench: Bench, sizes: list[int]) -> list[dict[str, Any]]:
     return rows
 
 
+# The kinds the scale-out measures, and where their results go.
+SCALE_KINDS = {"gc": "scale_out", "l0": "scale_out_l0"}
+
+
+def scale_spec(kind: str, size: int) -> WorkloadSpec:
+    """The scale-out timeline: for ``gc`` the ``pages`` workload, whose bands and image layers are
+    each cut at their own keys, as on a real timeline (layers span the sub-jobs' cuts and are read
+    by both sides); for ``l0``, the same pages as ten L0 deltas over every key (the first image of
+    each key in the oldest), the L0 stack that ``compaction_threshold`` (10) lets through."""
+    if kind == "l0":
+        return preset("pages", size, bands=10, l0=True, base_image_layer=False)
+    return preset("pages", size)
+
+
 def measure_scale_out(
-    bench: Bench, size: int, workers: list[int], sub_jobs: int, repeat: int, cpus: float
+    bench: Bench, kind: str, size: int, workers: list[int], sub_jobs: int, repeat: int, cpus: float
 ) -> dict[str, Any]:
-    """The same meta job through the Celery path (``bench.scale``: the embedded stack with real
-    Redis and worker processes, against this benchmark's store) with each number of workers,
-    each node capped at ``cpus`` CPUs (``bench.cgroups``) so that nodes are as small as the
-    machine can emulate side by side."""
-    # Not partitioned: every band and the image layers are cut at their own keys, as on a real
-    # timeline, so layers span the sub-jobs' cuts and are read by both sides.
-    spec = preset("pages", size)
+    """The same meta job of ``kind`` through the Celery path (``bench.scale``: the embedded stack
+    with real Redis and worker processes, against this benchmark's store) with each number of
+    workers, each node capped at ``cpus`` CPUs (``bench.cgroups``) so that nodes are as small as
+    the machine can emulate side by side."""
+    spec = scale_spec(kind, size)
     manifest, gen_s = bench.generate(spec)
     layer_bytes = sum(e.size for e in manifest.layers.values())
-    bench.log(f"  generated pages {size_label(size)}: {len(manifest.layers)} layers, "
+    bench.log(f"  generated {kind} timeline, pages {size_label(size)}: {len(manifest.layers)} layers, "
               f"{layer_bytes / MB:.1f} MB in {gen_s:.1f}s")  # fmt: skip
-    # The planner cuts the selected layers' bytes (those at or below the cutoff) into
-    # ceil(bytes / limit) slices; the margin keeps that at ``sub_jobs``.
-    max_job_bytes = int(layer_size_below(manifest, manifest.gc.cutoff) / sub_jobs * 1.01)
+    # The planner cuts the selected layers' bytes (gc: those at or below the cutoff; l0: the L0
+    # run, here every layer) into ceil(bytes / limit) slices; the margin keeps that at ``sub_jobs``.
+    selected = layer_size_below(manifest, manifest.gc.cutoff if kind == "gc" else manifest.top_lsn)
+    max_job_bytes = int(selected / sub_jobs * 1.01)
     runs = []
     for n in [n for _ in range(repeat) for n in workers]:  # interleaved: 1, 2, 4, 1, 2, 4, ...
         timeline = bench.reset(manifest)
         directory = bench.dir / f"stack-{n}"
-        cmd = [sys.executable, "-m", "bench.scale", str(n), TENANT, timeline, str(max_job_bytes), str(cpus)]
+        cmd = [sys.executable, "-m", "bench.scale", kind, str(n), TENANT, timeline, str(max_job_bytes), str(cpus)]
         env = {**os.environ, **bench.env, "PYTHONPATH": str(ROOT), "COMPACTOR_LOCK_RETRY_DELAY_S": "0.25"}
         load = load_average()[0]
         assert bench.server.pid is not None
@@ -408,7 +421,9 @@ def measure_scale_out(
     for run in medians:
         run["speedup"] = base["wall_s"] / run["wall_s"]
         run["efficiency"] = run["speedup"] / (run["workers"] / base["workers"])
+    bench.forget(spec)  # frees the store's disk for the next kind
     return {
+        "kind": kind,
         "size": size,
         "workload": spec.model_dump(),
         "layers": len(manifest.layers),
@@ -499,45 +514,58 @@ def render(results: dict[str, Any]) -> str:
                 f"{g['rss_start_bytes'] / MIB:.0f} |"
             )
         lines.append("")
-    scale = results.get("scale_out")
-    if scale:
-        cap = scale["runs"][0]
-        nodes = (
-            f"each node capped at {scale['cpus_per_worker']:g} CPU (cgroup v1 `cpu` controller)"
-            if cap["cpu_cap"]
-            else f"workers NOT capped ({cap['cpu_cap_unavailable'] or 'no cap asked'}; CPU-seconds below)"
-        )
-        lines += [
-            f"**Scale-out**: one meta job over `pages` {size_label(scale['size'])} ({scale['layers']} layers, "
-            "bands and image layers each cut at their own keys), through Celery (real Redis, the same store), "
-            f"{nodes}. Medians of the runs; *plan* is from publishing the job to its plan, *finalize* from the "
-            "last sub-job's end to the commit; *sub-job s* and *values MB* are the shortest and longest "
-            "sub-job and the least and most key-value bytes one merged; *download wait* is the sub-jobs' time "
-            "blocked on layer downloads, *downloaded* the layer bytes all nodes fetched, *worker CPU-s* the "
-            "nodes' user + system CPU during the job.",
-            "",
-            f"Command: `{scale['command']}` ({scale['date']}, commit `{scale['commit']}`).",
-            "",
-            "| workers | sub-jobs | most at once | wall s (median) | runs s | MB/s | speedup | parallel efficiency "
-            "| plan s | finalize s | sub-job s | values MB per sub-job | download wait s | downloaded MB "
-            "| worker CPU-s | load |",
-            "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
-        ]
-        for r in scale["runs"]:
-            seconds = [sub["seconds"] for sub in r["subs"]]
-            values = [sub["kv_bytes"] / MB for sub in r["subs"]]
-            lines.append(
-                f"| {r['workers']} | {r['sub_jobs']} | {r['most_at_once']} | {r['wall_s']:.1f} | "
-                f"{' / '.join(f'{x:.1f}' for x in r.get('runs_wall_s', [r['wall_s']]))} | {r['mb_s']:.1f} | "
-                f"{r['speedup']:.2f} | {100 * r['efficiency']:.0f}% | {r['plan_s']:.1f} | {r['finalize_s']:.1f} | "
-                f"{min(seconds):.1f}-{max(seconds):.1f} | {min(values):.0f}-{max(values):.0f} | "
-                f"{sum(sub['download_wait_s'] for sub in r['subs']):.1f} | "
-                f"{sum(r['node_downloaded_bytes'].values()) / MB:.0f} | "
-                f"{sum(r['node_cpu_s'].values()):.0f} | {r['load_average']:.2f} |"
-            )
-        lines.append("")
+    for kind, key in SCALE_KINDS.items():
+        if results.get(key):
+            lines += render_scale_out(kind, results[key])
     lines += ["**Targets:**", ""] + [f"- {t}" for t in results["targets"]]
     return "\n".join(lines) + "\n"
+
+
+def render_scale_out(kind: str, scale: dict[str, Any]) -> list[str]:
+    cap = scale["runs"][0]
+    nodes = (
+        f"each node capped at {scale['cpus_per_worker']:g} CPU (cgroup v1 `cpu` controller)"
+        if cap["cpu_cap"]
+        else f"workers NOT capped ({cap['cpu_cap_unavailable'] or 'no cap asked'}; CPU-seconds below)"
+    )
+    timeline = (
+        f"L0 compaction over `pages` {size_label(scale['size'])} as {scale['layers']} L0 deltas"
+        if kind == "l0"
+        else f"gc-compaction over `pages` {size_label(scale['size'])} ({scale['layers']} layers, bands and image "
+        "layers each cut at their own keys)"
+    )
+    lines = [
+        f"**Scale-out, {kind}**: one meta job of {timeline}, through Celery (real Redis, the same store), "
+        f"{nodes}. Medians of the runs; *plan* is from publishing the job to its plan, *finalize* from the "
+        "last sub-job's end to the commit; *sub-job s* and *values MB* are the shortest and longest "
+        "sub-job and the least and most key-value bytes one merged; *download wait* is the sub-jobs' time "
+        "blocked on layer downloads, *idle tail* the node-seconds between each node's last sub-job end and "
+        "the last one's, *downloaded* the layer bytes all nodes fetched, *worker CPU-s* the nodes' user + "
+        "system CPU during the job, *S3 CPU-s* the (one, uncapped) S3 server's.",
+        "",
+        f"Command: `{scale['command']}` ({scale['date']}, commit `{scale['commit']}`).",
+        "",
+        "| workers | sub-jobs | most at once | wall s (median) | runs s | MB/s | speedup | parallel efficiency "
+        "| plan s | finalize s | sub-job s | values MB per sub-job | download wait s | idle tail s | downloaded MB "
+        "| worker CPU-s | S3 CPU-s | load |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in scale["runs"]:
+        seconds = [sub["seconds"] for sub in r["subs"]]
+        values = [sub["kv_bytes"] / MB for sub in r["subs"]]
+        # Runs from before these were measured have none.
+        s3_cpu = f"{r['s3_cpu_s']:.0f}" if "s3_cpu_s" in r else "-"
+        tail = f"{r['idle_tail_s']:.1f}" if "idle_tail_s" in r else "-"
+        lines.append(
+            f"| {r['workers']} | {r['sub_jobs']} | {r['most_at_once']} | {r['wall_s']:.1f} | "
+            f"{' / '.join(f'{x:.1f}' for x in r.get('runs_wall_s', [r['wall_s']]))} | {r['mb_s']:.1f} | "
+            f"{r['speedup']:.2f} | {100 * r['efficiency']:.0f}% | {r['plan_s']:.1f} | {r['finalize_s']:.1f} | "
+            f"{min(seconds):.1f}-{max(seconds):.1f} | {min(values):.0f}-{max(values):.0f} | "
+            f"{sum(sub['download_wait_s'] for sub in r['subs']):.1f} | {tail} | "
+            f"{sum(r['node_downloaded_bytes'].values()) / MB:.0f} | "
+            f"{sum(r['node_cpu_s'].values()):.0f} | {s3_cpu} | {r['load_average']:.2f} |"
+        )
+    return [*lines, ""]
 
 
 def check_targets(results: dict[str, Any]) -> list[str]:
@@ -584,19 +612,21 @@ def check_targets(results: dict[str, Any]) -> list[str]:
             f"{'PASS' if r2 >= 0.99 else 'FAIL'} cost linear: wall = {fixed:.1f} s + {100 * slope:.2f} s per 100 MB "
             f"(R^2 {r2:.4f}) over {', '.join(size_label(g['size']) for g in growth)}"
         )
-    scale = results.get("scale_out")
-    if scale and len(scale["runs"]) > 1:
+    for kind, key in SCALE_KINDS.items():
+        scale = results.get(key)
+        if not scale or len(scale["runs"]) < 2:
+            continue
         r = scale["runs"][-1]
         if not r["cpu_cap"]:
             out.append(
-                f"n/a scale-out: {100 * r['efficiency']:.0f}% parallel efficiency at {r['workers']} workers, "
+                f"n/a scale-out {kind}: {100 * r['efficiency']:.0f}% parallel efficiency at {r['workers']} workers, "
                 f"not capped ({r['cpu_cap_unavailable'] or 'no cap asked'})"
             )
         else:
             verdict = "PASS" if r["efficiency"] >= TARGET_SCALE_EFFICIENCY else "FAIL"
             out.append(
-                f"{verdict} scale-out: {100 * r['efficiency']:.0f}% parallel efficiency at {r['workers']} workers "
-                f"of {r['cpus_per_worker']:g} CPU each (target >= {100 * TARGET_SCALE_EFFICIENCY:.0f}% at 4)"
+                f"{verdict} scale-out {kind}: {100 * r['efficiency']:.0f}% parallel efficiency at {r['workers']} "
+                f"workers of {r['cpus_per_worker']:g} CPU each (target >= {100 * TARGET_SCALE_EFFICIENCY:.0f}% at 4)"
             )
     return out
 
@@ -622,6 +652,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale-out", default="1,2,4", help="worker counts for the scale-out run ('' to skip)")
     parser.add_argument("--scale-size", default="1G", help="input size of the scale-out meta job")
     parser.add_argument("--sub-jobs", type=int, default=12, help="sub-jobs of the scale-out meta job")
+    parser.add_argument(
+        "--scale-kind", default="gc", help=f"scale-out job kinds, comma-separated ({', '.join(SCALE_KINDS)})"
+    )
     parser.add_argument("--cpu-per-worker", type=float, default=0.25, help="CPU cap of each scale-out node (0: no cap)")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/compactor-bench"), help="scratch directory")
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "benchmarks.json", help="results file")
@@ -640,6 +673,9 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     workloads = [w for w in args.workloads.split(",") if w]
+    scale_kinds = [k for k in args.scale_kind.split(",") if k]
+    if unknown := set(scale_kinds) - set(SCALE_KINDS):
+        parser.error(f"unknown --scale-kind {', '.join(sorted(unknown))} (known: {', '.join(SCALE_KINDS)})")
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
     shutil.rmtree(args.dir, ignore_errors=True)
     args.dir.mkdir(parents=True)
@@ -656,7 +692,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "workloads": [],
         "growth": [],
-        "scale_out": None,
+        **dict.fromkeys(SCALE_KINDS.values()),
     }
     started = time.monotonic()
     bench = Bench(args.dir, args.verbose, args.profile)
@@ -675,12 +711,12 @@ def main(argv: list[str] | None = None) -> None:
             bench.log("cost growth / peak RSS (pages):")
             results["growth"] = measure_growth(bench, sizes)
         scale_workers = [int(n) for n in args.scale_out.split(",") if n]
-        if scale_workers:
-            bench.log("scale-out (Celery path):")
+        for kind in scale_kinds if scale_workers else []:
+            bench.log(f"scale-out of {kind} (Celery path):")
             size = parse_size(args.scale_size)
-            scale = measure_scale_out(bench, size, scale_workers, args.sub_jobs, args.repeat, args.cpu_per_worker)
+            scale = measure_scale_out(bench, kind, size, scale_workers, args.sub_jobs, args.repeat, args.cpu_per_worker)
             # Its own provenance: the section may be kept beside results of another run.
-            results["scale_out"] = {**scale, **{k: results["meta"][k] for k in ("date", "commit", "command")}}
+            results[SCALE_KINDS[kind]] = {**scale, **{k: results["meta"][k] for k in ("date", "commit", "command")}}
     finally:
         bench.stop()
     results["meta"]["load_average_end"] = load_average()

@@ -1,15 +1,15 @@
 """One scale-out run in a fresh process, started by ``bench.run``::
 
-    python -m bench.scale WORKERS TENANT TIMELINE MAX_JOB_BYTES CPUS DIRECTORY S3_PID
+    python -m bench.scale KIND WORKERS TENANT TIMELINE MAX_JOB_BYTES CPUS DIRECTORY S3_PID
 
-Starts the embedded stack (``compactor.coordinator.local.embedded``: real Redis, ``WORKERS`` nodes, each a
-``compactor worker --queues gc,light``) against the store named by the ``COMPACTOR_S3_*``
-variables, caps each node's processes at ``CPUS`` CPUs (``bench.cgroups``; 0 caps nothing), runs
-one meta job over the timeline through the Celery path and prints one JSON object: wall time from
-publishing the plan task to the meta job's end, its phases, the sub-jobs, each node's CPU-seconds,
-throttling and downloaded bytes, and the CPU-seconds of the services the nodes share: the S3 server
-(process ``S3_PID``, the benchmark's, not capped) and Redis. (A fresh process per run: the Celery
-app is configured once per process.)
+Starts the embedded stack (``compactor.coordinator.local.embedded``: real Redis, ``WORKERS``
+nodes, each a ``compactor worker --queues gc,light``) against the store named by the
+``COMPACTOR_S3_*`` variables, caps each node's processes at ``CPUS`` CPUs (``bench.cgroups``; 0
+caps nothing), runs one meta job of ``KIND`` (``gc`` or ``l0``) over the timeline through the
+Celery path and prints one JSON object: wall time from publishing the plan task to the meta job's
+end, its phases, the sub-jobs, each node's CPU-seconds, throttling and downloaded bytes, and the
+CPU-seconds of the services the nodes share: the S3 server (process ``S3_PID``, the benchmark's,
+not capped) and Redis. (A fresh process per run: the Celery app is configured once per process.)
 """
 
 import json
@@ -17,11 +17,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args
 
 from bench.cgroups import CpuCaps, cpu_seconds
 from compactor.coordinator.jobs.meta_jobs import create_meta_job
 from compactor.coordinator.local.embedded import EmbeddedStack
+from compactor.worker.engine.jobs import JobKind
 from compactor.worker.runtime.dispatch import TASK_PLAN
 from compactor.worker.runtime.records import CompactRequest, JobRecords, SubJobRecord, connect, most_at_once
 
@@ -59,7 +60,14 @@ def _idle_tail(subs: list[SubJobRecord]) -> float:
 
 
 def run(
-    workers: int, tenant: str, timeline: str, max_job_bytes: int, cpus: float, directory: Path, s3_pid: int
+    kind: JobKind,
+    workers: int,
+    tenant: str,
+    timeline: str,
+    max_job_bytes: int,
+    cpus: float,
+    directory: Path,
+    s3_pid: int,
 ) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k.startswith("COMPACTOR_")}
     with (
@@ -76,7 +84,7 @@ def run(
         cpu_before = {node: cpu_seconds(proc.pid) for node, proc in stack.workers.items()}
         services_before = {name: cpu_seconds(pid) for name, pid in services.items()}
         records = JobRecords(connect(stack.settings))
-        request = CompactRequest(tenant_id=tenant, timeline_id=timeline, max_job_bytes=max_job_bytes)
+        request = CompactRequest(tenant_id=tenant, timeline_id=timeline, max_job_bytes=max_job_bytes, kind=kind)
         meta, _ = create_meta_job(records, request)
         published = time.time()
         start = time.perf_counter()
@@ -88,15 +96,16 @@ def run(
         services_cpu = {name: cpu_seconds(pid) - services_before[name] for name, pid in services.items()}
         throttling = caps.throttling()
         # Each node's layer cache (the stack gives node N the cache directory cache-N) holds what
-        # it downloaded: whole layers, and sparse slice files holding only a slice's row groups,
-        # counted by the bytes on disk.
+        # it downloaded: whole layers, sparse slice files holding only a slice's row groups
+        # (counted by the bytes on disk) and the tails of layers read for their footers.
         downloaded = {
-            node: sum(f.stat().st_blocks * 512 for f in (directory / f"cache-{node}" / "layers").glob("*.parquet"))
+            node: sum(f.stat().st_blocks * 512 for f in (directory / f"cache-{node}" / "layers").glob("*.*"))
             for node in stack.workers
         }
         subs = records.get_subs(meta.sub_jobs)
     last_sub_end = max((s.ended_at or 0 for s in subs), default=published)
     return {
+        "kind": kind,
         "workers": workers,
         "state": meta.state.value,
         "error": meta.error or meta.skipped,
@@ -123,8 +132,19 @@ def run(
 
 
 def main(argv: list[str]) -> None:
-    workers, tenant, timeline, max_job_bytes, cpus, directory, s3_pid = argv
-    result = run(int(workers), tenant, timeline, int(max_job_bytes), float(cpus), Path(directory), int(s3_pid))
+    kind, workers, tenant, timeline, max_job_bytes, cpus, directory, s3_pid = argv
+    if kind not in get_args(JobKind):
+        raise SystemExit(f"unknown kind {kind!r}")
+    result = run(
+        cast(JobKind, kind),
+        int(workers),
+        tenant,
+        timeline,
+        int(max_job_bytes),
+        float(cpus),
+        Path(directory),
+        int(s3_pid),
+    )
     print(json.dumps(result))
 
 

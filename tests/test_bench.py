@@ -1,20 +1,25 @@
-"""The benchmark's emulated nodes (bench.cgroups) and the scale-out workload's layer map."""
+"""The benchmark's emulated nodes (bench.cgroups) and the scale-out workloads' layer maps."""
 
 import os
 import subprocess
 import time
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 
 from bench.cgroups import CPU_CONTROLLER, CpuCaps, cpu_seconds, process_tree
+from bench.run import scale_spec
 from compactor.coordinator.local.workload import KEY_BASE, preset
 from compactor.coordinator.local.workload import generate as generate_workload
 from compactor.storage.keys import key_from_int
 from compactor.storage.object_store import ObjectStore
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
+from compactor.worker.engine.jobs import CompactionJob
+from compactor.worker.engine.kinds import plan_any
+from compactor.worker.engine.l0 import L0Plan
 
 
 @pytest.fixture
@@ -73,3 +78,15 @@ def test_bands_and_image_layers_are_cut_at_their_own_keys(s3_settings: Settings,
     assert len(stacks) == 1 + spec.bands and all(len(starts) > 2 for starts in stacks.values())
     shared = set.intersection(*stacks.values()) - {key_from_int(KEY_BASE)}
     assert not shared
+
+
+def test_the_l0_scale_out_timeline_is_one_run_of_ten_l0s(s3_settings: Settings, object_store: ObjectStore) -> None:
+    """``--scale-kind l0``: every layer an L0 delta, LSN-contiguous, all of them one L0 run that
+    meets ``compaction_threshold`` without forcing, nothing left pending."""
+    spec = scale_spec("l0", 3 << 20)
+    manifest = generate_workload(Storage(s3_settings), "b" * 32, "c" * 32, spec, workdir=s3_settings.cache_dir)
+    layers = sorted((e.layer for e in manifest.layers.values()), key=lambda layer: layer.lsn_start)
+    assert len(layers) == 10 and all(layer.is_l0 for layer in layers)
+    assert all(a.lsn_end == b.lsn_start for a, b in pairwise(layers))
+    plan = plan_any(manifest, CompactionJob(tenant_id="b" * 32, timeline_id="c" * 32, kind="l0"))
+    assert isinstance(plan, L0Plan) and len(plan.selected) == 10 and not plan.pending

@@ -36,7 +36,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compactor.storage.errors import InvalidInput
-from compactor.storage.keys import key_from_int, key_to_int, parse_key
+from compactor.storage.keys import KEY_MAX, KEY_MIN, key_from_int, key_to_int, parse_key
 from compactor.storage.layer_file import LayerWriter
 from compactor.storage.layer_name import LayerName
 from compactor.storage.manifest import Ancestor, GcInfo, LayerEntry, Manifest, TimelineSettings
@@ -69,6 +69,7 @@ class WorkloadSpec(BaseModel):
     size_bytes: int = Field(default=64 * MIB, ge=64 * 1024, description="layer bytes of the timeline, approximately")
     layer_bytes: int = Field(default=128 * MIB, ge=64 * 1024, description="target size of each layer")
     bands: int = Field(default=4, ge=1, le=256, description="L1 bands (LSN ranges) of delta layers")
+    l0: bool = Field(default=False, description="each band one L0 delta over every key, as a pageserver flushes")
     page_bytes: tuple[int, int] = (8192, 8192)
     record_bytes: tuple[int, int] = Field(default=(16, 200), description="bytes each test record appends")
     records_between_images: tuple[int, int] = (5, 20)
@@ -227,8 +228,10 @@ class _Sink:
         target_bytes: int,
         start_key: bytes,
         on_layer: Callable[[LayerEntry], None],
+        l0: bool = False,  # one layer over every key, never cut
     ) -> None:
         self.storage, self.tenant_id, self.timeline_id = storage, tenant_id, timeline_id
+        self.l0 = l0
         self.workdir = workdir
         self.lsn_range = lsn_range
         self.target_bytes = target_bytes
@@ -239,6 +242,9 @@ class _Sink:
         self._count = 0
 
     def _name(self, end_key: bytes) -> LayerName:
+        if self.l0:
+            assert not isinstance(self.lsn_range, int)
+            return LayerName.delta(KEY_MIN, KEY_MAX, *self.lsn_range)
         if isinstance(self.lsn_range, int):
             return LayerName.image(self._start_key, end_key, self.lsn_range)
         return LayerName.delta(self._start_key, end_key, *self.lsn_range)
@@ -247,7 +253,7 @@ class _Sink:
         if not versions:
             return
         writer = self._writer
-        if writer is not None and writer.estimated_size >= self.target_bytes:
+        if writer is not None and writer.estimated_size >= self.target_bytes and not self.l0:
             self._cut(key)
             writer = None
         if writer is None:
@@ -376,11 +382,11 @@ def _write_layers(
     start_key, end_key = key_from_int(KEY_BASE), key_from_int(KEY_BASE + n_keys)
     edges = spec.band_edges()
 
-    def sink(timeline: str, lsns: tuple[int, int] | int) -> _Sink:
-        return _Sink(storage, tenant_id, timeline, work, lsns, spec.layer_bytes, start_key, on_layer)
+    def sink(timeline: str, lsns: tuple[int, int] | int, l0: bool = False) -> _Sink:
+        return _Sink(storage, tenant_id, timeline, work, lsns, spec.layer_bytes, start_key, on_layer, l0)
 
     images = sink(timeline_id, LSN_BASE) if spec.base_image_layer else None
-    bands = [sink(timeline_id, (edges[b], edges[b + 1])) for b in range(spec.bands)]
+    bands = [sink(timeline_id, (edges[b], edges[b + 1]), spec.l0) for b in range(spec.bands)]
     child_range = (spec.branch_lsn + 1, spec.branch_lsn + LSN_SPAN // 4) if spec.child else (0, 0)
     child = sink(child_id, child_range) if child_id is not None else None
     sinks = [s for s in (images, *bands, child) if s is not None]
