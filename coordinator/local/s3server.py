@@ -94,13 +94,18 @@ class _RangedGets:
         backend = s3_backends[account][get_partition(region["region"] if region else "")]
         bucket = backend.buckets.get(path[1])
         key = bucket.keys.get(path[2]) if bucket is not None else None
+        # moto's stored bytes (FakeKey.value would read them all); another moto version may keep
+        # them elsewhere, and then moto answers.
+        stored = getattr(key, "_value_buffer", None)
         first, last = int(wanted[1]), int(wanted[2])
-        if not isinstance(key, FakeKey) or key.encryption is not None or first > last or first >= key.size:
-            return None  # moto answers: missing, encrypted, unsatisfiable
+        if not isinstance(key, FakeKey) or stored is None or key.encryption is not None:
+            return None  # moto answers: missing, a delete marker, encrypted
+        if first > last or first >= key.size:
+            return None  # moto answers: unsatisfiable
         last = min(last, key.size - 1)
         with key.lock:
-            key._value_buffer.seek(first)  # moto's stored bytes; FakeKey.value would read them all
-            body = key._value_buffer.read(last - first + 1)
+            stored.seek(first)
+            body = stored.read(last - first + 1)
         headers = {
             **key.response_dict,
             **key.metadata,
