@@ -413,8 +413,10 @@ def measure_scale_out(
                   f"{run['idle_tail_s']:.1f} node-s")  # fmt: skip
         for sub in run["subs"]:
             bench.log(f"      sub-job {sub['index']:>2} on {sub['node']}: {sub['kv_bytes'] / MB:6.1f} MB of values, "
-                      f"{sub['seconds']:5.1f}s (download wait {sub['download_wait_s']:.1f}s, main loop "
-                      f"{sub['main_loop_s']:.1f}s, {sub['layer_bytes'] / MB:.0f} MB of layers read)")  # fmt: skip
+                      f"{sub['seconds']:5.1f}s (lock {sub['acquire_lock_s']:.1f}s, analyze {sub['analyze_s']:.1f}s, "
+                      f"main loop {sub['main_loop_s']:.1f}s of which download wait {sub['download_wait_s']:.1f}s, "
+                      f"final {sub['final_phase_s']:.1f}s, total {sub['total_s']:.1f}s; "
+                      f"{sub['layer_bytes'] / MB:.0f} MB of layers read)")  # fmt: skip
         runs.append(run)
     medians = [_median_run([r for r in runs if r["workers"] == n]) for n in workers]
     base = medians[0]

@@ -29,7 +29,7 @@ from compactor.worker.runtime.records import CompactRequest, JobRecords, SubJobR
 
 def _sub_job(sub: SubJobRecord) -> dict[str, Any]:
     """What balances a sub-job: the key-value bytes it merged (its slice's share of the work),
-    how long it ran, and how much of that it waited for downloads."""
+    how long it ran, how much of that it waited for downloads, and its phases."""
     stats = sub.stats
     return {
         "index": sub.index,
@@ -44,6 +44,12 @@ def _sub_job(sub: SubJobRecord) -> dict[str, Any]:
         "layer_bytes": stats.delta_layer_visited.size + stats.image_layer_visited.size if stats else 0,
         "download_wait_s": stats.time_download_layer_secs if stats else 0.0,
         "main_loop_s": stats.time_main_loop_secs if stats else 0.0,
+        # Before the main loop (the node lock, loading the plan and the layers' footers) and after
+        # it (the last output parts and the uploads' completion), where the store is waited on too.
+        "acquire_lock_s": stats.time_acquire_lock_secs if stats else 0.0,
+        "analyze_s": stats.time_analyze_secs if stats else 0.0,
+        "final_phase_s": stats.time_final_phase_secs if stats else 0.0,
+        "total_s": stats.time_total_secs if stats else 0.0,
     }
 
 
