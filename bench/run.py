@@ -12,7 +12,8 @@ against it:
 3. cost growth and peak RSS on workload ``pages`` at several input sizes (``--sizes``): wall
    time per MB, and VmHWM of the worker process;
 4. scale-out: one meta job through Celery on 1, 2, 4 nodes (``bench.scale``), each node capped
-   at ``--cpu-per-worker`` CPUs (``bench.cgroups``): speedup and parallel efficiency.
+   at ``--cpu-per-worker`` CPUs (``bench.cgroups``): speedup and parallel efficiency, of
+   gc-compaction and, with ``--scale-kind gc,l0``, of L0 compaction.
 
 Every measured run is a fresh process (``python -m bench.job``, ``python -m bench.scale``). Generated timelines are
 immutable: before each run the timeline is reset to its manifest 0 (a new manifest listing the
