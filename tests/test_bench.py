@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.cgroups import CPU_CONTROLLER, CpuCaps, cpu_seconds, process_tree
-from bench.run import scale_spec
+from bench.run import render_scale_out, scale_spec
 from compactor.coordinator.local.workload import KEY_BASE, preset
 from compactor.coordinator.local.workload import generate as generate_workload
 from compactor.storage.keys import key_from_int
@@ -90,3 +90,21 @@ def test_the_l0_scale_out_timeline_is_one_run_of_ten_l0s(s3_settings: Settings, 
     assert all(a.lsn_end == b.lsn_start for a, b in pairwise(layers))
     plan = plan_any(manifest, CompactionJob(tenant_id="b" * 32, timeline_id="c" * 32, kind="l0"))
     assert isinstance(plan, L0Plan) and len(plan.selected) == 10 and not plan.pending
+
+
+def test_scale_out_tables_render_runs_from_before_the_store_was_measured() -> None:
+    """Results files written before the S3 server's CPU and the idle tail were measured still
+    render, with a dash where those were not measured."""
+    sub = {"seconds": 5.0, "kv_bytes": 156e6, "download_wait_s": 1.0}
+    old = {
+        "workers": 1, "sub_jobs": 1, "most_at_once": 1, "wall_s": 5.0, "mb_s": 200.0, "speedup": 1.0,
+        "efficiency": 1.0, "plan_s": 0.1, "finalize_s": 0.1, "node_downloaded_bytes": {"node-1": 1e9},
+        "node_cpu_s": {"node-1": 1.2}, "load_average": 1.0, "cpu_cap": True, "cpu_cap_unavailable": None,
+        "subs": [sub],
+    }  # fmt: skip
+    new = {**old, "workers": 2, "s3_cpu_s": 6.4, "idle_tail_s": 0.3}
+    scale = {"size": 1 << 30, "layers": 10, "cpus_per_worker": 0.25, "command": "c", "date": "d", "commit": "x"}
+    lines = render_scale_out("l0", {**scale, "runs": [old, new]})
+    assert "L0 compaction" in lines[0]
+    assert lines[-3].endswith("| 1.0 | - | 1000 | 1 | - | 1.00 |")
+    assert lines[-2].endswith("| 1.0 | 0.3 | 1000 | 1 | 6 | 1.00 |")
