@@ -63,4 +63,8 @@ class Settings(BaseSettings):
     # orphan cleanup by the coordinator loop (compactor.coordinator.jobs.orphans); 0 turns the periodic run off
     orphan_interval_s: float = Field(default=3600.0, ge=0, description="seconds between orphan cleanups")
     orphan_grace_s: float = Field(default=6 * 3600.0, ge=0, description="minimum age of an orphan before deletion")
-    faults_enabled: bool = Field(default=False, description="honour fault points set in Redis (tests only)")
+    worker_plugins: str = Field(
+        default="",
+        pattern=r"^([\w.]+:\w+(,[\w.]+:\w+)*)?$",
+        description="worker plugins, comma-separated module:factory (compactor.worker.runtime.plugins)",
+    )

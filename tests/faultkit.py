@@ -40,6 +40,7 @@ from compactor.storage.layer_name import LayerName
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
 from compactor.worker.runtime.records import JobRecords, JobState, MetaJobRecord, SubJobRecord, connect
+from tests import faultplugin
 from tests.faultproxy import FaultProxy
 from tests.test_distributed import STACK_ENV, banded_timeline, retained_lsns
 from tests.timelines import TENANT, Timeline, reference_read
@@ -267,8 +268,9 @@ def describe(fs: FaultStack, job_id: str) -> str:
 
 def set_fault(fs: FaultStack, point: str, target: str, **value: Any) -> None:
     """Hold (``pause_*``) or fail (``fail_*``) the sub-jobs of ``target`` at a fault point of
-    ``compactor.worker.runtime.tasks.FAULT_WHERE``; counted as one injected fault."""
-    fs.records.set_fault(point, target, value)
+    ``compactor.worker.runtime.plugins.POINTS`` (``tests/faultplugin.py``); counted as one
+    injected fault."""
+    faultplugin.set_fault(fs.records.r, point, target, value)
     fs.summary.faults_injected += 1
 
 
@@ -276,7 +278,7 @@ def wait_hit(fs: FaultStack, point: str, target: str, timeout_s: float = 30.0) -
     """The marker a job leaves when it reaches ``point``: ``node``, ``pid``, ``attempt`` and
     ``sub_job`` (the sub-job id, or the meta job id for the commit points, which finalize
     reaches). ``target`` is a sub-job id, or a meta job id for itself or any of its sub-jobs."""
-    pattern = f"compactor:fault-hit:{point}:{target}*"
+    pattern = faultplugin.hit_key(point, target) + "*"
 
     def hit() -> dict[str, Any] | None:
         for key in fs.records.r.scan_iter(match=pattern):

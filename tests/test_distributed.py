@@ -3,8 +3,9 @@ a real S3 endpoint, two real ``celery worker`` processes with their own node ids
 coordinator loop), timelines imported through ``Storage.import_timeline``, and every test
 checks reads at all retained LSNs against the independent reference reader.
 
-Fault points (``COMPACTOR_FAULTS_ENABLED``) stretch a sub-job in its merge, or a meta job just
-before its one commit, so that the interleavings under test happen on purpose instead of by luck.
+The fault suite's worker plugin (``tests/faultplugin.py``) stretches a sub-job in its merge,
+or holds a meta job just before its one commit, so that the interleavings under test happen on
+purpose instead of by luck.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import redis
 
 from compactor.storage.keys import key_to_int
 from compactor.storage.timeline import Storage
+from tests.faultplugin import PLUGIN_ENV, hit_key, set_fault
 from tests.timelines import TENANT, Layer, Timeline, Value, record, reference_read
 
 T = TypeVar("T")
@@ -41,7 +43,7 @@ STACK_ENV = {
     "COMPACTOR_MAX_ATTEMPTS": "3",
     "COMPACTOR_TASK_HARD_TIME_LIMIT_S": "120",
     "COMPACTOR_TASK_SOFT_TIME_LIMIT_S": "100",
-    "COMPACTOR_FAULTS_ENABLED": "true",
+    **PLUGIN_ENV,
     "COMPACTOR_LOG_LEVEL": "INFO",
     "COMPACTOR_S3_MAX_ATTEMPTS": "3",
 }
@@ -237,7 +239,7 @@ def test_sub_jobs_run_in_parallel_commit_once_and_finalize_once(stack: Any, stor
     tl = import_timeline(storage, tid)
     job_id = os.urandom(16).hex()
     # Stretch each sub-job a little so that two nodes visibly work at once.
-    records.set_fault("pause_in_merge", job_id, {"seconds": 0.2})
+    set_fault(records.r, "pause_in_merge", job_id, {"seconds": 0.2})
     send_compact(stack, timeline_id=tid, max_job_bytes=total_bytes(storage, tid) // 8, job_id=job_id, wait_result=True)
     meta = wait_ended(records, job_id)
     assert meta.state == JobState.SUCCEEDED, meta.error
@@ -275,7 +277,7 @@ def test_two_timelines_on_two_nodes_one_compaction_per_node(stack: Any, storage:
     job_ids = [os.urandom(16).hex() for _ in tids]
     for job_id in job_ids:
         # Each holds its node's lock for a while: the second must run on the other node.
-        records.set_fault("pause_in_merge", job_id, {"seconds": 1.5, "once": True})
+        set_fault(records.r, "pause_in_merge", job_id, {"seconds": 1.5, "once": True})
     for tid, job_id in zip(tids, job_ids, strict=True):
         send_compact(stack, timeline_id=tid, sub_compaction=False, job_id=job_id)
     metas = [wait_ended(records, job_id) for job_id in job_ids]
@@ -301,11 +303,11 @@ def test_meta_job_replans_when_a_concurrent_commit_changes_its_inputs(
     tid = "c1" * 16
     tl = import_timeline(storage, tid)
     job_id = os.urandom(16).hex()
-    records.set_fault("pause_before_commit", job_id, {"seconds": 4, "once": True})
+    set_fault(records.r, "pause_before_commit", job_id, {"seconds": 4, "once": True})
     send_compact(stack, timeline_id=tid, max_job_bytes=total_bytes(storage, tid) // 3, job_id=job_id)
     wait_for(
         "the meta job to pause before its commit",
-        lambda: records.r.get(f"compactor:fault-hit:pause_before_commit:{job_id}"),
+        lambda: records.r.get(hit_key("pause_before_commit", job_id)),
     )
     first = records.get_meta(job_id)
 
@@ -339,7 +341,7 @@ def test_duplicated_messages_commit_once(stack: Any, storage: Storage, records: 
     tid = "d1" * 16
     tl = import_timeline(storage, tid)
     job_id = os.urandom(16).hex()
-    records.set_fault("pause_in_merge", job_id, {"seconds": 0.3})
+    set_fault(records.r, "pause_in_merge", job_id, {"seconds": 0.3})
     send_compact(stack, timeline_id=tid, max_job_bytes=total_bytes(storage, tid) // 6, job_id=job_id)
     meta = wait_for("planning", lambda: (m := records.get_meta(job_id)) and m.sub_jobs and m)
     publisher = CeleryPublisher()
@@ -365,7 +367,7 @@ def test_cancelled_job_commits_nothing(stack: Any, storage: Storage, records: An
     tl = import_timeline(storage, tid)
     before = storage.manifest(TENANT, tid)
     job_id = os.urandom(16).hex()
-    records.set_fault("pause_in_merge", job_id, {"seconds": 30})
+    set_fault(records.r, "pause_in_merge", job_id, {"seconds": 30})
     send_compact(stack, timeline_id=tid, max_job_bytes=total_bytes(storage, tid) // 8, job_id=job_id)
     wait_for(
         "a sub-job to pause in its merge",
@@ -457,7 +459,7 @@ def test_killed_worker_sub_job_is_reclaimed_and_finishes(stack: Any, storage: St
     tl = import_timeline(storage, tid)
     job_id = os.urandom(16).hex()
     sid = sub_job_id(job_id, 0)
-    records.set_fault("pause_in_merge", sid, {"seconds": 60, "once": True})
+    set_fault(records.r, "pause_in_merge", sid, {"seconds": 60, "once": True})
     send_compact(stack, timeline_id=tid, sub_compaction=False, job_id=job_id)
     sub = wait_for("the sub-job to pause", lambda: (s := records.get_sub(sid)) and s.progress.phase == "paused" and s)
     victim = sub.owner.node

@@ -3,11 +3,12 @@ one commit, frozen workers, a Redis restart, duplicated task messages and node l
 under a running sub-job.
 
 Real processes throughout (``tests.faultkit``: the embedded Redis and S3 endpoint, two
-``celery worker`` processes, the coordinator, S3 behind the fault proxy). Fault points
-(``compactor.worker.runtime.tasks.FAULT_WHERE``) hold a sub-job, or the finalize that commits, at a named place
-so that a kill lands exactly there; other scenarios kill at random times. After every scenario
-``check_invariants`` asserts that reads are exact, the manifest chain valid, nothing referenced
-lost, no orphan left after a cleanup, and every job ended clearly.
+``celery worker`` processes, the coordinator, S3 behind the fault proxy). The workers' fault
+plugin (``tests/faultplugin.py``) holds a sub-job, or the finalize that commits, at a named
+point (``compactor.worker.runtime.plugins.POINTS``) so that a kill lands exactly there; other
+scenarios kill at random times. After every scenario ``check_invariants`` asserts that reads
+are exact, the manifest chain valid, nothing referenced lost, no orphan left after a cleanup,
+and every job ended clearly.
 """
 
 from __future__ import annotations

@@ -27,8 +27,9 @@ from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
 from compactor.worker.engine.jobs import CompactionJob, SubJobSpec
 from compactor.worker.engine.statistics import s3_summary
-from compactor.worker.runtime import dispatch, tasks
+from compactor.worker.runtime import dispatch, plugins, tasks
 from compactor.worker.runtime.dispatch import TASK_FINALIZE, TASK_PLAN, TASK_RUN
+from compactor.worker.runtime.plugins import Attempt, Hold, Plugin, Plugins
 from compactor.worker.runtime.records import (
     ClaimOutcome,
     CompactRequest,
@@ -46,6 +47,7 @@ from compactor.worker.runtime.records import (
     sub_job_id,
 )
 from tests.conftest import make_s3_settings
+from tests.faultplugin import FaultPoints, set_fault
 from tests.test_distributed import assert_reads_exact, banded_timeline, manifests_written_by
 from tests.timelines import TENANT
 
@@ -346,16 +348,14 @@ def flow(s3_endpoint: str, tmp_path: Path, records: JobRecords, redis_url: str) 
         s3_endpoint,
         tmp_path,
         redis_url=redis_url,
-        faults_enabled=True,
         heartbeat_interval_s=0.2,
         lock_retry_delay_s=0.05,
     )
     storage = Storage(settings)
     storage.objects.ensure_bucket()
     published = Published()
-    return tasks.Context(
-        settings, storage, records, published, "node-test", meta_jobs.MetaJobs(storage, records, published, settings)
-    )
+    flow = meta_jobs.MetaJobs(storage, records, published, settings)
+    return tasks.Context(settings, storage, records, published, "node-test", flow, Plugins([FaultPoints(settings)]))
 
 
 def drain(ctx: tasks.Context, limit: int = 500) -> None:
@@ -418,7 +418,7 @@ def test_failed_sub_job_fails_the_meta_job_without_l2(flow: tasks.Context) -> No
     flow.storage.import_timeline(json.dumps(tl.to_json()))
     total = sum(e.size for e in flow.storage.manifest(TENANT, TL).layers.values())
     job_id = "e" * 32
-    flow.records.set_fault("fail_in_merge", sub_job_id(job_id, 1), {"message": "disk on fire", "once": True})
+    set_fault(flow.records.r, "fail_in_merge", sub_job_id(job_id, 1), {"message": "disk on fire", "once": True})
     before = flow.storage.manifest(TENANT, TL)
     result = submit(flow, {"tenant_id": TENANT, "timeline_id": TL, "max_job_bytes": total // 8, "job_id": job_id})
     meta = flow.records.require_meta(result["job_id"])
@@ -433,6 +433,52 @@ def test_failed_sub_job_fails_the_meta_job_without_l2(flow: tasks.Context) -> No
     in_bucket = {info.key for info in flow.storage.objects.list_keys(layout.layers_prefix(TENANT, TL))}
     assert in_bucket == {e.object_key for e in after.layers.values()}
     assert_reads_exact(flow.storage, {TL: tl}, TL)
+
+
+class PointLog(Plugin):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None, int]] = []
+        self.lock = threading.Lock()
+
+    def reached(self, point: str, attempt: Attempt, hold: Hold) -> None:
+        with self.lock:  # downloads reach their point on pool threads
+            self.seen.append((point, attempt.sub_id, attempt.number))
+
+
+def test_plugins_see_every_point_of_a_meta_job_in_order(flow: tasks.Context) -> None:
+    points = PointLog()
+    flow.plugins.plugins.append(points)
+    tl = banded_timeline(TL)
+    flow.storage.import_timeline(json.dumps(tl.to_json()))
+    total = sum(e.size for e in flow.storage.manifest(TENANT, TL).layers.values())
+    meta = flow.records.require_meta(
+        submit(flow, {"tenant_id": TENANT, "timeline_id": TL, "max_job_bytes": total // 3})["job_id"]
+    )
+    assert meta.state == JobState.SUCCEEDED and len(meta.sub_jobs) >= 2
+    for sid in meta.sub_jobs:
+        seen = [point for point, sub, number in points.seen if sub == sid and number == 1]
+        assert {"in_download", "in_merge", "in_upload"} <= set(seen), (sid, seen)
+        assert seen.index("in_download") < seen.index("in_merge") < seen.index("in_upload")
+    # Finalize is the last to reach a point: just before its one manifest, then right after.
+    assert points.seen[-2:] == [("before_commit", None, 0), ("in_commit", None, 0)]
+    assert sum(point.endswith("commit") for point, _, _ in points.seen) == 2
+
+
+def test_plugins_load_from_the_settings_or_stop_the_worker_in_one_line(redis_url: str) -> None:
+    loaded = plugins.load(Settings(redis_url=redis_url, worker_plugins="tests.faultplugin:FaultPoints"))
+    assert [type(p) for p in loaded.plugins] == [FaultPoints]
+    assert plugins.load(Settings()).checkpoint(Attempt("m", None, 0, "n", 1), time.sleep) is None
+    for spec, message in [
+        ("no_such_module:make", "did not load: No module named 'no_such_module'"),
+        ("tests.faultplugin:nothing", "did not load"),
+        ("tests.faultplugin:set_fault", "did not load"),  # not a factory of one Settings
+        ("builtins:repr", "is not a compactor Plugin: str"),
+    ]:
+        with pytest.raises(InvalidInput, match=re.escape(message)) as err:
+            plugins.load(Settings(worker_plugins=spec))
+        assert spec in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ValidationError):
+        Settings(worker_plugins="not a plugin")
 
 
 def test_invalid_payloads_end_in_one_line_errors(flow: tasks.Context) -> None:

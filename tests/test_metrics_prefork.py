@@ -83,7 +83,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FaultStack
     worker_port = coordinator_port + 1
     env = {
         **STACK_ENV,
-        "COMPACTOR_FAULTS_ENABLED": "false",
+        "COMPACTOR_WORKER_PLUGINS": "",
         "COMPACTOR_S3_ENDPOINT_URL": proxy.url,
         "COMPACTOR_METRICS_PORT": str(coordinator_port),
     }

@@ -555,9 +555,10 @@ def worker_command(
 
     configure(settings)
     from compactor.coordinator.jobs.meta_jobs import MetaJobs
-    from compactor.worker.runtime import tasks  # registers the tasks
+    from compactor.worker.runtime import plugins, tasks  # registers the tasks
 
     tasks.install(MetaJobs)
+    plugins.load(settings)  # a plugin that does not load stops the worker before it takes a job
 
     _exit_with_parent()
     from compactor.worker.runtime import metrics

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,7 +41,7 @@ from compactor.storage.keys import format_key
 from compactor.storage.manifest import GcCompactionState, Manifest
 from compactor.storage.object_store import RequestCounter
 from compactor.storage.settings import Settings
-from compactor.storage.timeline import Storage
+from compactor.storage.timeline import Checkpoint, Storage
 from compactor.worker.engine.commit import CommitRefused
 from compactor.worker.engine.jobs import CommitProposal, SubJobSpec
 from compactor.worker.engine.kinds import is_pending, plan_any
@@ -356,9 +356,6 @@ def commit_l2_lsn(storage: Storage, meta: MetaJobRecord) -> None:
         log.info("l2 lsn advanced job=%s lsn=%d manifest=%d", meta.id, target, committed.number)
 
 
-CommitHook = Callable[[], None]
-
-
 def _commit(
     storage: Storage,
     records: JobRecords,
@@ -366,7 +363,7 @@ def _commit(
     meta: MetaJobRecord,
     proposal: CommitProposal | None,
     settings: Settings,
-    before_commit: CommitHook | None,
+    reached: Checkpoint | None,
     counter: RequestCounter,
 ) -> tuple[MetaJobRecord | None, int | None, str | None]:
     """The meta job's one commit of its sub-jobs' combined ``proposal`` (``storage`` counts its
@@ -376,9 +373,7 @@ def _commit(
         commit_l2_lsn(storage, meta)
         return None, None, None
     try:
-        number = commit_meta(
-            storage, proposal, written_by=f"meta job {meta.id}", l2_lsn=meta.l2_lsn, before_commit=before_commit
-        )
+        number = commit_meta(storage, proposal, written_by=f"meta job {meta.id}", l2_lsn=meta.l2_lsn, reached=reached)
     except ManifestConflict as err:
         reason = one_line(err)
         if meta.replans < settings.max_replans and not meta.cancel_requested:
@@ -398,7 +393,7 @@ def finalize(
     job_id: str,
     settings: Settings,
     *,
-    before_commit: CommitHook | None = None,
+    reached: Checkpoint | None = None,
 ) -> MetaJobRecord:
     """Commit and end a meta job whose sub-jobs have all ended (or plan it again after a
     conflict). Repeatable: a meta job that has ended is returned unchanged, and a commit that
@@ -425,7 +420,7 @@ def finalize(
     try:
         if state == JobState.SUCCEEDED:
             replanned, final.manifest_number, commit_error = _commit(
-                storage, records, publisher, meta, proposal, settings, before_commit, counter
+                storage, records, publisher, meta, proposal, settings, reached, counter
             )
             if replanned is not None:
                 return replanned
@@ -578,8 +573,8 @@ class MetaJobs:
     def plan(self, job_id: str) -> MetaJobRecord:
         return plan(self.storage, self.records, self.publisher, job_id, self.settings)
 
-    def finalize(self, job_id: str, storage: Storage, before_commit: CommitHook | None) -> MetaJobRecord:
-        return finalize(storage, self.records, self.publisher, job_id, self.settings, before_commit=before_commit)
+    def finalize(self, job_id: str, storage: Storage, reached: Checkpoint | None) -> MetaJobRecord:
+        return finalize(storage, self.records, self.publisher, job_id, self.settings, reached=reached)
 
 
 # ----------------------------------------------------------------------------- status

@@ -16,7 +16,6 @@ compactor:breaker:{tenant}/{tl}       BreakerState of the timeline
 compactor:node-lock:{node}            the node lock (compactor.worker.runtime.node_lock)
 compactor:held:{job_id}.{index}       the worker process that last received the sub-job's message
 compactor:alive:{hostname}:{pid}      a worker process's liveness (expires when it stops renewing)
-compactor:fault:{point}:{target}      fault points (tests; only with COMPACTOR_FAULTS_ENABLED)
 ```
 
 Only the current attempt of a sub-job may change it: every worker report carries the sub-job
@@ -917,26 +916,6 @@ class JobRecords:
                 meta.tenant_id, meta.timeline_id, result[0].consecutive_failures, result[0].open_until,
             )  # fmt: skip
         return result[0]
-
-    # ------------------------------------------------------------------ fault points
-
-    def set_fault(self, point: str, target: str, value: dict[str, Any], ttl_s: float = 600.0) -> None:
-        self.r.set(f"{PREFIX}fault:{point}:{target}", json.dumps(value), px=int(ttl_s * 1000))
-
-    def take_fault(self, point: str, targets: Iterable[str]) -> dict[str, Any] | None:
-        """The first fault set for one of ``targets``; a fault with ``"once": true`` is consumed."""
-        for target in targets:
-            key = f"{PREFIX}fault:{point}:{target}"
-            raw = self.r.get(key)
-            if raw is None:
-                continue
-            value: dict[str, Any] = json.loads(raw)
-            if value.get("once") and not self.r.delete(key):
-                continue  # another attempt took it first
-            return value
-        return None
-
-    # ------------------------------------------------------------------ scanning
 
 
 def _set_progress(rec: SubJobRecord, progress: JobProgress, at: float) -> None:
