@@ -39,7 +39,8 @@ from compactor.storage.layer_map import check_valid_layermap
 from compactor.storage.layer_name import LayerName
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
-from compactor.worker.runtime.records import JobRecords, JobState, MetaJobRecord, SubJobRecord, connect
+from compactor.worker.runtime.records import JobRecords, JobState, MetaJobRecord, SubJobRecord
+from compactor.worker.runtime.redis_client import connect
 from tests import faultplugin
 from tests.faultproxy import FaultProxy
 from tests.test_distributed import STACK_ENV, banded_timeline, retained_lsns
@@ -216,7 +217,7 @@ def submit(fs: FaultStack, tid: str, *, job_id: str | None = None, parts: int = 
     into about ``parts`` sub-jobs."""
     from celery import Celery
 
-    from compactor.worker.runtime.records import celery_redis_url
+    from compactor.worker.runtime.redis_client import celery_redis_url
 
     job_id = job_id or os.urandom(16).hex()
     url = celery_redis_url(fs.settings.redis_url)

@@ -24,7 +24,8 @@ import redis
 from compactor.storage.errors import CompactorError
 from compactor.storage.settings import Settings
 from compactor.worker.runtime.plugins import Attempt, Hold, Plugin
-from compactor.worker.runtime.records import connect, now
+from compactor.worker.runtime.records import now
+from compactor.worker.runtime.redis_client import connect
 
 log = logging.getLogger(__name__)
 

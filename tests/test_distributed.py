@@ -157,7 +157,8 @@ def storage(stack: Any) -> Storage:
 
 @pytest.fixture(scope="module")
 def records(stack: Any) -> Any:
-    from compactor.worker.runtime.records import JobRecords, connect
+    from compactor.worker.runtime.records import JobRecords
+    from compactor.worker.runtime.redis_client import connect
 
     return JobRecords(connect(stack.settings))
 
@@ -177,7 +178,7 @@ def send_compact(stack: Any, *, wait_result: bool = False, **payload: Any) -> st
     app, no import of our code, the payload as keyword arguments."""
     from celery import Celery
 
-    from compactor.worker.runtime.records import celery_redis_url
+    from compactor.worker.runtime.redis_client import celery_redis_url
 
     url = celery_redis_url(stack.settings.redis_url)
     client = Celery(broker=url, backend=url if wait_result else None)
@@ -425,7 +426,7 @@ def test_malformed_messages_are_rejected_in_one_line_and_workers_survive(stack: 
     from kombu import Connection
 
     from compactor.worker.runtime.app import app
-    from compactor.worker.runtime.records import celery_redis_url
+    from compactor.worker.runtime.redis_client import celery_redis_url
 
     bodies = [
         (b"{not json", "application/json", "message rejected: body not decodable"),
@@ -453,7 +454,8 @@ def test_malformed_messages_are_rejected_in_one_line_and_workers_survive(stack: 
 
 
 def test_killed_worker_sub_job_is_reclaimed_and_finishes(stack: Any, storage: Storage, records: Any) -> None:
-    from compactor.worker.runtime.records import JobState, sub_job_id
+    from compactor.worker.runtime.payloads import sub_job_id
+    from compactor.worker.runtime.records import JobState
 
     tid = "a2" * 16
     tl = import_timeline(storage, tid)

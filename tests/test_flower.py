@@ -25,14 +25,9 @@ from typing import Any
 import pytest
 
 from compactor.storage.timeline import Storage
-from compactor.worker.runtime.records import (
-    JobRecords,
-    JobState,
-    MetaJobRecord,
-    SubJobRecord,
-    celery_redis_url,
-    sub_job_id,
-)
+from compactor.worker.runtime.payloads import sub_job_id
+from compactor.worker.runtime.records import JobRecords, JobState, MetaJobRecord, SubJobRecord
+from compactor.worker.runtime.redis_client import celery_redis_url
 from tests import test_distributed
 from tests.faultplugin import PLUGIN_ENV, hit_key, set_fault
 from tests.test_distributed import cli, import_timeline, wait_ended, wait_for

@@ -27,25 +27,13 @@ from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
 from compactor.worker.engine.jobs import CompactionJob, SubJobSpec
 from compactor.worker.engine.statistics import s3_summary
-from compactor.worker.runtime import dispatch, plugins, tasks
+from compactor.worker.runtime import attempts, dispatch, plugins, tasks
+from compactor.worker.runtime.attempts import ClaimOutcome, StaleAttempt
 from compactor.worker.runtime.dispatch import TASK_FINALIZE, TASK_PLAN, TASK_RUN
+from compactor.worker.runtime.payloads import CompactRequest, payload_schemas, sub_job_id
 from compactor.worker.runtime.plugins import Attempt, Hold, Plugin, Plugins
-from compactor.worker.runtime.records import (
-    ClaimOutcome,
-    CompactRequest,
-    JobProgress,
-    JobRecords,
-    JobState,
-    MetaJobRecord,
-    StaleAttempt,
-    SubJobRecord,
-    celery_redis_url,
-    check_connectivity,
-    payload_schemas,
-    redact_url,
-    redis_py_url,
-    sub_job_id,
-)
+from compactor.worker.runtime.records import JobProgress, JobRecords, JobState, MetaJobRecord, SubJobRecord
+from compactor.worker.runtime.redis_client import celery_redis_url, check_connectivity, redact_url, redis_py_url
 from tests.conftest import make_s3_settings
 from tests.faultplugin import FaultPoints, set_fault
 from tests.test_distributed import assert_reads_exact, banded_timeline, manifests_written_by
@@ -93,7 +81,7 @@ def make_meta(records: JobRecords, n_subs: int) -> MetaJobRecord:
 def claim(records: JobRecords, sub_id: str, node: str = "n1", **kw: Any) -> tuple[ClaimOutcome, SubJobRecord | None]:
     args: dict[str, Any] = {"heartbeat_timeout_s": 30.0, "max_attempts": 3, "cancel_requested": lambda: False}
     args.update(kw)
-    return records.claim(sub_id, node=node, pid=1, **args)
+    return attempts.claim(records, sub_id, node=node, pid=1, **args)
 
 
 class Published:
@@ -159,20 +147,20 @@ def test_only_the_current_attempt_changes_a_sub_job(records: JobRecords) -> None
     assert first.attempt == 1
     token1 = first.owner.token
 
-    records.heartbeat(sid, 1, token1, JobProgress(phase="compacting", keys=5))
+    attempts.heartbeat(records, sid, 1, token1, JobProgress(phase="compacting", keys=5))
     with pytest.raises(StaleAttempt):
-        records.heartbeat(sid, 1, "not-the-token", JobProgress(phase="compacting", keys=99))
+        attempts.heartbeat(records, sid, 1, "not-the-token", JobProgress(phase="compacting", keys=99))
     with pytest.raises(StaleAttempt):
-        records.heartbeat(sid, 2, token1, JobProgress(phase="compacting", keys=99))
+        attempts.heartbeat(records, sid, 2, token1, JobProgress(phase="compacting", keys=99))
     rec = records.get_sub(sid)
     assert rec is not None and rec.progress.keys == 5
 
     # The scheduler takes the attempt away; the old worker's later reports are ignored.
-    assert records.preempt(sid, 1, token1, "no heartbeat") is not None
+    assert attempts.preempt(records, sid, 1, token1, "no heartbeat") is not None
     with pytest.raises(StaleAttempt):
-        records.heartbeat(sid, 1, token1, JobProgress(phase="compacting", keys=77))
+        attempts.heartbeat(records, sid, 1, token1, JobProgress(phase="compacting", keys=77))
     with pytest.raises(StaleAttempt):
-        records.finish(sid, 1, token1, JobState.SUCCEEDED)
+        attempts.finish(records, sid, 1, token1, JobState.SUCCEEDED)
     rec = records.get_sub(sid)
     assert rec is not None and rec.state == JobState.PREEMPTED and rec.progress.keys == 5
 
@@ -180,8 +168,8 @@ def test_only_the_current_attempt_changes_a_sub_job(records: JobRecords) -> None
     assert outcome == ClaimOutcome.CLAIMED and second is not None and second.owner is not None
     assert second.attempt == 2 and second.owner.token != token1
     with pytest.raises(StaleAttempt):
-        records.finish(sid, 1, token1, JobState.FAILED)
-    done = records.finish(sid, 2, second.owner.token, JobState.SUCCEEDED)
+        attempts.finish(records, sid, 1, token1, JobState.FAILED)
+    done = attempts.finish(records, sid, 2, second.owner.token, JobState.SUCCEEDED)
     assert done.state == JobState.SUCCEEDED
     assert [a.outcome for a in done.attempts] == ["preempted: no heartbeat", "succeeded"]
     assert all(a.ended_at is not None for a in done.attempts)
@@ -203,7 +191,7 @@ def test_stale_reports_never_land_under_concurrency(records: JobRecords) -> None
         for i in range(300):
             was_preempted = preempted.is_set()
             try:
-                records.heartbeat(sid, 1, token, JobProgress(phase="compacting", keys=i + 1))
+                attempts.heartbeat(records, sid, 1, token, JobProgress(phase="compacting", keys=i + 1))
             except StaleAttempt:
                 continue
             if was_preempted:
@@ -212,7 +200,7 @@ def test_stale_reports_never_land_under_concurrency(records: JobRecords) -> None
     thread = threading.Thread(target=old_worker)
     thread.start()
     time.sleep(0.02)
-    assert records.preempt(sid, 1, token, "test") is not None
+    assert attempts.preempt(records, sid, 1, token, "test") is not None
     preempted.set()
     thread.join()
     frozen = records.get_sub(sid)
@@ -233,7 +221,7 @@ def test_claim_rules(records: JobRecords) -> None:
     for _ in range(2):
         _, r = claim(records, b, max_attempts=2)
         assert r is not None and r.owner is not None
-        records.preempt(b, r.attempt, r.owner.token, "stuck")
+        attempts.preempt(records, b, r.attempt, r.owner.token, "stuck")
     outcome, gave_up = claim(records, b, max_attempts=2)
     assert outcome == ClaimOutcome.GAVE_UP and gave_up is not None
     assert gave_up.state == JobState.FAILED and gave_up.error is not None
@@ -254,7 +242,7 @@ def test_finalize_claimed_once_never_early(records: JobRecords) -> None:
     def end(sid: str) -> SubJobRecord:
         _, r = claim(records, sid)
         assert r is not None and r.owner is not None
-        return records.finish(sid, r.attempt, r.owner.token, JobState.SUCCEEDED)
+        return attempts.finish(records, sid, r.attempt, r.owner.token, JobState.SUCCEEDED)
 
     ended0 = end(s0)
     # Duplicated "ended" handling, concurrently: nothing follows, since 1 and 2 have not ended
@@ -295,7 +283,7 @@ def test_cancel_waiting_and_running(records: JobRecords) -> None:
     assert [r.state for r in records.get_subs([s1, s2])] == [JobState.CANCELLED, JobState.CANCELLED]
     assert published.of(TASK_FINALIZE) == [], "the running sub-job has not stopped yet"
     # The running attempt notices, records its end, and the follow-ups claim finalize.
-    ended = records.finish(s0, running.attempt, running.owner.token, JobState.CANCELLED)
+    ended = attempts.finish(records, s0, running.attempt, running.owner.token, JobState.CANCELLED)
     dispatch.sub_job_ended(records, published, ended)
     assert published.of(TASK_FINALIZE) == [{"job_id": meta.id}]
     assert published.of(TASK_RUN) == []

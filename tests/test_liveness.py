@@ -74,7 +74,8 @@ def test_busy_nodes_take_no_gc_work_they_cannot_run(stack: Any) -> None:
     its gc slot is free, so none is bounced back ("node busy") and the wall time is about four
     sub-jobs long."""
     from compactor.storage.timeline import Storage
-    from compactor.worker.runtime.records import JobRecords, JobState, connect
+    from compactor.worker.runtime.records import JobRecords, JobState
+    from compactor.worker.runtime.redis_client import connect
     from tests.test_distributed import import_timeline, send_compact, wait_ended
 
     storage = Storage(stack.settings)

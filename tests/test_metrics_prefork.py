@@ -24,7 +24,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from compactor.storage.timeline import Storage
-from compactor.worker.runtime.records import JobRecords, JobState, connect
+from compactor.worker.runtime.records import JobRecords, JobState
+from compactor.worker.runtime.redis_client import connect
 from tests.faultkit import FaultStack, FaultSummary, new_timeline, submit, wait_for
 from tests.faultproxy import FaultProxy, Rule
 from tests.test_distributed import STACK_ENV

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from compactor.storage.timeline import Storage
-from compactor.worker.runtime.records import JobRecords, JobState, connect, most_at_once
+from compactor.worker.runtime.records import JobRecords, JobState, most_at_once
+from compactor.worker.runtime.redis_client import connect
 from tests.faultplugin import set_fault
 from tests.test_distributed import (
     STACK_ENV,

@@ -34,18 +34,17 @@ from compactor.storage.lsn import LSN_MAX
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
 from compactor.worker.engine.statistics import CompactionStatistics, s3_summary
+from compactor.worker.runtime.payloads import CompactRequest
 from compactor.worker.runtime.records import (
     KEY_JOBS,
-    CompactRequest,
     JobRecords,
     JobState,
     MetaJobRecord,
     MetaStatistics,
     SubJobRecord,
-    check_connectivity,
-    connect,
     most_at_once,
 )
+from compactor.worker.runtime.redis_client import check_connectivity, connect
 
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _JOB_ID_PREFIX_RE = re.compile(r"[0-9a-f]{1,32}")

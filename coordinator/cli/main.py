@@ -114,7 +114,8 @@ def gc_orphans(ctx: click.Context, grace_s: float | None, keep_manifests: int, d
     """Delete layer objects no manifest references (past the grace period and older than every
     in-flight job) and prune old manifests; prints a JSON report."""
     from compactor.coordinator.jobs.orphans import collect_orphans, inflight_from_records
-    from compactor.worker.runtime.records import JobRecords, check_connectivity, connect
+    from compactor.worker.runtime.records import JobRecords
+    from compactor.worker.runtime.redis_client import check_connectivity, connect
 
     settings = settings_from(ctx)
     storage = Storage(settings)

@@ -47,10 +47,10 @@ from compactor.worker.engine.jobs import CommitProposal, SubJobSpec
 from compactor.worker.engine.kinds import is_pending, plan_any
 from compactor.worker.engine.run import EngineSettings
 from compactor.worker.engine.statistics import CompactionStatistics, add_requests
-from compactor.worker.runtime import metrics
+from compactor.worker.runtime import attempts, metrics
 from compactor.worker.runtime.dispatch import Publisher, enqueue_sub, maybe_finalize
+from compactor.worker.runtime.payloads import CompactRequest, new_job_id, sub_job_id
 from compactor.worker.runtime.records import (
-    CompactRequest,
     JobProgress,
     JobRecords,
     JobState,
@@ -58,9 +58,7 @@ from compactor.worker.runtime.records import (
     MetaStatistics,
     SubJobRecord,
     most_at_once,
-    new_job_id,
     now,
-    sub_job_id,
 )
 from compactor.worker.runtime.runner import commit_meta, compact
 
@@ -541,7 +539,7 @@ def cancel(records: JobRecords, publisher: Publisher, job_id: str) -> tuple[Meta
         raise InvalidInput(f"job {job_id} has already ended")
     cancelled = 0
     for sub in records.get_subs(updated.sub_jobs):
-        if records.cancel_waiting(sub.id) is not None:
+        if attempts.cancel_waiting(records, sub.id) is not None:
             cancelled += 1
             records.mark_finished(job_id, sub.id)
     log.info("meta job cancel requested job=%s waiting_cancelled=%d", job_id, cancelled)

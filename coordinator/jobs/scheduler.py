@@ -33,17 +33,10 @@ from compactor.coordinator.jobs.trigger import decide
 from compactor.storage.errors import CompactorError, one_line
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
-from compactor.worker.runtime import dispatch, metrics
+from compactor.worker.runtime import attempts, dispatch, metrics
 from compactor.worker.runtime.dispatch import TASK_FINALIZE, TASK_PLAN, Publisher
-from compactor.worker.runtime.records import (
-    CompactRequest,
-    JobRecords,
-    JobState,
-    MetaJobRecord,
-    SubJobRecord,
-    new_job_id,
-    now,
-)
+from compactor.worker.runtime.payloads import CompactRequest, new_job_id
+from compactor.worker.runtime.records import JobRecords, JobState, MetaJobRecord, SubJobRecord, now
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +186,7 @@ class Scheduler:
             reason = f"no progress for {at - sub.progress_changed_at:.0f}s"
         if reason is None or sub.owner is None:
             return
-        taken = self.records.preempt(sub.id, sub.attempt, sub.owner.token, reason)
+        taken = attempts.preempt(self.records, sub.id, sub.attempt, sub.owner.token, reason)
         if taken is None:
             return  # it moved on meanwhile
         log.warning(
@@ -202,7 +195,7 @@ class Scheduler:
         )  # fmt: skip
         report.reclaimed.append(sub.id)
         if taken.attempt >= settings.max_attempts:
-            failed = self.records.update_sub(sub.id, lambda rec: _give_up(rec, taken.attempt, reason))
+            failed = attempts.give_up(self.records, sub.id, taken.attempt, reason)
             if failed is not None:
                 report.gave_up.append(sub.id)
                 dispatch.sub_job_ended(self.records, self.publisher, failed)
@@ -307,12 +300,3 @@ class Scheduler:
                     stop.wait(remaining)
                 else:
                     time.sleep(remaining)
-
-
-def _give_up(rec: SubJobRecord, attempt: int, reason: str) -> SubJobRecord | None:
-    if rec.state != JobState.PREEMPTED or rec.attempt != attempt:
-        return None
-    rec.state, rec.ended_at = JobState.FAILED, now()
-    rec.error = f"gave up after {attempt} attempts (last: preempted: {reason})"
-    rec.progress.phase = "failed"
-    return rec

@@ -24,7 +24,9 @@ from compactor.storage.errors import CompactorError
 from compactor.storage.manifest import Manifest
 from compactor.storage.timeline import Storage
 from compactor.worker.runtime.dispatch import TASK_PLAN
-from compactor.worker.runtime.records import CompactRequest, JobRecords, JobState, connect, most_at_once
+from compactor.worker.runtime.payloads import CompactRequest
+from compactor.worker.runtime.records import JobRecords, JobState, most_at_once
+from compactor.worker.runtime.redis_client import connect
 
 TENANT = "de0de0de0de0de0de0de0de0de0de0de"
 TIMELINE = "0123456789abcdef0123456789abcdef"

@@ -32,7 +32,7 @@ from compactor.storage.errors import one_line
 from compactor.storage.settings import Settings
 from compactor.worker.runtime import metrics
 from compactor.worker.runtime.dispatch import QUEUE_GC, QUEUE_LIGHT, TASK_QUEUES
-from compactor.worker.runtime.records import celery_redis_url
+from compactor.worker.runtime.redis_client import celery_redis_url
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
+from compactor.worker.runtime import attempts
 from compactor.worker.runtime.records import JobRecords, SubJobRecord
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def enqueue_sub(records: JobRecords, publisher: Publisher, sub_id: str, countdow
     # waited for the no-progress timeout; found by the random-kill fault test).
     records.forget_holder(sub_id)
     publisher.publish(TASK_RUN, {"sub_job_id": sub_id}, countdown=countdown)
-    records.mark_enqueued(sub_id)
+    attempts.mark_enqueued(records, sub_id)
 
 
 def sub_job_ended(records: JobRecords, publisher: Publisher, sub: SubJobRecord) -> None:

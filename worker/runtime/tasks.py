@@ -45,6 +45,7 @@ from compactor.storage.settings import Settings
 from compactor.storage.timeline import Checkpoint, Storage
 from compactor.worker.engine.run import EngineSettings, Hooks, Progress
 from compactor.worker.runtime import (
+    attempts,
     deliveries,  # noqa: F401  (connects the worker's delivery signals)
     dispatch,
     metrics,
@@ -52,22 +53,13 @@ from compactor.worker.runtime import (
     runner,
 )
 from compactor.worker.runtime.app import CeleryPublisher, app, current_settings, node_id
+from compactor.worker.runtime.attempts import ClaimOutcome, StaleAttempt
 from compactor.worker.runtime.dispatch import TASK_COMPACT, TASK_FINALIZE, TASK_PLAN, TASK_RUN, Publisher
 from compactor.worker.runtime.node_lock import Heartbeat, NodeLock
+from compactor.worker.runtime.payloads import MetaJobRef, SubJobRef
 from compactor.worker.runtime.plugins import Attempt, Plugins
-from compactor.worker.runtime.records import (
-    ClaimOutcome,
-    JobProgress,
-    JobRecords,
-    JobState,
-    MetaJobRecord,
-    MetaJobRef,
-    StaleAttempt,
-    SubJobRecord,
-    SubJobRef,
-    connect,
-    now,
-)
+from compactor.worker.runtime.records import JobProgress, JobRecords, JobState, MetaJobRecord, SubJobRecord, now
+from compactor.worker.runtime.redis_client import connect
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +283,8 @@ def run_sub_job(ctx: Context, sub_id: str, report_state: Any = None) -> dict[str
     metrics.observe_lock_wait(time.perf_counter() - waited, contended=False)
     ended: SubJobRecord | None = None
     try:
-        outcome, claimed = records.claim(
+        outcome, claimed = attempts.claim(
+            records,
             sub_id,
             node=ctx.node_id,
             pid=os.getpid(),
@@ -355,7 +348,7 @@ def _run_claimed(
             stop.set(NodeLockLost(f"node lock of {ctx.node_id} lost while running"))
         current = progress[0]
         try:
-            records.heartbeat(sub_id, attempt, token, current)
+            attempts.heartbeat(records, sub_id, attempt, token, current)
             stored[0] = current
         except StaleAttempt:
             superseded()
@@ -367,7 +360,7 @@ def _run_claimed(
         if current is stored[0]:
             return
         try:
-            records.report_progress(sub_id, attempt, token, current)
+            attempts.report_progress(records, sub_id, attempt, token, current)
             stored[0] = current
         except StaleAttempt:
             superseded()
@@ -465,7 +458,7 @@ def _run_claimed(
             rec.stats.time_acquire_lock_secs = lock_wait_s
 
     try:
-        ended = records.finish(sub_id, attempt, token, state, change)
+        ended = attempts.finish(records, sub_id, attempt, token, state, change)
     except StaleAttempt:
         _delete_uploads(ctx, outcome)
         return None, {"sub_job_id": sub_id, "state": "superseded", "attempt": attempt}
