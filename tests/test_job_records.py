@@ -29,14 +29,14 @@ from compactor.worker.engine.jobs import CompactionJob, SubJobSpec
 from compactor.worker.engine.statistics import s3_summary
 from compactor.worker.runtime import attempts, dispatch, plugins, tasks
 from compactor.worker.runtime.attempts import ClaimOutcome, StaleAttempt
-from compactor.worker.runtime.dispatch import TASK_FINALIZE, TASK_PLAN, TASK_RUN
+from compactor.worker.runtime.dispatch import TASK_FINALIZE, TASK_PLAN, TASK_QUEUES, TASK_RUN
 from compactor.worker.runtime.payloads import CompactRequest, payload_schemas, sub_job_id
 from compactor.worker.runtime.plugins import Attempt, Hold, Plugin, Plugins
 from compactor.worker.runtime.records import JobProgress, JobRecords, JobState, MetaJobRecord, SubJobRecord
 from compactor.worker.runtime.redis_client import celery_redis_url, check_connectivity, redact_url, redis_py_url
 from tests.conftest import make_s3_settings
 from tests.faultplugin import FaultPoints, set_fault
-from tests.test_distributed import assert_reads_exact, banded_timeline, manifests_written_by
+from tests.test_distributed import assert_reads_exact, banded_timeline, l0_stack_timeline, manifests_written_by
 from tests.timelines import TENANT
 
 TL = "aa" * 16
@@ -89,11 +89,15 @@ class Published:
 
     def __init__(self) -> None:
         self.messages: list[tuple[str, dict[str, Any]]] = []
+        self.queues: list[tuple[str, str]] = []  # (task, queue) of every message
         self._lock = threading.Lock()
 
-    def publish(self, task: str, kwargs: dict[str, Any], *, countdown: float | None = None) -> None:
+    def publish(
+        self, task: str, kwargs: dict[str, Any], *, countdown: float | None = None, queue: str | None = None
+    ) -> None:
         with self._lock:
             self.messages.append((task, kwargs))
+            self.queues.append((task, queue or TASK_QUEUES[task]))
 
     def of(self, task: str) -> list[dict[str, Any]]:
         return [kw for name, kw in self.messages if name == task]
@@ -378,6 +382,8 @@ def test_meta_job_in_process_is_exact_and_advances_l2(flow: tasks.Context) -> No
     meta = flow.records.require_meta(result["job_id"])
     assert meta.state == JobState.SUCCEEDED, meta.error
     assert len(meta.sub_jobs) >= 4
+    assert isinstance(flow.publisher, Published)
+    assert {queue for task, queue in flow.publisher.queues if task == TASK_RUN} == {"gc"}
     after = flow.storage.manifest(TENANT, TL)
     assert after.gc_compaction.last_completed_lsn == tl.cutoff == meta.l2_lsn
     assert_reads_exact(flow.storage, {TL: tl}, TL)
@@ -421,6 +427,20 @@ def test_failed_sub_job_fails_the_meta_job_without_l2(flow: tasks.Context) -> No
     in_bucket = {info.key for info in flow.storage.objects.list_keys(layout.layers_prefix(TENANT, TL))}
     assert in_bucket == {e.object_key for e in after.layers.values()}
     assert_reads_exact(flow.storage, {TL: tl}, TL)
+
+
+def test_l0_sub_jobs_go_to_the_l0_queue(flow: tasks.Context) -> None:
+    tl = l0_stack_timeline(TL)
+    document = tl.to_json()
+    document["settings"] = {"compaction_threshold": 4, "checkpoint_distance": 2000}
+    flow.storage.import_timeline(json.dumps(document))
+    total = sum(e.size for e in flow.storage.manifest(TENANT, TL).layers.values())
+    result = submit(flow, {"tenant_id": TENANT, "timeline_id": TL, "kind": "l0", "max_job_bytes": total // 3})
+    meta = flow.records.require_meta(result["job_id"])
+    assert meta.state == JobState.SUCCEEDED and len(meta.sub_jobs) >= 2, meta.error
+    assert isinstance(flow.publisher, Published)
+    assert {queue for task, queue in flow.publisher.queues if task == TASK_RUN} == {"l0"}
+    assert_reads_exact(flow.storage, {TL: tl}, TL, list(range(0, 72)))
 
 
 class PointLog(Plugin):
@@ -789,7 +809,7 @@ def test_a_message_held_by_a_dead_worker_is_sent_again(flow: tasks.Context) -> N
     sid = meta.sub_jobs[0]
     published = Published()
     scheduler = Scheduler(flow.storage, records, published, flow.settings, auto_trigger=False)
-    dispatch.enqueue_sub(records, published, sid)
+    dispatch.enqueue_sub(records, published, records.get_sub(sid))
     published.messages.clear()
     records.mark_held(sid, "node-1@host:4242")
     records.keep_alive("node-1@host:4242", 30.0)

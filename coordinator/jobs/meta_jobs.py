@@ -239,7 +239,7 @@ def plan(storage: Storage, records: JobRecords, publisher: Publisher, job_id: st
     if not subs:
         return _end_without_sub_jobs(storage, records, publisher, job_id, settings)
     for sub in subs:
-        enqueue_sub(records, publisher, sub.id)
+        enqueue_sub(records, publisher, sub)
     return stored
 
 
@@ -279,7 +279,7 @@ def _replan(
         meta.id, len(subs), planned.manifest_number, stored.replans, reason,
     )  # fmt: skip
     for sub in subs:
-        enqueue_sub(records, publisher, sub.id)
+        enqueue_sub(records, publisher, sub)
     return stored
 
 

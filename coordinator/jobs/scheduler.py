@@ -200,7 +200,7 @@ class Scheduler:
                 report.gave_up.append(sub.id)
                 dispatch.sub_job_ended(self.records, self.publisher, failed)
             return
-        dispatch.enqueue_sub(self.records, self.publisher, sub.id)
+        dispatch.enqueue_sub(self.records, self.publisher, sub)
 
     def _check_waiting(self, meta: MetaJobRecord, sub: SubJobRecord, report: TickReport) -> None:
         settings = self.settings
@@ -209,18 +209,18 @@ class Scheduler:
             since = max(meta.planned_at or at, sub.created_at)
             if at - since > settings.heartbeat_timeout_s:
                 report.repaired.append(f"enqueue {sub.id}")
-                dispatch.enqueue_sub(self.records, self.publisher, sub.id)
+                dispatch.enqueue_sub(self.records, self.publisher, sub)
         elif (holder := self.records.held_by(sub.id)) is not None and not self.records.is_alive(holder):
             # Its message sits in a dead worker's memory (prefetched, or waiting out a
             # countdown) until the broker's visibility timeout: send another now.
             log.warning("sub-job message lost with its worker, sent again sub_job=%s holder=%s", sub.id, holder)
             report.repaired.append(f"enqueue {sub.id}")
-            dispatch.enqueue_sub(self.records, self.publisher, sub.id)
+            dispatch.enqueue_sub(self.records, self.publisher, sub)
         elif at - sub.enqueued_at > settings.no_progress_timeout_s:
             # Waiting this long: the queue is long, or its message was lost (a worker failing
             # between taking it and claiming). A second message costs one ignored delivery.
             report.repaired.append(f"enqueue {sub.id}")
-            dispatch.enqueue_sub(self.records, self.publisher, sub.id)
+            dispatch.enqueue_sub(self.records, self.publisher, sub)
 
     # ------------------------------------------------------------------ auto-trigger
 

@@ -321,14 +321,15 @@ class EmbeddedStack:
         """Celery's name for the gc worker of ``node_id``."""
         from compactor.worker.runtime.app import worker_hostname
 
-        return worker_hostname(node_id, ["gc"])
+        return worker_hostname(node_id, "gc")
 
     @staticmethod
     def hostnames(node_id: str) -> list[str]:
-        """Celery's names for both workers of ``node_id``: gc, and light beside it."""
+        """Celery's names for the workers of ``node_id``, one per queue."""
         from compactor.worker.runtime.app import worker_hostname
+        from compactor.worker.runtime.dispatch import QUEUES
 
-        return [worker_hostname(node_id, ["gc"]), worker_hostname(node_id, ["light"])]
+        return [worker_hostname(node_id, queue) for queue in QUEUES]
 
     def _metrics_port(self, offset: int) -> dict[str, str]:
         """The metrics port of the process ``offset`` above the configured one: processes on one
@@ -339,10 +340,10 @@ class EmbeddedStack:
         return {"COMPACTOR_METRICS_PORT": str(base + offset if base else 0)}
 
     def worker_args(self, node_id: str) -> list[str]:
-        """``compactor`` arguments of a node's worker: both queues, as docker-compose.yml and
-        deploy/k8s run them (gc with one slot, light beside it)."""
+        """``compactor`` arguments of a node's worker: every queue, as docker-compose.yml and
+        deploy/k8s run them (gc with one slot, l0 and light beside it)."""
         return [
-            *("worker", "--node-id", node_id, "--concurrency", str(self.concurrency), "--queues", "gc,light"),
+            *("worker", "--node-id", node_id, "--concurrency", str(self.concurrency), "--queues", "gc,l0,light"),
             *(["--loglevel", self.worker_loglevel] if self.worker_loglevel else []),
         ]
 

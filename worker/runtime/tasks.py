@@ -7,7 +7,8 @@ Running a sub-job (``compactor.run_sub_job``):
 
 1. a sub-job that has ended, or runs elsewhere with a live heartbeat, is a duplicate delivery:
    nothing to do;
-2. take the node lock without waiting; a busy node sends the message back to the queue with a
+2. take the node's slot for the job's kind without waiting (the node lock for gc, an L0 slot for
+   l0 and image: ``node_lock.take_slot``); a busy node sends the message back to the queue with a
    delay (not holding a worker slot, not counting as an attempt);
 3. claim the record: attempt + 1 and a fresh owner token; over the attempt cap it fails;
 4. run the sub-job with a heartbeat thread that renews the lock, writes heartbeat and progress
@@ -55,7 +56,7 @@ from compactor.worker.runtime import (
 from compactor.worker.runtime.app import CeleryPublisher, app, current_settings, node_id
 from compactor.worker.runtime.attempts import ClaimOutcome, StaleAttempt
 from compactor.worker.runtime.dispatch import TASK_COMPACT, TASK_FINALIZE, TASK_PLAN, TASK_RUN, Publisher
-from compactor.worker.runtime.node_lock import Heartbeat, NodeLock
+from compactor.worker.runtime.node_lock import Heartbeat, NodeLock, take_slot
 from compactor.worker.runtime.payloads import MetaJobRef, SubJobRef
 from compactor.worker.runtime.plugins import Attempt, Plugins
 from compactor.worker.runtime.records import JobProgress, JobRecords, JobState, MetaJobRecord, SubJobRecord, now
@@ -274,9 +275,10 @@ def run_sub_job(ctx: Context, sub_id: str, report_state: Any = None) -> dict[str
 
     # The lock expires before the scheduler gives a silent attempt away, so a preempted
     # attempt never overlaps the next job on its node.
-    lock = NodeLock(records.r, ctx.node_id, min(settings.lock_ttl_s, settings.heartbeat_timeout_s))
+    ttl_s = min(settings.lock_ttl_s, settings.heartbeat_timeout_s)
     waited = time.perf_counter()
-    if not lock.acquire():
+    lock = take_slot(records.r, ctx.node_id, sub.spec.job.kind, l0_slots=settings.l0_slots, ttl_s=ttl_s)
+    if lock is None:
         log.info("node busy, sub-job back to the queue sub_job=%s node=%s", sub_id, ctx.node_id)
         metrics.observe_lock_wait(0.0, contended=True)
         raise RetryLater(settings.lock_retry_delay_s)
@@ -345,7 +347,7 @@ def _run_claimed(
 
     def tick() -> None:
         if not lock.renew():
-            stop.set(NodeLockLost(f"node lock of {ctx.node_id} lost while running"))
+            stop.set(NodeLockLost(f"node lock {lock.node_id} lost while running"))
         current = progress[0]
         try:
             attempts.heartbeat(records, sub_id, attempt, token, current)
@@ -377,7 +379,7 @@ def _run_claimed(
     def verify() -> None:
         stop.check()
         if not lock.owned():
-            raise NodeLockLost(f"node lock of {ctx.node_id} lost before the outcome was recorded")
+            raise NodeLockLost(f"node lock {lock.node_id} lost before the outcome was recorded")
         current = records.get_sub(sub_id)
         if current is None or not current.is_current(attempt, token):
             raise AttemptSuperseded(f"attempt {attempt} of sub-job {sub_id} is no longer current")
@@ -470,7 +472,7 @@ def _run_claimed(
         len(ended.proposal.removed) if ended.proposal else 0, error,
     )  # fmt: skip
     if retry:
-        dispatch.enqueue_sub(records, ctx.publisher, sub_id, countdown=settings.lock_retry_delay_s)
+        dispatch.enqueue_sub(records, ctx.publisher, ended, countdown=settings.lock_retry_delay_s)
     result = {"sub_job_id": sub_id, "state": state.value, "attempt": attempt, "error": error}
     return ended, result
 
