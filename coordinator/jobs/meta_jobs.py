@@ -134,7 +134,7 @@ class MetaPlan:
 
     specs: list[SubJobSpec]
     manifest_number: int
-    below_lsn: int
+    below_lsn: int  # statistics count the layers starting at or below this LSN (inclusive)
     before_size: int
     max_job_bytes: int
     l2_lsn: int | None  # gc_compaction.last_completed_lsn its commit writes

@@ -196,7 +196,7 @@ class MetaStatistics(Record):
     end_time: datetime | None = None
     duration_secs: float = 0.0
     meta_job_id: str = ""
-    below_lsn: int = 0
+    below_lsn: int = 0  # statistics count the layers starting at or below this LSN (inclusive)
     retention_ratio: float = 0.0
     # The meta job's own object-store requests (planning, commit, deletes), by kind; its
     # sub-jobs' are in theirs.
@@ -224,7 +224,7 @@ class MetaJobRecord(Record):
     replans: int = 0  # plans made again after a commit conflict
     conflicts: list[str] = Field(default_factory=list)  # why each re-plan was needed
     manifest_number: int | None = None  # the manifest its commit wrote
-    below_lsn: int = 0
+    below_lsn: int = 0  # statistics count the layers starting at or below this LSN (inclusive)
     max_job_bytes: int = 0
     skipped: str | None = None
     error: str | None = None
