@@ -116,8 +116,3 @@ PAYLOADS: dict[str, type[BaseModel]] = {
     "MetaJobRef": MetaJobRef,
     "SubJobRef": SubJobRef,
 }
-
-
-def payload_schemas() -> dict[str, dict[str, Any]]:
-    """JSON Schema of every task payload (docs/task-api.md embeds these)."""
-    return {name: model.model_json_schema() for name, model in PAYLOADS.items()}
