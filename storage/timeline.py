@@ -11,7 +11,7 @@ import logging
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
@@ -32,6 +32,8 @@ from compactor.storage.values import Version
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 Checkpoint = Callable[[str], None]
 """Told where a job's I/O has got to (see :meth:`Storage.reporting`); it may block to hold the
 job there, or raise to fail it there."""
@@ -39,6 +41,16 @@ job there, or raise to fail it there."""
 
 def _nowhere(point: str) -> None:
     pass
+
+
+def _after_first(items: Iterator[T], then: Callable[[], None]) -> Iterator[T]:
+    for item in items:
+        yield item
+        break
+    else:
+        return  # empty: nothing was read
+    then()
+    yield from items
 
 
 class Storage:
@@ -69,7 +81,8 @@ class Storage:
     def reporting(self, reached: Checkpoint) -> Storage:
         """This storage, sharing everything, telling ``reached`` where a job's layer I/O is:
         ``in_download`` before a layer is fetched, ``in_merge`` once a layer's first record batch
-        was read (the engine merges as it reads), ``in_upload`` once an output layer is uploaded.
+        was read (the engine merges as it reads) or a read's first value (image creation builds
+        its images by reading), ``in_upload`` once an output layer is uploaded.
         The worker's plugins watch a job through it (``compactor.worker.runtime.plugins``)."""
         view = copy.copy(self)
         view._reached = reached
@@ -89,7 +102,7 @@ class Storage:
         return lambda timeline_id: self.manifest(tenant_id, timeline_id)
 
     def read(self, manifest: Manifest, lsn: int, key_range: KeyRange = FULL_KEY_RANGE) -> Iterator[tuple[bytes, bytes]]:
-        return read_range(manifest, self.cache, key_range, lsn, self.ancestor_lookup(manifest.tenant_id))
+        return self._merging(read_range(manifest, self.cache, key_range, lsn, self.ancestor_lookup(manifest.tenant_id)))
 
     def layer_versions(self, entry: LayerEntry) -> list[Version]:
         return list(self.cache.versions(entry, FULL_KEY_RANGE))
@@ -107,18 +120,13 @@ class Storage:
         return self.cache.versions(entry, key_range)
 
     def batches(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[pa.RecordBatch]:
-        if self._reached is _nowhere:
-            return self.cache.batches(entry, key_range)
-        return self._reporting_batches(entry, key_range)
+        return self._merging(self.cache.batches(entry, key_range))
 
-    def _reporting_batches(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[pa.RecordBatch]:
-        batches = self.cache.batches(entry, key_range)
-        first = next(batches, None)
-        if first is None:
-            return
-        yield first
-        self._reached("in_merge")
-        yield from batches
+    def _merging(self, items: Iterator[T]) -> Iterator[T]:
+        """``items``, reporting ``in_merge`` once the first was taken."""
+        if self._reached is _nowhere:
+            return items
+        return _after_first(items, lambda: self._reached("in_merge"))
 
     def read_below(
         self, manifest: Manifest, key_range: KeyRange, lsn: int, exclude: set[str]

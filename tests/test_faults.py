@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from compactor.storage.keys import KEY_MAX, KEY_MIN
 from compactor.worker.runtime.records import JobState, SubJobRecord
 from tests.faultkit import (
     FaultStack,
@@ -118,11 +119,12 @@ def test_sigkill_at_each_phase(fs: FaultStack, where: str) -> None:
         assert (sub.attempts[0].outcome or "").startswith("preempted"), sub.attempts[0]
 
 
-@pytest.mark.parametrize("where", ["in_merge", "in_commit"])
-def test_sigkill_during_l0_compaction(fs: FaultStack, where: str) -> None:
-    """L0 compaction (``--kind l0``) under kills: one of its sub-jobs held in its merge, or its
-    finalize right after the manifest was written, and that node SIGKILLed and restarted. The
-    job succeeds, commits once, leaves no L0, and reads at every LSN are exact."""
+@pytest.mark.parametrize(("kind", "where"), [("l0", "in_merge"), ("l0", "in_commit"), ("image", "in_upload")])
+def test_sigkill_during_l0_compaction_and_image_creation(fs: FaultStack, kind: str, where: str) -> None:
+    """L0 compaction (``--kind l0``) and image creation (``--kind image --force``) under kills:
+    one of its sub-jobs held in its merge or right after an upload, or its finalize right after
+    the manifest was written, and that node SIGKILLed and restarted. The job succeeds, commits
+    once, leaves no L0 (or an image layer over every key), and reads at every LSN are exact."""
     fs.ready()
     tid = os.urandom(16).hex()
     tl = l0_stack_timeline(tid)
@@ -131,13 +133,18 @@ def test_sigkill_during_l0_compaction(fs: FaultStack, where: str) -> None:
     fs.direct.import_timeline(json.dumps(document))
     job_id = os.urandom(16).hex()
     set_fault(fs, f"pause_{where}", job_id, seconds=15, once=True)
-    submit(fs, tid, job_id=job_id, parts=3, kind="l0")
+    submit(fs, tid, job_id=job_id, parts=3, kind=kind, force=kind == "image")
     fs.kill(wait_hit(fs, f"pause_{where}", job_id)["node"])
     meta = wait_ended(fs, job_id)
-    check_invariants(fs, {tid: tl}, tid, [job_id], kind=f"sigkill l0 {where}")
+    check_invariants(fs, {tid: tl}, tid, [job_id], kind=f"sigkill {kind} {where}")
     assert_committed_once(fs, tid, job_id)
     assert meta.state == JobState.SUCCEEDED
-    assert not [name for name in fs.direct.manifest(TENANT, tid).layer_names() if name.is_l0]
+    names = fs.direct.manifest(TENANT, tid).layer_names()
+    if kind == "l0":
+        assert not [name for name in names if name.is_l0]
+    else:
+        images = sorted(name.key_range for name in names if not name.is_delta)
+        assert images and images[0].start == KEY_MIN and images[-1].end == KEY_MAX
 
 
 def test_sigkill_at_random_times(fs: FaultStack) -> None:
