@@ -22,6 +22,7 @@ directory and printed at the end of the run (``tests/conftest.py``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -47,6 +48,7 @@ from tests.test_distributed import STACK_ENV, banded_timeline, retained_lsns
 from tests.timelines import TENANT, Timeline, reference_read
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Short clocks, and S3 timeouts short enough that an injected timeout costs seconds, not minutes.
 FAULT_ENV = {
@@ -143,12 +145,23 @@ class FaultStack:
 
     def ready(self, *, wait: bool = False) -> None:
         """Every worker process is running (killed ones restarted); with ``wait``, answering
-        too. Scenarios need not wait: a worker still starting simply takes no message yet."""
-        for node, proc in list(self.stack.workers.items()):
-            if not proc.alive():
-                self.stack.start_worker(node, wait=False)
-        if wait:
-            self.stack.wait_workers()
+        too. Scenarios need not wait: a worker still starting simply takes no message yet. A
+        node that a kill of one of its processes is still taking down (it stops as a whole) may
+        exit while we wait: it is restarted and waited for again."""
+        from compactor.coordinator.local.embedded import WorkerExited
+
+        for _ in range(3):
+            for node, proc in list(self.stack.workers.items()):
+                if not proc.alive():
+                    self.stack.start_worker(node, wait=False)
+            if not wait:
+                return
+            try:
+                self.stack.wait_workers()
+                return
+            except WorkerExited as err:
+                log.info("a node exited while starting, restarting it: %s", err)
+        self.stack.wait_workers()
 
 
 def make_fault_stack(

@@ -42,6 +42,11 @@ from compactor.storage.settings import Settings
 
 log = logging.getLogger(__name__)
 
+
+class WorkerExited(RuntimeError):
+    """A worker the stack waited for exited instead of answering."""
+
+
 # The pid a worker or coordinator watches: it stops once that process is gone.
 PARENT_PID_VARIABLE = "COMPACTOR_EMBEDDED_PARENT_PID"
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
@@ -383,7 +388,7 @@ class EmbeddedStack:
         while pending:
             for node, proc in self.workers.items():
                 if pending.intersection(self.hostnames(node)) and not proc.alive():
-                    raise RuntimeError(f"worker {node} exited during startup; see {proc.log_path}")
+                    raise WorkerExited(f"worker {node} exited during startup; see {proc.log_path}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"workers not ready within {self.startup_timeout_s:.0f}s: {sorted(pending)}")
             try:
