@@ -49,8 +49,10 @@ KINDS = ("l0", "image")
 
 def ingest_spec(l0_bytes: int) -> IngestSpec:
     """Pages written mostly whole (full-page images after a checkpoint, new pages), the rest WAL
-    records; no model of the reads (nothing here verifies them)."""
-    return IngestSpec(keys=32768, l0_bytes=l0_bytes, batches=4, new_pages=0.05, images=0.5, model=False)
+    records, over enough pages that one L0 touches each at most about once (32768 for L0s of
+    128 MiB); no model of the reads (nothing here verifies them)."""
+    keys = max(1024, l0_bytes // 4096)
+    return IngestSpec(keys=keys, l0_bytes=l0_bytes, batches=4, new_pages=0.05, images=0.5, model=False)
 
 
 def l0_timeline(bench: Bench, size: int, l0_bytes: int) -> tuple[Manifest, float]:
