@@ -94,7 +94,7 @@ class Ingest:
     ) -> None:
         self.storage, self.tenant_id, self.timeline_id, self.spec = storage, tenant_id, timeline_id, spec
         self.lsn = lsn  # where the next L0 starts
-        self.pages = pages  # the newest value of every key (only the keys while the model is off)
+        self.pages = pages  # the newest value of every key (with the model off: every key, values empty)
         self.keys = sorted(pages)
         self.digest = digest
         self.history: list[tuple[int, ReadDigest]] = [(lsn - 1, digest.copy())]  # after each batch LSN
@@ -178,7 +178,9 @@ class Ingest:
             info = writer.finish(name)
             entry = self.storage.upload_layer(self.tenant_id, self.timeline_id, name, info.path, info.sha256)
         self.l0_lsns.append(self.lsn)
-        cutoff = self.l0_lsns[-1 - self.spec.pitr_l0s] - 1 if 0 < self.spec.pitr_l0s < len(self.l0_lsns) else 0
+        # The gc cutoff: the last LSN of the L0 flushed pitr_l0s flushes ago (none yet: unset).
+        pitr = self.spec.pitr_l0s
+        cutoff = self.l0_lsns[-1 - pitr] - 1 if 0 < pitr < len(self.l0_lsns) else 0
 
         def add(current: Manifest) -> Manifest:
             gc = current.gc.model_copy(update={"cutoff": max(current.gc.cutoff, cutoff)})
@@ -199,6 +201,8 @@ class Ingest:
         touched: set[bytes] = set()
         while written < budget:
             draw = rng.random()
+            # Once a batch has touched half the pages, a new page rather than a long search for
+            # one it has not touched (a key has one version per LSN).
             if draw < spec.new_pages or len(touched) >= len(self.keys) // 2:
                 key = key_from_int(self.next_key)
                 self.next_key += 1
