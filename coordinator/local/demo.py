@@ -299,7 +299,8 @@ def _ingest_demo(
         f"ingesting {options.l0s} L0s of {options.l0_bytes / 1e6:.1f} MB into a {size_bytes / 1e6:.0f} MB timeline, "
         f"one every {options.interval_s:g}s (a branch after a third of them, ingesting every other tick); the "
         f"coordinator runs {', '.join(KINDS)} on its own (compaction_threshold {settings.compaction_threshold}, "
-        f"image_creation_threshold {settings.image_creation_threshold}, flushes held at {options.stall} L0s)"
+        f"image_creation_threshold {settings.image_creation_threshold}, flushes held at {options.stall} L0s)",
+        soft_wrap=True,
     )
     branch: Ingest | None = None
     held = 0.0
@@ -357,7 +358,7 @@ def _ingest_demo(
         "wall_seconds": round(time.monotonic() - watch.started, 1),
     }  # fmt: skip
     console.print(_ingest_table(summary))
-    console.print(f"layer maps: {out_dir / 'before.svg'}  {out_dir / 'after.svg'}")
+    console.print(f"layer maps: {out_dir / 'before.svg'}  {out_dir / 'after.svg'}", soft_wrap=True)
     return summary
 
 
