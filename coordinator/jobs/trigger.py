@@ -65,7 +65,10 @@ def should_trigger(manifest: Manifest, *, job_in_flight: bool) -> TriggerDecisio
 def decide(manifest: Manifest, *, job_in_flight: bool, kinds: Collection[str] = ("gc",)) -> TriggerDecision:
     """Which meta job, if any, the auto-trigger starts on this timeline, among the enabled
     ``kinds``: L0 compaction first, then image creation, then gc-compaction, which yields while
-    L0 compaction is due (it would only rewrite the L0s into pieces)."""
+    L0 compaction is due (it would only rewrite the L0s into pieces). A due L0 compaction holds
+    the others back only where ``l0`` is enabled: with L0 compaction left to the operator, gc
+    waiting for it could wait forever. gc-compaction's own guards (disabled, child timeline,
+    no cutoff, size) are its alone: L0 compaction and image creation run on any timeline."""
     if job_in_flight:
         return TriggerDecision(False, "a meta job is already in flight")
     l0_count, threshold = len(l0_deltas(manifest)), manifest.settings.compaction_threshold
