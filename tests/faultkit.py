@@ -40,6 +40,7 @@ from compactor.storage.layer_map import check_valid_layermap
 from compactor.storage.layer_name import LayerName
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
+from compactor.worker.runtime.dispatch import queue_of
 from compactor.worker.runtime.records import JobRecords, JobState, MetaJobRecord, SubJobRecord
 from compactor.worker.runtime.redis_client import connect
 from tests import faultplugin
@@ -416,7 +417,8 @@ def check_invariants(
 
 
 def _marker_cleared(fs: FaultStack, meta: MetaJobRecord) -> Callable[[], bool]:
-    return lambda: fs.records.get_inflight(meta.tenant_id, meta.timeline_id) != meta.id
+    queue = queue_of(meta.request.kind if meta.request is not None else "gc")
+    return lambda: fs.records.get_inflight(meta.tenant_id, meta.timeline_id, queue) != meta.id
 
 
 _proxy_seen: dict[int, int] = {}

@@ -266,7 +266,7 @@ def test_sub_jobs_run_in_parallel_commit_once_and_finalize_once(stack: Any, stor
     manifest = storage.manifest(TENANT, tid)
     assert manifest.gc_compaction.last_completed_lsn == 60
     assert meta.statistics.total_sub_compaction_jobs == len(subs)
-    assert records.get_inflight(TENANT, tid) is None
+    assert records.get_inflight(TENANT, tid, "gc") is None
     assert_reads_exact(storage, {tid: tl}, tid)
 
 

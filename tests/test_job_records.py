@@ -297,12 +297,16 @@ def test_cancel_waiting_and_running(records: JobRecords) -> None:
 
 
 def test_inflight_marker_and_circuit_breaker(records: JobRecords) -> None:
-    assert records.set_inflight(TENANT, TL, "a" * 32)
-    assert not records.set_inflight(TENANT, TL, "b" * 32)
-    assert not records.clear_inflight(TENANT, TL, "b" * 32), "only the holder clears the marker"
-    assert records.get_inflight(TENANT, TL) == "a" * 32
-    assert records.clear_inflight(TENANT, TL, "a" * 32)
-    assert records.get_inflight(TENANT, TL) is None
+    assert records.set_inflight(TENANT, TL, "gc", "a" * 32)
+    assert not records.set_inflight(TENANT, TL, "gc", "b" * 32)
+    assert not records.clear_inflight(TENANT, TL, "gc", "b" * 32), "only the holder clears the marker"
+    assert records.get_inflight(TENANT, TL, "gc") == "a" * 32
+    assert records.clear_inflight(TENANT, TL, "gc", "a" * 32)
+    assert records.get_inflight(TENANT, TL, "gc") is None
+    # One marker per queue: an L0 job in flight does not hold the gc-compaction's.
+    assert records.set_inflight(TENANT, TL, "l0", "d" * 32)
+    assert records.set_inflight(TENANT, TL, "gc", "e" * 32)
+    assert records.clear_inflight(TENANT, TL, "l0", "d" * 32) and records.clear_inflight(TENANT, TL, "gc", "e" * 32)
 
     request = CompactRequest(tenant_id=TENANT, timeline_id=TL)
 
@@ -394,7 +398,7 @@ def test_meta_job_in_process_is_exact_and_advances_l2(flow: tasks.Context) -> No
     assert stats.retention_ratio == pytest.approx(stats.after_compaction_layer_size / (total + 1.0))
     written = json.loads(flow.storage.objects.get_bytes(layout.meta_stats_key(TENANT, TL, meta.id)))
     assert written["statistics"]["total_sub_compaction_jobs"] == len(meta.sub_jobs)
-    assert flow.records.get_inflight(TENANT, TL) is None
+    assert flow.records.get_inflight(TENANT, TL, "gc") is None
     assert meta.id not in flow.records.active_meta_ids()
 
     # Every message delivered again: nothing is committed twice, nothing changes.
@@ -630,6 +634,26 @@ def test_cli_errors_are_one_line(flow: tasks.Context, tmp_path: Path) -> None:
     assert result.exit_code != 0 and result.stderr.strip().splitlines()[-1].startswith("error: invalid --queues")
 
 
+def test_auto_trigger_starts_l0_compaction_beside_a_gc_compaction_in_flight(flow: tasks.Context) -> None:
+    """Issue 11: one meta job per timeline and queue, so a gc-compaction in flight never holds
+    back the L0 compaction the timeline needs; a second L0 job waits for the first."""
+    tl = l0_stack_timeline(TL)
+    document = tl.to_json()
+    document["settings"] = {"compaction_threshold": 4, "checkpoint_distance": 2000}
+    flow.storage.import_timeline(json.dumps(document))
+    gc_job, created = meta_jobs.create_meta_job(flow.records, CompactRequest(tenant_id=TENANT, timeline_id=TL))
+    assert created and flow.records.get_inflight(TENANT, TL, "gc") == gc_job.id
+    settings = flow.settings.model_copy(update={"auto_trigger_kinds": "l0,image,gc"})
+    scheduler = Scheduler(flow.storage, flow.records, flow.publisher, settings)
+    report = scheduler.tick()
+    assert len(report.triggered) == 1, report
+    l0_job = flow.records.require_meta(report.triggered[0])
+    assert l0_job.request is not None and l0_job.request.kind == "l0"
+    assert flow.records.get_inflight(TENANT, TL, "l0") == l0_job.id
+    assert flow.records.get_inflight(TENANT, TL, "gc") == gc_job.id
+    assert scheduler.tick().triggered == [], "one L0 job per timeline at a time"
+
+
 def test_auto_trigger_skips_in_flight_and_broken_timelines(flow: tasks.Context) -> None:
     tl = banded_timeline(TL)
     doc = tl.to_json()
@@ -642,7 +666,7 @@ def test_auto_trigger_skips_in_flight_and_broken_timelines(flow: tasks.Context) 
     report = scheduler.tick()
     assert len(report.triggered) == 1
     job_id = report.triggered[0]
-    assert flow.records.get_inflight(TENANT, TL) == job_id
+    assert flow.records.get_inflight(TENANT, TL, "gc") == job_id
     again = scheduler.tick()
     assert again.triggered == [] and "in flight" in again.skipped[f"{TENANT}/{TL}"]
 
@@ -650,7 +674,7 @@ def test_auto_trigger_skips_in_flight_and_broken_timelines(flow: tasks.Context) 
     meta = flow.records.require_meta(job_id)
     assert meta.auto and meta.state == JobState.SUCCEEDED, meta.error
     assert flow.storage.manifest(TENANT, TL).gc_compaction.last_completed_lsn == 60
-    assert flow.records.get_inflight(TENANT, TL) is None
+    assert flow.records.get_inflight(TENANT, TL, "gc") is None
     assert_reads_exact(flow.storage, {TL: tl}, TL)
 
     # After the job, L2 holds everything below the cutoff: the ratio rule says no.

@@ -48,7 +48,7 @@ from compactor.worker.engine.kinds import is_pending, plan_any
 from compactor.worker.engine.run import EngineSettings
 from compactor.worker.engine.statistics import CompactionStatistics, add_requests
 from compactor.worker.runtime import attempts, metrics
-from compactor.worker.runtime.dispatch import Publisher, enqueue_sub, maybe_finalize
+from compactor.worker.runtime.dispatch import Publisher, enqueue_sub, maybe_finalize, queue_of
 from compactor.worker.runtime.payloads import CompactRequest, new_job_id, sub_job_id
 from compactor.worker.runtime.records import (
     JobProgress,
@@ -81,7 +81,7 @@ def create_meta_job(records: JobRecords, request: CompactRequest, *, auto: bool 
     if records.create_meta(meta):
         # Manual jobs run even while another meta job holds the marker; the marker only keeps
         # the auto-trigger away, and the commit protocol keeps concurrent jobs safe.
-        records.set_inflight(meta.tenant_id, meta.timeline_id, job_id)
+        records.set_inflight(meta.tenant_id, meta.timeline_id, queue_of(request.kind), job_id)
         log.info(
             "meta job created job=%s tenant=%s timeline=%s auto=%s", job_id, meta.tenant_id, meta.timeline_id, auto
         )
@@ -461,7 +461,8 @@ def finalize(
     stored = records.update_meta(job_id, end) or final
     if ended_here[0]:
         metrics.observe_job("meta", stored.state.value, stats.duration_secs)
-        records.clear_inflight(meta.tenant_id, meta.timeline_id, job_id)
+        kind = meta.request.kind if meta.request is not None else "gc"
+        records.clear_inflight(meta.tenant_id, meta.timeline_id, queue_of(kind), job_id)
         records.record_outcome(
             stored, failures_to_open=settings.breaker_failures, cooldown_s=settings.breaker_cooldown_s
         )

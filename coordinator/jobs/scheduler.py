@@ -248,27 +248,32 @@ class Scheduler:
         if breaker.is_open(at):
             assert breaker.open_until is not None
             return f"circuit breaker open for {breaker.open_until - at:.0f}s ({breaker.consecutive_failures} failures)"
-        inflight = self.records.get_inflight(tenant_id, timeline_id)
-        if inflight is not None:
+        busy = set()
+        for queue in (dispatch.QUEUE_GC, dispatch.QUEUE_L0):
+            inflight = self.records.get_inflight(tenant_id, timeline_id, queue)
+            if inflight is None:
+                continue
             holder = self.records.get_meta(inflight)
             if holder is None or holder.state.ended:
                 # Its finalize died before clearing the marker.
-                self.records.clear_inflight(tenant_id, timeline_id, inflight)
-                inflight = None
+                self.records.clear_inflight(tenant_id, timeline_id, queue, inflight)
+            else:
+                busy.add(queue)
         manifest = self.storage.manifests.latest(tenant_id, timeline_id)
         if manifest is None:
             return "no manifest"
         kinds = self.settings.auto_trigger_kinds.split(",")
-        decision = decide(manifest, job_in_flight=inflight is not None, kinds=kinds)
+        decision = decide(manifest, busy=busy, kinds=kinds)
         if not decision.trigger:
             return decision.reason
         job_id = new_job_id()
-        if not self.records.set_inflight(tenant_id, timeline_id, job_id):
-            return "a meta job is already in flight"
+        queue = dispatch.queue_of(decision.kind)
+        if not self.records.set_inflight(tenant_id, timeline_id, queue, job_id):
+            return f"a meta job of the {queue} queue is already in flight"
         request = CompactRequest(tenant_id=tenant_id, timeline_id=timeline_id, job_id=job_id, kind=decision.kind)
         meta = MetaJobRecord(id=job_id, tenant_id=tenant_id, timeline_id=timeline_id, request=request, auto=True)
         if not self.records.create_meta(meta):
-            self.records.clear_inflight(tenant_id, timeline_id, job_id)
+            self.records.clear_inflight(tenant_id, timeline_id, queue, job_id)
             return "job id clash"
         self.publisher.publish(TASK_PLAN, {"job_id": job_id})
         report.triggered.append(job_id)

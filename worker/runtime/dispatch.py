@@ -27,10 +27,12 @@ image-creation sub-jobs, up to ``COMPACTOR_L0_SLOTS`` at a time per node, so tha
 wait behind gc-compaction (the seed's separate L0 semaphore); light: creating, planning and
 finalizing meta jobs."""
 TASK_QUEUES = {TASK_COMPACT: QUEUE_LIGHT, TASK_PLAN: QUEUE_LIGHT, TASK_RUN: QUEUE_GC, TASK_FINALIZE: QUEUE_LIGHT}
-"""Each task's queue; ``run_sub_job`` goes to the queue of its job's kind (``sub_job_queue``)."""
+"""Each task's queue; ``run_sub_job`` goes to the queue of its job's kind (``queue_of``)."""
 
 
-def sub_job_queue(kind: JobKind) -> str:
+def queue_of(kind: JobKind) -> str:
+    """The queue of a kind's sub-jobs (gc, or l0 for L0 compaction and image creation); also the
+    lane of its in-flight marker on a timeline (``JobRecords.set_inflight``)."""
     return QUEUE_GC if kind == "gc" else QUEUE_L0
 
 
@@ -53,7 +55,7 @@ def enqueue_sub(records: JobRecords, publisher: Publisher, sub: SubJobRecord, co
     # deletion after the publish lost that mark, and a message lost with that worker then
     # waited for the no-progress timeout; found by the random-kill fault test).
     records.forget_holder(sub_id)
-    publisher.publish(TASK_RUN, {"sub_job_id": sub_id}, countdown=countdown, queue=sub_job_queue(sub.spec.job.kind))
+    publisher.publish(TASK_RUN, {"sub_job_id": sub_id}, countdown=countdown, queue=queue_of(sub.spec.job.kind))
     attempts.mark_enqueued(records, sub_id)
 
 

@@ -12,7 +12,7 @@ compactor:meta:{job_id}:finished      set of sub-job ids that have ended
 compactor:meta:{job_id}:finalize      finalize claim (SET NX), value = claim time
 compactor:jobs                        sorted set of meta job ids by creation time
 compactor:active                      set of meta job ids not yet ended
-compactor:inflight:{tenant}/{tl}      meta job id in flight for the timeline (SET NX)
+compactor:inflight:{tenant}/{tl}/{q}  meta job id in flight for the timeline and queue (SET NX)
 compactor:breaker:{tenant}/{tl}       BreakerState of the timeline
 compactor:node-lock:{node}            the node lock (compactor.worker.runtime.node_lock)
 compactor:held:{job_id}.{index}       the worker process that last received the sub-job's message
@@ -266,8 +266,8 @@ def _key_finalize(job_id: str) -> str:
     return f"{PREFIX}meta:{job_id}:finalize"
 
 
-def _key_inflight(tenant_id: str, timeline_id: str) -> str:
-    return f"{PREFIX}inflight:{tenant_id}/{timeline_id}"
+def _key_inflight(tenant_id: str, timeline_id: str, queue: str) -> str:
+    return f"{PREFIX}inflight:{tenant_id}/{timeline_id}/{queue}"
 
 
 def _key_breaker(tenant_id: str, timeline_id: str) -> str:
@@ -511,15 +511,18 @@ class JobRecords:
 
     # ------------------------------------------------------------------ per timeline
 
-    def set_inflight(self, tenant_id: str, timeline_id: str, meta_id: str) -> bool:
-        return bool(self.r.set(_key_inflight(tenant_id, timeline_id), meta_id, nx=True))
+    # The in-flight marker: one per timeline and queue (``dispatch.queue_of`` its kind), so that
+    # L0 compaction and image creation are auto-triggered beside a gc-compaction, never behind it.
 
-    def get_inflight(self, tenant_id: str, timeline_id: str) -> str | None:
-        raw = self.r.get(_key_inflight(tenant_id, timeline_id))
+    def set_inflight(self, tenant_id: str, timeline_id: str, queue: str, meta_id: str) -> bool:
+        return bool(self.r.set(_key_inflight(tenant_id, timeline_id, queue), meta_id, nx=True))
+
+    def get_inflight(self, tenant_id: str, timeline_id: str, queue: str) -> str | None:
+        raw = self.r.get(_key_inflight(tenant_id, timeline_id, queue))
         return _text(raw) if raw is not None else None
 
-    def clear_inflight(self, tenant_id: str, timeline_id: str, meta_id: str) -> bool:
-        return bool(self._compare_and_delete(keys=[_key_inflight(tenant_id, timeline_id)], args=[meta_id]))
+    def clear_inflight(self, tenant_id: str, timeline_id: str, queue: str, meta_id: str) -> bool:
+        return bool(self._compare_and_delete(keys=[_key_inflight(tenant_id, timeline_id, queue)], args=[meta_id]))
 
     def breaker(self, tenant_id: str, timeline_id: str) -> BreakerState:
         found = self._load(BreakerState, self.r.get(_key_breaker(tenant_id, timeline_id)))
