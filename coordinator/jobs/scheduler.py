@@ -10,9 +10,11 @@ Each tick
    is sent again. Steps lost to a crash between two writes are repeated: a waiting sub-job whose
    message never went out, an ended sub-job missing from the finished set, a finalize claimed
    but never run, a meta job never planned;
-2. **auto-trigger** - the seed's ``trigger_auto_compaction`` for every timeline in the bucket,
-   skipping timelines with a meta job in flight (the in-flight marker) and timelines whose
-   circuit breaker is open;
+2. **auto-trigger** - for every timeline in the bucket, ``trigger.decide`` among the kinds of
+   ``COMPACTOR_AUTO_TRIGGER_KINDS``: L0 compaction first, then image creation, then the seed's
+   ``trigger_auto_compaction`` for gc-compaction (which yields while L0 compaction is due). One
+   meta job per timeline and queue is in flight (the in-flight markers), and timelines whose
+   circuit breaker is open are skipped;
 3. **orphan cleanup** - every ``orphan_interval_s``, ``compactor.coordinator.jobs.orphans.collect_orphans``
    (what ``compactor gc-orphans`` runs) with ``orphan_grace_s``: uploads of killed or failed
    attempts go away without an operator.
