@@ -1,12 +1,13 @@
 """One measured run in a fresh worker process, started by ``bench.run``::
 
-    python -m bench.job {compact|copy} TENANT TIMELINE WORKDIR
+    python -m bench.job {compact|copy} TENANT TIMELINE WORKDIR [KIND]
 
 Configuration comes from ``COMPACTOR_*`` variables, as for a worker. The local layer cache is
 ``WORKDIR/cache`` and starts empty (a cold cache). Prints one JSON object on stdout.
 
 ``compact`` runs one inline sub-job over the whole timeline (``compactor.worker.runtime.runner.compact``: plan,
-download, compact, upload, commit). ``copy`` is the copy-through limit of the same selection:
+download, compact, upload, commit), of the job kind KIND (``gc``, ``l0`` or ``image``; default
+``gc``). ``copy`` is the copy-through limit of the same selection:
 each selected layer is downloaded, decoded in full (``LayerReader.iter_batches``), encoded again
 (``LayerWriter.add_batch``, the same format and settings) and uploaded, with no merge; the copies
 are deleted afterwards, outside the timing.
@@ -24,7 +25,7 @@ from compactor.storage.object_store import RequestCounter
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
 from compactor.worker.engine.jobs import CompactionJob
-from compactor.worker.engine.plan import plan_job
+from compactor.worker.engine.kinds import plan_any
 from compactor.worker.engine.run import EngineSettings
 from compactor.worker.runtime.runner import compact
 
@@ -84,7 +85,7 @@ def run_compact(storage: Storage, job: CompactionJob, workdir: Path) -> dict[str
 
 
 def run_copy(storage: Storage, job: CompactionJob, workdir: Path) -> dict[str, Any]:
-    plan = plan_job(storage.manifest(job.tenant_id, job.timeline_id), job)
+    plan = plan_any(storage.manifest(job.tenant_id, job.timeline_id), job)
     if isinstance(plan, str):
         raise SystemExit(f"nothing selected: {plan}")
     out = workdir / "copy"
@@ -114,7 +115,7 @@ def run_copy(storage: Storage, job: CompactionJob, workdir: Path) -> dict[str, A
     return {
         "wall_s": wall,
         "cpu_s": cpu,
-        "input_bytes": plan.selected_bytes,
+        "input_bytes": sum(entry.size for entry in plan.selected),
         "input_layers": len(plan.selected),
         "output_bytes": sum(entry.size for entry in uploaded),
         "phases_s": phases,
@@ -122,11 +123,11 @@ def run_copy(storage: Storage, job: CompactionJob, workdir: Path) -> dict[str, A
 
 
 def main(argv: list[str]) -> None:
-    mode, tenant, timeline, workdir_arg = argv
+    mode, tenant, timeline, workdir_arg, *kind = argv
     workdir = Path(workdir_arg)
     settings = Settings(cache_dir=workdir / "cache")
     storage = Storage(settings)
-    job = CompactionJob(tenant_id=tenant, timeline_id=timeline)
+    job = CompactionJob(tenant_id=tenant, timeline_id=timeline, kind=kind[0] if kind else "gc")
     rss_start = proc_status("VmRSS")
     result = run_compact(storage, job, workdir) if mode == "compact" else run_copy(storage, job, workdir)
     result.update(mode=mode, pid=os.getpid(), vmhwm_bytes=proc_status("VmHWM"), rss_start_bytes=rss_start)

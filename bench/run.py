@@ -249,11 +249,11 @@ class Bench:
         self.storage.objects.delete_many(added)
         return timeline
 
-    def run_job(self, mode: str, timeline: str, label: str) -> dict[str, Any]:
+    def run_job(self, mode: str, timeline: str, label: str, kind: str = "gc") -> dict[str, Any]:
         workdir = self.dir / f"run-{label}"
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
-        cmd = [sys.executable, "-m", "bench.job", mode, TENANT, timeline, str(workdir)]
+        cmd = [sys.executable, "-m", "bench.job", mode, TENANT, timeline, str(workdir), kind]
         if self.profile_dir is not None and mode == "compact":
             self.profile_dir.mkdir(parents=True, exist_ok=True)
             out = self.profile_dir / f"{label}.speedscope.json"
@@ -520,6 +520,10 @@ def render(results: dict[str, Any]) -> str:
     for kind, key in SCALE_KINDS.items():
         if results.get(key):
             lines += render_scale_out(kind, results[key])
+    if results.get("kinds"):
+        from bench.kinds import render_kinds  # it builds on this module
+
+        lines += render_kinds(results["kinds"])
     lines += ["**Targets:**", ""] + [f"- {t}" for t in results["targets"]]
     return "\n".join(lines) + "\n"
 

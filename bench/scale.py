@@ -24,7 +24,9 @@ from compactor.coordinator.jobs.meta_jobs import create_meta_job
 from compactor.coordinator.local.embedded import EmbeddedStack
 from compactor.worker.engine.jobs import JobKind
 from compactor.worker.runtime.dispatch import TASK_PLAN
-from compactor.worker.runtime.records import CompactRequest, JobRecords, SubJobRecord, connect, most_at_once
+from compactor.worker.runtime.payloads import CompactRequest
+from compactor.worker.runtime.records import JobRecords, SubJobRecord, most_at_once
+from compactor.worker.runtime.redis_client import connect
 
 
 def _sub_job(sub: SubJobRecord) -> dict[str, Any]:

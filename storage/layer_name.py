@@ -18,8 +18,8 @@ _NAME_RE = re.compile(
 
 
 class LayerName(NamedTuple):
-    key_range: KeyRange
-    lsn_start: int
+    key_range: KeyRange  # start inclusive, end exclusive
+    lsn_start: int  # inclusive
     lsn_end: int  # exclusive; lsn + 1 for an image layer
     is_delta: bool
 

@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     max_replans: int = Field(default=3, ge=0)
     lock_ttl_s: float = Field(default=60.0, gt=0)
     lock_retry_delay_s: float = Field(default=5.0, gt=0)
+    l0_slots: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="L0-compaction and image-creation sub-jobs a node runs at once (beside gc's one)",
+    )
     max_job_bytes: int = Field(default=4 * 1024**3, ge=1)
     breaker_failures: int = Field(default=3, ge=1, description="consecutive failed meta jobs that open the breaker")
     breaker_cooldown_s: float = Field(default=3600.0, ge=0)
@@ -63,4 +69,8 @@ class Settings(BaseSettings):
     # orphan cleanup by the coordinator loop (compactor.coordinator.jobs.orphans); 0 turns the periodic run off
     orphan_interval_s: float = Field(default=3600.0, ge=0, description="seconds between orphan cleanups")
     orphan_grace_s: float = Field(default=6 * 3600.0, ge=0, description="minimum age of an orphan before deletion")
-    faults_enabled: bool = Field(default=False, description="honour fault points set in Redis (tests only)")
+    worker_plugins: str = Field(
+        default="",
+        pattern=r"^([\w.]+:\w+(,[\w.]+:\w+)*)?$",
+        description="worker plugins, comma-separated module:factory (compactor.worker.runtime.plugins)",
+    )

@@ -9,9 +9,9 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
@@ -32,6 +32,26 @@ from compactor.storage.values import Version
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+Checkpoint = Callable[[str], None]
+"""Told where a job's I/O has got to (see :meth:`Storage.reporting`); it may block to hold the
+job there, or raise to fail it there."""
+
+
+def _nowhere(point: str) -> None:
+    pass
+
+
+def _after_first(items: Iterator[T], then: Callable[[], None]) -> Iterator[T]:
+    for item in items:
+        yield item
+        break
+    else:
+        return  # empty: nothing was read
+    then()
+    yield from items
+
 
 class Storage:
     """Everything a process needs to work with timelines in one bucket."""
@@ -47,6 +67,7 @@ class Storage:
         self.objects = ObjectStore(settings, observer=store_observer)
         self.manifests = ManifestStore(self.objects, observer=commit_observer)
         self.cache = LayerCache(self.objects, settings.cache_dir / "layers", settings.cache_max_bytes)
+        self._reached: Checkpoint = _nowhere
 
     def observed_by(self, observer: StoreObserver) -> Storage:
         """This storage, sharing its clients and cache directory, with every object-store
@@ -55,6 +76,16 @@ class Storage:
         view.objects = self.objects.observed_by(observer)
         view.manifests = self.manifests.using(view.objects)
         view.cache = LayerCache(view.objects, self.cache.root, self.cache.max_bytes)
+        return view
+
+    def reporting(self, reached: Checkpoint) -> Storage:
+        """This storage, sharing everything, telling ``reached`` where a job's layer I/O is:
+        ``in_download`` before a layer is fetched, ``in_merge`` once a layer's first record batch
+        was read (the engine merges as it reads) or a read's first value (image creation builds
+        its images by reading), ``in_upload`` once an output layer is uploaded.
+        The worker's plugins watch a job through it (``compactor.worker.runtime.plugins``)."""
+        view = copy.copy(self)
+        view._reached = reached
         return view
 
     # --- reading --------------------------------------------------------------------------
@@ -71,7 +102,7 @@ class Storage:
         return lambda timeline_id: self.manifest(tenant_id, timeline_id)
 
     def read(self, manifest: Manifest, lsn: int, key_range: KeyRange = FULL_KEY_RANGE) -> Iterator[tuple[bytes, bytes]]:
-        return read_range(manifest, self.cache, key_range, lsn, self.ancestor_lookup(manifest.tenant_id))
+        return self._merging(read_range(manifest, self.cache, key_range, lsn, self.ancestor_lookup(manifest.tenant_id)))
 
     def layer_versions(self, entry: LayerEntry) -> list[Version]:
         return list(self.cache.versions(entry, FULL_KEY_RANGE))
@@ -82,13 +113,20 @@ class Storage:
         return not self.cache.path_for(entry).exists()
 
     def fetch(self, entry: LayerEntry, key_range: KeyRange | None = None) -> None:
+        self._reached("in_download")
         self.cache.fetch(entry, key_range)
 
     def versions(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[Version]:
         return self.cache.versions(entry, key_range)
 
     def batches(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[pa.RecordBatch]:
-        return self.cache.batches(entry, key_range)
+        return self._merging(self.cache.batches(entry, key_range))
+
+    def _merging(self, items: Iterator[T]) -> Iterator[T]:
+        """``items``, reporting ``in_merge`` once the first was taken."""
+        if self._reached is _nowhere:
+            return items
+        return _after_first(items, lambda: self._reached("in_merge"))
 
     def read_below(
         self, manifest: Manifest, key_range: KeyRange, lsn: int, exclude: set[str]
@@ -110,9 +148,12 @@ class Storage:
     def upload(self, manifest: Manifest, name: LayerName, file: LayerFileInfo) -> LayerEntry:
         """Complete the upload ``file`` was streamed to, or upload the file if it was not."""
         if file.sink is None:
-            return self.upload_layer(manifest.tenant_id, manifest.timeline_id, name, file.path, file.sha256)
-        file.sink.complete()
-        return LayerEntry(name=str(name), object_key=file.sink.key, size=file.size, sha256=file.sha256)
+            entry = self.upload_layer(manifest.tenant_id, manifest.timeline_id, name, file.path, file.sha256)
+        else:
+            file.sink.complete()
+            entry = LayerEntry(name=str(name), object_key=file.sink.key, size=file.size, sha256=file.sha256)
+        self._reached("in_upload")
+        return entry
 
     def delete_uploads(self, entries: list[LayerEntry]) -> None:
         if entries:

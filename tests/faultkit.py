@@ -22,6 +22,7 @@ directory and printed at the end of the run (``tests/conftest.py``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -39,12 +40,16 @@ from compactor.storage.layer_map import check_valid_layermap
 from compactor.storage.layer_name import LayerName
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
-from compactor.worker.runtime.records import JobRecords, JobState, MetaJobRecord, SubJobRecord, connect
+from compactor.worker.runtime.dispatch import queue_of
+from compactor.worker.runtime.records import JobRecords, JobState, MetaJobRecord, SubJobRecord
+from compactor.worker.runtime.redis_client import connect
+from tests import faultplugin
 from tests.faultproxy import FaultProxy
 from tests.test_distributed import STACK_ENV, banded_timeline, retained_lsns
 from tests.timelines import TENANT, Timeline, reference_read
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Short clocks, and S3 timeouts short enough that an injected timeout costs seconds, not minutes.
 FAULT_ENV = {
@@ -141,12 +146,23 @@ class FaultStack:
 
     def ready(self, *, wait: bool = False) -> None:
         """Every worker process is running (killed ones restarted); with ``wait``, answering
-        too. Scenarios need not wait: a worker still starting simply takes no message yet."""
-        for node, proc in list(self.stack.workers.items()):
-            if not proc.alive():
-                self.stack.start_worker(node, wait=False)
-        if wait:
-            self.stack.wait_workers()
+        too. Scenarios need not wait: a worker still starting simply takes no message yet. A
+        node that a kill of one of its processes is still taking down (it stops as a whole) may
+        exit while we wait: it is restarted and waited for again."""
+        from compactor.coordinator.local.embedded import WorkerExited
+
+        for _ in range(3):
+            for node, proc in list(self.stack.workers.items()):
+                if not proc.alive():
+                    self.stack.start_worker(node, wait=False)
+            if not wait:
+                return
+            try:
+                self.stack.wait_workers()
+                return
+            except WorkerExited as err:
+                log.info("a node exited while starting, restarting it: %s", err)
+        self.stack.wait_workers()
 
 
 def make_fault_stack(
@@ -215,7 +231,7 @@ def submit(fs: FaultStack, tid: str, *, job_id: str | None = None, parts: int = 
     into about ``parts`` sub-jobs."""
     from celery import Celery
 
-    from compactor.worker.runtime.records import celery_redis_url
+    from compactor.worker.runtime.redis_client import celery_redis_url
 
     job_id = job_id or os.urandom(16).hex()
     url = celery_redis_url(fs.settings.redis_url)
@@ -267,8 +283,9 @@ def describe(fs: FaultStack, job_id: str) -> str:
 
 def set_fault(fs: FaultStack, point: str, target: str, **value: Any) -> None:
     """Hold (``pause_*``) or fail (``fail_*``) the sub-jobs of ``target`` at a fault point of
-    ``compactor.worker.runtime.tasks.FAULT_WHERE``; counted as one injected fault."""
-    fs.records.set_fault(point, target, value)
+    ``compactor.worker.runtime.plugins.POINTS`` (``tests/faultplugin.py``); counted as one
+    injected fault."""
+    faultplugin.set_fault(fs.records.r, point, target, value)
     fs.summary.faults_injected += 1
 
 
@@ -276,7 +293,7 @@ def wait_hit(fs: FaultStack, point: str, target: str, timeout_s: float = 30.0) -
     """The marker a job leaves when it reaches ``point``: ``node``, ``pid``, ``attempt`` and
     ``sub_job`` (the sub-job id, or the meta job id for the commit points, which finalize
     reaches). ``target`` is a sub-job id, or a meta job id for itself or any of its sub-jobs."""
-    pattern = f"compactor:fault-hit:{point}:{target}*"
+    pattern = faultplugin.hit_key(point, target) + "*"
 
     def hit() -> dict[str, Any] | None:
         for key in fs.records.r.scan_iter(match=pattern):
@@ -400,7 +417,8 @@ def check_invariants(
 
 
 def _marker_cleared(fs: FaultStack, meta: MetaJobRecord) -> Callable[[], bool]:
-    return lambda: fs.records.get_inflight(meta.tenant_id, meta.timeline_id) != meta.id
+    queue = queue_of(meta.request.kind if meta.request is not None else "gc")
+    return lambda: fs.records.get_inflight(meta.tenant_id, meta.timeline_id, queue) != meta.id
 
 
 _proxy_seen: dict[int, int] = {}

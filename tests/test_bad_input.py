@@ -23,7 +23,8 @@ import pytest
 
 from compactor.storage import layout
 from compactor.storage.manifest import LayerEntry
-from compactor.worker.runtime.records import JobState, celery_redis_url
+from compactor.worker.runtime.records import JobState
+from compactor.worker.runtime.redis_client import celery_redis_url
 from tests.faultkit import (
     FaultStack,
     FaultSummary,

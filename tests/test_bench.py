@@ -108,3 +108,41 @@ def test_scale_out_tables_render_runs_from_before_the_store_was_measured() -> No
     assert "L0 compaction" in lines[0]
     assert lines[-3].endswith("| 1.0 | - | 1000 | 1 | - | 1.00 |")
     assert lines[-2].endswith("| 1.0 | 0.3 | 1000 | 1 | 6 | 1.00 |")
+
+
+def test_kinds_benchmark_measures_l0_and_image_against_copy_through(tmp_path: Path) -> None:
+    """``python -m bench --kinds`` on a tiny timeline: every kind and its copy-through run in
+    their own processes; the results join the other sections of the JSON and of the table."""
+    import json
+    import shutil
+    import sys
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    results, markdown = tmp_path / "benchmarks.json", tmp_path / "benchmarks.md"
+    shutil.copy(docs / "benchmarks.json", results)
+    shutil.copy(docs / "benchmarks.md", markdown)
+    before = json.loads(results.read_text())
+    bench = [sys.executable, "-m", "bench"]
+    args = ["--kinds", "l0,image", "--kinds-size", "600K", "--l0-size", "256K", "--dir", str(tmp_path / "scratch"),
+            "--json", str(results), "--markdown", str(markdown)]  # fmt: skip
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPACTOR_")}
+    proc = subprocess.run([*bench, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kinds = json.loads(results.read_text())["kinds"]
+    assert [row["kind"] for row in kinds["runs"]] == ["l0", "image"]
+    assert kinds["timeline"]["l0s"] >= 2 and kinds["timeline"]["l0_bytes"] >= 600 * 1024
+    for row in kinds["runs"]:
+        assert row["compaction"]["mb_s"] > 0 and row["copy_through"]["mb_s"] > 0
+        assert row["compaction"]["input_bytes"] == row["copy_through"]["input_bytes"] > 0
+    assert {k: v for k, v in json.loads(results.read_text()).items() if k != "kinds"} == {
+        k: v for k, v in before.items() if k != "kinds"
+    }
+    text = markdown.read_text()
+    assert "**L0 compaction and image creation**" in text and "| l0 | " in text and "| image | " in text
+    assert (
+        text.split("<!-- bench-results:end -->")[1]
+        == (docs / "benchmarks.md").read_text().split("<!-- bench-results:end -->")[1]
+    ), "the hand-written sections stay as they are"
+    usage = subprocess.run([*bench, "--kinds", "gc"], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "--kinds takes l0, image" in usage.stderr

@@ -748,20 +748,22 @@ def worker_options(args: list[str]) -> dict[str, Any]:
     return params
 
 
-def test_every_node_runs_one_gc_slot_and_the_light_queue_the_same_way(
+def test_every_node_runs_every_queue_the_same_way(
     services: dict[str, dict[str, Any]], k8s: dict[str, list[tuple[Path, dict[str, Any]]]]
 ) -> None:
-    """Issue 12: one `compactor worker` per node consumes both queues, so that it runs the gc
-    queue with one slot (no sub-job taken only to be bounced off the node lock) and starts the
-    light queue's worker beside it; compose, k8s and the embedded stack all run it that way."""
+    """Issues 11 and 12: one `compactor worker` per node consumes every queue, so that it runs
+    the gc queue with one slot (no sub-job taken only to be bounced off the node lock) and starts
+    the l0 and light queues' workers beside it; compose, k8s and the embedded stack all run it
+    that way."""
     from compactor.coordinator.local.embedded import EmbeddedStack
+    from compactor.worker.runtime.dispatch import QUEUES
 
     commands = {name: service["command"] for name, service in services.items() if name.startswith("worker-")}
     commands["k8s"] = only_container(deployment_for(k8s, "worker"))["args"]
     commands["embedded"] = EmbeddedStack(Path("unused"), concurrency=1).worker_args("node-1")
     options = {where: worker_options(args) for where, args in commands.items()}
     for where, params in options.items():
-        assert set(params["queues"].split(",")) == {"gc", "light"}, where
+        assert set(params["queues"].split(",")) == set(QUEUES), where
         assert params["pool"] == "prefork", f"{where}: only prefork enforces the task time limits"
         assert not params["no_metrics"], f"{where}: the probes and Prometheus read the worker's metrics port"
     assert len({params["concurrency"] for params in options.values()}) == 1, "light-queue slots differ"

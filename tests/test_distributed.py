@@ -3,8 +3,9 @@ a real S3 endpoint, two real ``celery worker`` processes with their own node ids
 coordinator loop), timelines imported through ``Storage.import_timeline``, and every test
 checks reads at all retained LSNs against the independent reference reader.
 
-Fault points (``COMPACTOR_FAULTS_ENABLED``) stretch a sub-job in its merge, or a meta job just
-before its one commit, so that the interleavings under test happen on purpose instead of by luck.
+The fault suite's worker plugin (``tests/faultplugin.py``) stretches a sub-job in its merge,
+or holds a meta job just before its one commit, so that the interleavings under test happen on
+purpose instead of by luck.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import redis
 
 from compactor.storage.keys import key_to_int
 from compactor.storage.timeline import Storage
+from tests.faultplugin import PLUGIN_ENV, hit_key, set_fault
 from tests.timelines import TENANT, Layer, Timeline, Value, record, reference_read
 
 T = TypeVar("T")
@@ -41,7 +43,7 @@ STACK_ENV = {
     "COMPACTOR_MAX_ATTEMPTS": "3",
     "COMPACTOR_TASK_HARD_TIME_LIMIT_S": "120",
     "COMPACTOR_TASK_SOFT_TIME_LIMIT_S": "100",
-    "COMPACTOR_FAULTS_ENABLED": "true",
+    **PLUGIN_ENV,
     "COMPACTOR_LOG_LEVEL": "INFO",
     "COMPACTOR_S3_MAX_ATTEMPTS": "3",
 }
@@ -155,7 +157,8 @@ def storage(stack: Any) -> Storage:
 
 @pytest.fixture(scope="module")
 def records(stack: Any) -> Any:
-    from compactor.worker.runtime.records import JobRecords, connect
+    from compactor.worker.runtime.records import JobRecords
+    from compactor.worker.runtime.redis_client import connect
 
     return JobRecords(connect(stack.settings))
 
@@ -175,7 +178,7 @@ def send_compact(stack: Any, *, wait_result: bool = False, **payload: Any) -> st
     app, no import of our code, the payload as keyword arguments."""
     from celery import Celery
 
-    from compactor.worker.runtime.records import celery_redis_url
+    from compactor.worker.runtime.redis_client import celery_redis_url
 
     url = celery_redis_url(stack.settings.redis_url)
     client = Celery(broker=url, backend=url if wait_result else None)
@@ -237,7 +240,7 @@ def test_sub_jobs_run_in_parallel_commit_once_and_finalize_once(stack: Any, stor
     tl = import_timeline(storage, tid)
     job_id = os.urandom(16).hex()
     # Stretch each sub-job a little so that two nodes visibly work at once.
-    records.set_fault("pause_in_merge", job_id, {"seconds": 0.2})
+    set_fault(records.r, "pause_in_merge", job_id, {"seconds": 0.2})
     send_compact(stack, timeline_id=tid, max_job_bytes=total_bytes(storage, tid) // 8, job_id=job_id, wait_result=True)
     meta = wait_ended(records, job_id)
     assert meta.state == JobState.SUCCEEDED, meta.error
@@ -263,7 +266,7 @@ def test_sub_jobs_run_in_parallel_commit_once_and_finalize_once(stack: Any, stor
     manifest = storage.manifest(TENANT, tid)
     assert manifest.gc_compaction.last_completed_lsn == 60
     assert meta.statistics.total_sub_compaction_jobs == len(subs)
-    assert records.get_inflight(TENANT, tid) is None
+    assert records.get_inflight(TENANT, tid, "gc") is None
     assert_reads_exact(storage, {tid: tl}, tid)
 
 
@@ -275,7 +278,7 @@ def test_two_timelines_on_two_nodes_one_compaction_per_node(stack: Any, storage:
     job_ids = [os.urandom(16).hex() for _ in tids]
     for job_id in job_ids:
         # Each holds its node's lock for a while: the second must run on the other node.
-        records.set_fault("pause_in_merge", job_id, {"seconds": 1.5, "once": True})
+        set_fault(records.r, "pause_in_merge", job_id, {"seconds": 1.5, "once": True})
     for tid, job_id in zip(tids, job_ids, strict=True):
         send_compact(stack, timeline_id=tid, sub_compaction=False, job_id=job_id)
     metas = [wait_ended(records, job_id) for job_id in job_ids]
@@ -301,11 +304,11 @@ def test_meta_job_replans_when_a_concurrent_commit_changes_its_inputs(
     tid = "c1" * 16
     tl = import_timeline(storage, tid)
     job_id = os.urandom(16).hex()
-    records.set_fault("pause_before_commit", job_id, {"seconds": 4, "once": True})
+    set_fault(records.r, "pause_before_commit", job_id, {"seconds": 4, "once": True})
     send_compact(stack, timeline_id=tid, max_job_bytes=total_bytes(storage, tid) // 3, job_id=job_id)
     wait_for(
         "the meta job to pause before its commit",
-        lambda: records.r.get(f"compactor:fault-hit:pause_before_commit:{job_id}"),
+        lambda: records.r.get(hit_key("pause_before_commit", job_id)),
     )
     first = records.get_meta(job_id)
 
@@ -339,7 +342,7 @@ def test_duplicated_messages_commit_once(stack: Any, storage: Storage, records: 
     tid = "d1" * 16
     tl = import_timeline(storage, tid)
     job_id = os.urandom(16).hex()
-    records.set_fault("pause_in_merge", job_id, {"seconds": 0.3})
+    set_fault(records.r, "pause_in_merge", job_id, {"seconds": 0.3})
     send_compact(stack, timeline_id=tid, max_job_bytes=total_bytes(storage, tid) // 6, job_id=job_id)
     meta = wait_for("planning", lambda: (m := records.get_meta(job_id)) and m.sub_jobs and m)
     publisher = CeleryPublisher()
@@ -365,7 +368,7 @@ def test_cancelled_job_commits_nothing(stack: Any, storage: Storage, records: An
     tl = import_timeline(storage, tid)
     before = storage.manifest(TENANT, tid)
     job_id = os.urandom(16).hex()
-    records.set_fault("pause_in_merge", job_id, {"seconds": 30})
+    set_fault(records.r, "pause_in_merge", job_id, {"seconds": 30})
     send_compact(stack, timeline_id=tid, max_job_bytes=total_bytes(storage, tid) // 8, job_id=job_id)
     wait_for(
         "a sub-job to pause in its merge",
@@ -423,7 +426,7 @@ def test_malformed_messages_are_rejected_in_one_line_and_workers_survive(stack: 
     from kombu import Connection
 
     from compactor.worker.runtime.app import app
-    from compactor.worker.runtime.records import celery_redis_url
+    from compactor.worker.runtime.redis_client import celery_redis_url
 
     bodies = [
         (b"{not json", "application/json", "message rejected: body not decodable"),
@@ -451,13 +454,14 @@ def test_malformed_messages_are_rejected_in_one_line_and_workers_survive(stack: 
 
 
 def test_killed_worker_sub_job_is_reclaimed_and_finishes(stack: Any, storage: Storage, records: Any) -> None:
-    from compactor.worker.runtime.records import JobState, sub_job_id
+    from compactor.worker.runtime.payloads import sub_job_id
+    from compactor.worker.runtime.records import JobState
 
     tid = "a2" * 16
     tl = import_timeline(storage, tid)
     job_id = os.urandom(16).hex()
     sid = sub_job_id(job_id, 0)
-    records.set_fault("pause_in_merge", sid, {"seconds": 60, "once": True})
+    set_fault(records.r, "pause_in_merge", sid, {"seconds": 60, "once": True})
     send_compact(stack, timeline_id=tid, sub_compaction=False, job_id=job_id)
     sub = wait_for("the sub-job to pause", lambda: (s := records.get_sub(sid)) and s.progress.phase == "paused" and s)
     victim = sub.owner.node
@@ -532,3 +536,41 @@ def test_l0_compaction_through_workers_in_several_sub_jobs(stack: Any, storage: 
     assert not [n for n in layers if n.is_l0] and len(layers) > len(subs)
     assert {n.lsn_range for n in layers} == {(10, 70)}
     assert_reads_exact(storage, {tid: tl}, tid, list(range(0, 72)))
+
+
+def test_l0_compaction_never_waits_behind_gc_compaction(stack: Any, storage: Storage, records: Any) -> None:
+    """Issue 11: with every node's one gc slot held by a gc-compaction sub-job, L0 compaction of
+    another timeline still runs at once, in its nodes' L0 slots (the ``l0`` queue)."""
+    from compactor.worker.runtime.node_lock import LOCK_PREFIX
+    from compactor.worker.runtime.records import JobState
+
+    gc_tid, l0_tid = "b8" * 16, "b9" * 16
+    import_timeline(storage, gc_tid)
+    gc_job = os.urandom(16).hex()
+    set_fault(records.r, "pause_in_merge", gc_job, {"seconds": 60})
+    send_compact(stack, timeline_id=gc_tid, max_job_bytes=total_bytes(storage, gc_tid) // 2, job_id=gc_job)
+
+    def every_gc_slot_held() -> bool:
+        # Held by this job's paused sub-jobs, or by another test's: either way no gc slot is free.
+        meta = records.get_meta(gc_job)
+        paused = meta is not None and any(s.progress.phase == "paused" for s in records.get_subs(meta.sub_jobs))
+        live = [node for node, proc in stack.workers.items() if proc.alive()]  # an earlier test kills one
+        return paused and all(records.r.exists(LOCK_PREFIX + node) for node in live)
+
+    wait_for("a gc sub-job paused in its merge, and every node's gc slot held", every_gc_slot_held)
+    tl = l0_stack_timeline(l0_tid)
+    document = tl.to_json()
+    document["settings"] = {"compaction_threshold": 4, "checkpoint_distance": 2000}
+    storage.import_timeline(json.dumps(document))
+    l0_job = send_compact(stack, timeline_id=l0_tid, kind="l0", max_job_bytes=total_bytes(storage, l0_tid) // 2)
+    meta = wait_ended(records, l0_job, timeout_s=45)
+    assert meta.state == JobState.SUCCEEDED, meta.error
+    # (Another test's sub-job may have let its node go meanwhile: this job's own must hold.)
+    still = records.require_meta(gc_job)
+    paused = [s for s in records.get_subs(still.sub_jobs) if s.progress.phase == "paused"]
+    assert not still.state.ended and paused, "a gc sub-job still holds its node's slot: the L0 sub-jobs ran beside it"
+    assert not [n for n in storage.manifest(TENANT, l0_tid).layer_names() if n.is_l0]
+    assert_reads_exact(storage, {l0_tid: tl}, l0_tid, list(range(0, 72)))
+    assert cli(stack, "job", "cancel", gc_job).returncode == 0
+    assert wait_ended(records, gc_job, timeout_s=30).state == JobState.CANCELLED
+    records.r.delete(f"compactor:fault:pause_in_merge:{gc_job}")

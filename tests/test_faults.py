@@ -3,11 +3,12 @@ one commit, frozen workers, a Redis restart, duplicated task messages and node l
 under a running sub-job.
 
 Real processes throughout (``tests.faultkit``: the embedded Redis and S3 endpoint, two
-``celery worker`` processes, the coordinator, S3 behind the fault proxy). Fault points
-(``compactor.worker.runtime.tasks.FAULT_WHERE``) hold a sub-job, or the finalize that commits, at a named place
-so that a kill lands exactly there; other scenarios kill at random times. After every scenario
-``check_invariants`` asserts that reads are exact, the manifest chain valid, nothing referenced
-lost, no orphan left after a cleanup, and every job ended clearly.
+``celery worker`` processes, the coordinator, S3 behind the fault proxy). The workers' fault
+plugin (``tests/faultplugin.py``) holds a sub-job, or the finalize that commits, at a named
+point (``compactor.worker.runtime.plugins.POINTS``) so that a kill lands exactly there; other
+scenarios kill at random times. After every scenario ``check_invariants`` asserts that reads
+are exact, the manifest chain valid, nothing referenced lost, no orphan left after a cleanup,
+and every job ended clearly.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from compactor.storage.keys import KEY_MAX, KEY_MIN
 from compactor.worker.runtime.records import JobState, SubJobRecord
 from tests.faultkit import (
     FaultStack,
@@ -39,7 +41,7 @@ from tests.faultkit import (
     wait_planned,
 )
 from tests.test_distributed import l0_stack_timeline
-from tests.timelines import TENANT
+from tests.timelines import TENANT, Timeline
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -117,26 +119,38 @@ def test_sigkill_at_each_phase(fs: FaultStack, where: str) -> None:
         assert (sub.attempts[0].outcome or "").startswith("preempted"), sub.attempts[0]
 
 
-@pytest.mark.parametrize("where", ["in_merge", "in_commit"])
-def test_sigkill_during_l0_compaction(fs: FaultStack, where: str) -> None:
-    """L0 compaction (``--kind l0``) under kills: one of its sub-jobs held in its merge, or its
-    finalize right after the manifest was written, and that node SIGKILLed and restarted. The
-    job succeeds, commits once, leaves no L0, and reads at every LSN are exact."""
-    fs.ready()
+def new_l0_timeline(fs: FaultStack) -> tuple[str, Timeline]:
+    """A timeline of L0 deltas over every key, enough of them for L0 compaction to be due."""
     tid = os.urandom(16).hex()
     tl = l0_stack_timeline(tid)
     document = tl.to_json()
     document["settings"] = {"compaction_threshold": 4, "checkpoint_distance": 2000}
     fs.direct.import_timeline(json.dumps(document))
+    return tid, tl
+
+
+@pytest.mark.parametrize(("kind", "where"), [("l0", "in_merge"), ("l0", "in_commit"), ("image", "in_upload")])
+def test_sigkill_during_l0_compaction_and_image_creation(fs: FaultStack, kind: str, where: str) -> None:
+    """L0 compaction (``--kind l0``) and image creation (``--kind image --force``) under kills:
+    one of its sub-jobs held in its merge or right after an upload, or its finalize right after
+    the manifest was written, and that node SIGKILLed and restarted. The job succeeds, commits
+    once, leaves no L0 (or an image layer over every key), and reads at every LSN are exact."""
+    fs.ready()
+    tid, tl = new_l0_timeline(fs)
     job_id = os.urandom(16).hex()
     set_fault(fs, f"pause_{where}", job_id, seconds=15, once=True)
-    submit(fs, tid, job_id=job_id, parts=3, kind="l0")
+    submit(fs, tid, job_id=job_id, parts=3, kind=kind, force=kind == "image")
     fs.kill(wait_hit(fs, f"pause_{where}", job_id)["node"])
     meta = wait_ended(fs, job_id)
-    check_invariants(fs, {tid: tl}, tid, [job_id], kind=f"sigkill l0 {where}")
+    check_invariants(fs, {tid: tl}, tid, [job_id], kind=f"sigkill {kind} {where}")
     assert_committed_once(fs, tid, job_id)
     assert meta.state == JobState.SUCCEEDED
-    assert not [name for name in fs.direct.manifest(TENANT, tid).layer_names() if name.is_l0]
+    names = fs.direct.manifest(TENANT, tid).layer_names()
+    if kind == "l0":
+        assert not [name for name in names if name.is_l0]
+    else:
+        images = sorted(name.key_range for name in names if not name.is_delta)
+        assert images and images[0].start == KEY_MIN and images[-1].end == KEY_MAX
 
 
 def test_sigkill_at_random_times(fs: FaultStack) -> None:
@@ -228,18 +242,19 @@ def test_node_lock_lost_while_a_sub_job_runs(fs: FaultStack, how: str) -> None:
 # ----------------------------------------------------------------------------- duplicates
 
 
-def test_duplicate_deliveries_of_every_task(fs: FaultStack) -> None:
+@pytest.mark.parametrize("kind", ["gc", "l0"])
+def test_duplicate_deliveries_of_every_task(fs: FaultStack, kind: str) -> None:
     """Every task message delivered more than once, at every stage: the request, the plan,
-    each sub-job (while it waits, while it runs on the other node, after it ended) and the
-    finalize (early, while it commits, and after the end). One attempt per sub-job, one
-    commit."""
+    each sub-job (while it waits, while it runs on the other node, after it ended; for L0
+    compaction also on the gc queue, where it is not routed) and the finalize (early, while it
+    commits, and after the end). One attempt per sub-job, one commit."""
     fs.ready()
-    tid, tl = new_timeline(fs, bands=6, seed=5)
+    tid, tl = new_timeline(fs, bands=6, seed=5) if kind == "gc" else new_l0_timeline(fs)
     job_id = os.urandom(16).hex()
     set_fault(fs, "pause_in_merge", job_id, seconds=0.3)
     set_fault(fs, "pause_before_commit", job_id, seconds=1.0, once=True)
-    submit(fs, tid, job_id=job_id, parts=4)
-    submit(fs, tid, job_id=job_id, parts=4)  # the same request again: the same job
+    submit(fs, tid, job_id=job_id, parts=4, kind=kind)
+    submit(fs, tid, job_id=job_id, parts=4, kind=kind)  # the same request again: the same job
     publisher = fs.publisher()
     for _ in range(2):
         publisher.publish("compactor.plan_meta_job", {"job_id": job_id})
@@ -262,7 +277,7 @@ def test_duplicate_deliveries_of_every_task(fs: FaultStack) -> None:
     duplicates += 1
     time.sleep(1.5)  # let them be delivered
     fs.summary.faults_injected += duplicates
-    check_invariants(fs, {tid: tl}, tid, [job_id], kind="duplicate delivery")
+    check_invariants(fs, {tid: tl}, tid, [job_id], kind=f"duplicate delivery ({kind})")
     subs = fs.records.get_subs(meta.sub_jobs)
     assert all(s.state == JobState.SUCCEEDED and s.attempt == 1 for s in subs), [(s.id, s.attempt) for s in subs]
     assert_committed_once(fs, tid, job_id)

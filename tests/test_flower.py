@@ -25,22 +25,18 @@ from typing import Any
 import pytest
 
 from compactor.storage.timeline import Storage
-from compactor.worker.runtime.records import (
-    JobRecords,
-    JobState,
-    MetaJobRecord,
-    SubJobRecord,
-    celery_redis_url,
-    sub_job_id,
-)
+from compactor.worker.runtime.payloads import sub_job_id
+from compactor.worker.runtime.records import JobRecords, JobState, MetaJobRecord, SubJobRecord
+from compactor.worker.runtime.redis_client import celery_redis_url
 from tests import test_distributed
+from tests.faultplugin import PLUGIN_ENV, hit_key, set_fault
 from tests.test_distributed import cli, import_timeline, wait_ended, wait_for
 from tests.timelines import TENANT, Layer, Timeline, Value, record
 
 pytestmark = [pytest.mark.integration]
 
 # Production clocks and log level (WARNING): what an operator sees.
-ENV = {"COMPACTOR_FAULTS_ENABLED": "true", "COMPACTOR_LOCK_RETRY_DELAY_S": "0.2"}
+ENV = {**PLUGIN_ENV, "COMPACTOR_LOCK_RETRY_DELAY_S": "0.2"}
 
 
 def _free_port() -> int:
@@ -203,9 +199,9 @@ def test_cancelled_job_ends_its_tasks_revoked(
     import_timeline(storage, tid, bands=2)
     job_id = os.urandom(16).hex()
     sid = sub_job_id(job_id, 0)
-    records.set_fault("pause_in_merge", sid, {"seconds": 60, "once": True})
+    set_fault(records.r, "pause_in_merge", sid, {"seconds": 60, "once": True})
     send(tid, job_id, sub_compaction=False)
-    wait_for("the sub-job to pause", lambda: records.r.get(f"compactor:fault-hit:pause_in_merge:{sid}"))
+    wait_for("the sub-job to pause", lambda: records.r.get(hit_key("pause_in_merge", sid)))
     result = cli(stack, "job", "cancel", job_id)
     assert result.returncode == 0, result.stderr
     # A running sub-job notices the cancel at its next heartbeat (10 s by default).
@@ -248,9 +244,9 @@ def paused_between_layers(storage: Storage, records: JobRecords, tid: str) -> st
     storage.import_timeline(json.dumps(one_chain_timeline(tid).to_json()))
     job_id = os.urandom(16).hex()
     sid = sub_job_id(job_id, 0)
-    records.set_fault("pause_in_merge", sid, {"seconds": 2.5})
+    set_fault(records.r, "pause_in_merge", sid, {"seconds": 2.5})
     send(tid, job_id, sub_compaction=False)
-    wait_for("the sub-job to pause", lambda: records.r.get(f"compactor:fault-hit:pause_in_merge:{sid}"))
+    wait_for("the sub-job to pause", lambda: records.r.get(hit_key("pause_in_merge", sid)))
     return sid
 
 

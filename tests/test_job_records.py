@@ -27,26 +27,16 @@ from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
 from compactor.worker.engine.jobs import CompactionJob, SubJobSpec
 from compactor.worker.engine.statistics import s3_summary
-from compactor.worker.runtime import dispatch, tasks
-from compactor.worker.runtime.dispatch import TASK_FINALIZE, TASK_PLAN, TASK_RUN
-from compactor.worker.runtime.records import (
-    ClaimOutcome,
-    CompactRequest,
-    JobProgress,
-    JobRecords,
-    JobState,
-    MetaJobRecord,
-    StaleAttempt,
-    SubJobRecord,
-    celery_redis_url,
-    check_connectivity,
-    payload_schemas,
-    redact_url,
-    redis_py_url,
-    sub_job_id,
-)
+from compactor.worker.runtime import attempts, dispatch, plugins, tasks
+from compactor.worker.runtime.attempts import ClaimOutcome, StaleAttempt
+from compactor.worker.runtime.dispatch import TASK_FINALIZE, TASK_PLAN, TASK_QUEUES, TASK_RUN
+from compactor.worker.runtime.payloads import PAYLOADS, CompactRequest, sub_job_id
+from compactor.worker.runtime.plugins import Attempt, Hold, Plugin, Plugins
+from compactor.worker.runtime.records import JobProgress, JobRecords, JobState, MetaJobRecord, SubJobRecord
+from compactor.worker.runtime.redis_client import celery_redis_url, check_connectivity, redact_url, redis_py_url
 from tests.conftest import make_s3_settings
-from tests.test_distributed import assert_reads_exact, banded_timeline, manifests_written_by
+from tests.faultplugin import FaultPoints, set_fault
+from tests.test_distributed import assert_reads_exact, banded_timeline, l0_stack_timeline, manifests_written_by
 from tests.timelines import TENANT
 
 TL = "aa" * 16
@@ -91,7 +81,7 @@ def make_meta(records: JobRecords, n_subs: int) -> MetaJobRecord:
 def claim(records: JobRecords, sub_id: str, node: str = "n1", **kw: Any) -> tuple[ClaimOutcome, SubJobRecord | None]:
     args: dict[str, Any] = {"heartbeat_timeout_s": 30.0, "max_attempts": 3, "cancel_requested": lambda: False}
     args.update(kw)
-    return records.claim(sub_id, node=node, pid=1, **args)
+    return attempts.claim(records, sub_id, node=node, pid=1, **args)
 
 
 class Published:
@@ -99,11 +89,15 @@ class Published:
 
     def __init__(self) -> None:
         self.messages: list[tuple[str, dict[str, Any]]] = []
+        self.queues: list[tuple[str, str]] = []  # (task, queue) of every message
         self._lock = threading.Lock()
 
-    def publish(self, task: str, kwargs: dict[str, Any], *, countdown: float | None = None) -> None:
+    def publish(
+        self, task: str, kwargs: dict[str, Any], *, countdown: float | None = None, queue: str | None = None
+    ) -> None:
         with self._lock:
             self.messages.append((task, kwargs))
+            self.queues.append((task, queue or TASK_QUEUES[task]))
 
     def of(self, task: str) -> list[dict[str, Any]]:
         return [kw for name, kw in self.messages if name == task]
@@ -157,20 +151,20 @@ def test_only_the_current_attempt_changes_a_sub_job(records: JobRecords) -> None
     assert first.attempt == 1
     token1 = first.owner.token
 
-    records.heartbeat(sid, 1, token1, JobProgress(phase="compacting", keys=5))
+    attempts.heartbeat(records, sid, 1, token1, JobProgress(phase="compacting", keys=5))
     with pytest.raises(StaleAttempt):
-        records.heartbeat(sid, 1, "not-the-token", JobProgress(phase="compacting", keys=99))
+        attempts.heartbeat(records, sid, 1, "not-the-token", JobProgress(phase="compacting", keys=99))
     with pytest.raises(StaleAttempt):
-        records.heartbeat(sid, 2, token1, JobProgress(phase="compacting", keys=99))
+        attempts.heartbeat(records, sid, 2, token1, JobProgress(phase="compacting", keys=99))
     rec = records.get_sub(sid)
     assert rec is not None and rec.progress.keys == 5
 
     # The scheduler takes the attempt away; the old worker's later reports are ignored.
-    assert records.preempt(sid, 1, token1, "no heartbeat") is not None
+    assert attempts.preempt(records, sid, 1, token1, "no heartbeat") is not None
     with pytest.raises(StaleAttempt):
-        records.heartbeat(sid, 1, token1, JobProgress(phase="compacting", keys=77))
+        attempts.heartbeat(records, sid, 1, token1, JobProgress(phase="compacting", keys=77))
     with pytest.raises(StaleAttempt):
-        records.finish(sid, 1, token1, JobState.SUCCEEDED)
+        attempts.finish(records, sid, 1, token1, JobState.SUCCEEDED)
     rec = records.get_sub(sid)
     assert rec is not None and rec.state == JobState.PREEMPTED and rec.progress.keys == 5
 
@@ -178,8 +172,8 @@ def test_only_the_current_attempt_changes_a_sub_job(records: JobRecords) -> None
     assert outcome == ClaimOutcome.CLAIMED and second is not None and second.owner is not None
     assert second.attempt == 2 and second.owner.token != token1
     with pytest.raises(StaleAttempt):
-        records.finish(sid, 1, token1, JobState.FAILED)
-    done = records.finish(sid, 2, second.owner.token, JobState.SUCCEEDED)
+        attempts.finish(records, sid, 1, token1, JobState.FAILED)
+    done = attempts.finish(records, sid, 2, second.owner.token, JobState.SUCCEEDED)
     assert done.state == JobState.SUCCEEDED
     assert [a.outcome for a in done.attempts] == ["preempted: no heartbeat", "succeeded"]
     assert all(a.ended_at is not None for a in done.attempts)
@@ -201,7 +195,7 @@ def test_stale_reports_never_land_under_concurrency(records: JobRecords) -> None
         for i in range(300):
             was_preempted = preempted.is_set()
             try:
-                records.heartbeat(sid, 1, token, JobProgress(phase="compacting", keys=i + 1))
+                attempts.heartbeat(records, sid, 1, token, JobProgress(phase="compacting", keys=i + 1))
             except StaleAttempt:
                 continue
             if was_preempted:
@@ -210,7 +204,7 @@ def test_stale_reports_never_land_under_concurrency(records: JobRecords) -> None
     thread = threading.Thread(target=old_worker)
     thread.start()
     time.sleep(0.02)
-    assert records.preempt(sid, 1, token, "test") is not None
+    assert attempts.preempt(records, sid, 1, token, "test") is not None
     preempted.set()
     thread.join()
     frozen = records.get_sub(sid)
@@ -231,7 +225,7 @@ def test_claim_rules(records: JobRecords) -> None:
     for _ in range(2):
         _, r = claim(records, b, max_attempts=2)
         assert r is not None and r.owner is not None
-        records.preempt(b, r.attempt, r.owner.token, "stuck")
+        attempts.preempt(records, b, r.attempt, r.owner.token, "stuck")
     outcome, gave_up = claim(records, b, max_attempts=2)
     assert outcome == ClaimOutcome.GAVE_UP and gave_up is not None
     assert gave_up.state == JobState.FAILED and gave_up.error is not None
@@ -252,7 +246,7 @@ def test_finalize_claimed_once_never_early(records: JobRecords) -> None:
     def end(sid: str) -> SubJobRecord:
         _, r = claim(records, sid)
         assert r is not None and r.owner is not None
-        return records.finish(sid, r.attempt, r.owner.token, JobState.SUCCEEDED)
+        return attempts.finish(records, sid, r.attempt, r.owner.token, JobState.SUCCEEDED)
 
     ended0 = end(s0)
     # Duplicated "ended" handling, concurrently: nothing follows, since 1 and 2 have not ended
@@ -293,7 +287,7 @@ def test_cancel_waiting_and_running(records: JobRecords) -> None:
     assert [r.state for r in records.get_subs([s1, s2])] == [JobState.CANCELLED, JobState.CANCELLED]
     assert published.of(TASK_FINALIZE) == [], "the running sub-job has not stopped yet"
     # The running attempt notices, records its end, and the follow-ups claim finalize.
-    ended = records.finish(s0, running.attempt, running.owner.token, JobState.CANCELLED)
+    ended = attempts.finish(records, s0, running.attempt, running.owner.token, JobState.CANCELLED)
     dispatch.sub_job_ended(records, published, ended)
     assert published.of(TASK_FINALIZE) == [{"job_id": meta.id}]
     assert published.of(TASK_RUN) == []
@@ -303,12 +297,16 @@ def test_cancel_waiting_and_running(records: JobRecords) -> None:
 
 
 def test_inflight_marker_and_circuit_breaker(records: JobRecords) -> None:
-    assert records.set_inflight(TENANT, TL, "a" * 32)
-    assert not records.set_inflight(TENANT, TL, "b" * 32)
-    assert not records.clear_inflight(TENANT, TL, "b" * 32), "only the holder clears the marker"
-    assert records.get_inflight(TENANT, TL) == "a" * 32
-    assert records.clear_inflight(TENANT, TL, "a" * 32)
-    assert records.get_inflight(TENANT, TL) is None
+    assert records.set_inflight(TENANT, TL, "gc", "a" * 32)
+    assert not records.set_inflight(TENANT, TL, "gc", "b" * 32)
+    assert not records.clear_inflight(TENANT, TL, "gc", "b" * 32), "only the holder clears the marker"
+    assert records.get_inflight(TENANT, TL, "gc") == "a" * 32
+    assert records.clear_inflight(TENANT, TL, "gc", "a" * 32)
+    assert records.get_inflight(TENANT, TL, "gc") is None
+    # One marker per queue: an L0 job in flight does not hold the gc-compaction's.
+    assert records.set_inflight(TENANT, TL, "l0", "d" * 32)
+    assert records.set_inflight(TENANT, TL, "gc", "e" * 32)
+    assert records.clear_inflight(TENANT, TL, "l0", "d" * 32) and records.clear_inflight(TENANT, TL, "gc", "e" * 32)
 
     request = CompactRequest(tenant_id=TENANT, timeline_id=TL)
 
@@ -346,16 +344,14 @@ def flow(s3_endpoint: str, tmp_path: Path, records: JobRecords, redis_url: str) 
         s3_endpoint,
         tmp_path,
         redis_url=redis_url,
-        faults_enabled=True,
         heartbeat_interval_s=0.2,
         lock_retry_delay_s=0.05,
     )
     storage = Storage(settings)
     storage.objects.ensure_bucket()
     published = Published()
-    return tasks.Context(
-        settings, storage, records, published, "node-test", meta_jobs.MetaJobs(storage, records, published, settings)
-    )
+    flow = meta_jobs.MetaJobs(storage, records, published, settings)
+    return tasks.Context(settings, storage, records, published, "node-test", flow, Plugins([FaultPoints(settings)]))
 
 
 def drain(ctx: tasks.Context, limit: int = 500) -> None:
@@ -390,6 +386,8 @@ def test_meta_job_in_process_is_exact_and_advances_l2(flow: tasks.Context) -> No
     meta = flow.records.require_meta(result["job_id"])
     assert meta.state == JobState.SUCCEEDED, meta.error
     assert len(meta.sub_jobs) >= 4
+    assert isinstance(flow.publisher, Published)
+    assert {queue for task, queue in flow.publisher.queues if task == TASK_RUN} == {"gc"}
     after = flow.storage.manifest(TENANT, TL)
     assert after.gc_compaction.last_completed_lsn == tl.cutoff == meta.l2_lsn
     assert_reads_exact(flow.storage, {TL: tl}, TL)
@@ -400,7 +398,7 @@ def test_meta_job_in_process_is_exact_and_advances_l2(flow: tasks.Context) -> No
     assert stats.retention_ratio == pytest.approx(stats.after_compaction_layer_size / (total + 1.0))
     written = json.loads(flow.storage.objects.get_bytes(layout.meta_stats_key(TENANT, TL, meta.id)))
     assert written["statistics"]["total_sub_compaction_jobs"] == len(meta.sub_jobs)
-    assert flow.records.get_inflight(TENANT, TL) is None
+    assert flow.records.get_inflight(TENANT, TL, "gc") is None
     assert meta.id not in flow.records.active_meta_ids()
 
     # Every message delivered again: nothing is committed twice, nothing changes.
@@ -418,7 +416,7 @@ def test_failed_sub_job_fails_the_meta_job_without_l2(flow: tasks.Context) -> No
     flow.storage.import_timeline(json.dumps(tl.to_json()))
     total = sum(e.size for e in flow.storage.manifest(TENANT, TL).layers.values())
     job_id = "e" * 32
-    flow.records.set_fault("fail_in_merge", sub_job_id(job_id, 1), {"message": "disk on fire", "once": True})
+    set_fault(flow.records.r, "fail_in_merge", sub_job_id(job_id, 1), {"message": "disk on fire", "once": True})
     before = flow.storage.manifest(TENANT, TL)
     result = submit(flow, {"tenant_id": TENANT, "timeline_id": TL, "max_job_bytes": total // 8, "job_id": job_id})
     meta = flow.records.require_meta(result["job_id"])
@@ -433,6 +431,66 @@ def test_failed_sub_job_fails_the_meta_job_without_l2(flow: tasks.Context) -> No
     in_bucket = {info.key for info in flow.storage.objects.list_keys(layout.layers_prefix(TENANT, TL))}
     assert in_bucket == {e.object_key for e in after.layers.values()}
     assert_reads_exact(flow.storage, {TL: tl}, TL)
+
+
+def test_l0_sub_jobs_go_to_the_l0_queue(flow: tasks.Context) -> None:
+    tl = l0_stack_timeline(TL)
+    document = tl.to_json()
+    document["settings"] = {"compaction_threshold": 4, "checkpoint_distance": 2000}
+    flow.storage.import_timeline(json.dumps(document))
+    total = sum(e.size for e in flow.storage.manifest(TENANT, TL).layers.values())
+    result = submit(flow, {"tenant_id": TENANT, "timeline_id": TL, "kind": "l0", "max_job_bytes": total // 3})
+    meta = flow.records.require_meta(result["job_id"])
+    assert meta.state == JobState.SUCCEEDED and len(meta.sub_jobs) >= 2, meta.error
+    assert isinstance(flow.publisher, Published)
+    assert {queue for task, queue in flow.publisher.queues if task == TASK_RUN} == {"l0"}
+    assert_reads_exact(flow.storage, {TL: tl}, TL, list(range(0, 72)))
+
+
+class PointLog(Plugin):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None, int]] = []
+        self.lock = threading.Lock()
+
+    def reached(self, point: str, attempt: Attempt, hold: Hold) -> None:
+        with self.lock:  # downloads reach their point on pool threads
+            self.seen.append((point, attempt.sub_id, attempt.number))
+
+
+def test_plugins_see_every_point_of_a_meta_job_in_order(flow: tasks.Context) -> None:
+    points = PointLog()
+    flow.plugins.plugins.append(points)
+    tl = banded_timeline(TL)
+    flow.storage.import_timeline(json.dumps(tl.to_json()))
+    total = sum(e.size for e in flow.storage.manifest(TENANT, TL).layers.values())
+    meta = flow.records.require_meta(
+        submit(flow, {"tenant_id": TENANT, "timeline_id": TL, "max_job_bytes": total // 3})["job_id"]
+    )
+    assert meta.state == JobState.SUCCEEDED and len(meta.sub_jobs) >= 2
+    for sid in meta.sub_jobs:
+        seen = [point for point, sub, number in points.seen if sub == sid and number == 1]
+        assert {"in_download", "in_merge", "in_upload"} <= set(seen), (sid, seen)
+        assert seen.index("in_download") < seen.index("in_merge") < seen.index("in_upload")
+    # Finalize is the last to reach a point: just before its one manifest, then right after.
+    assert points.seen[-2:] == [("before_commit", None, 0), ("in_commit", None, 0)]
+    assert sum(point.endswith("commit") for point, _, _ in points.seen) == 2
+
+
+def test_plugins_load_from_the_settings_or_stop_the_worker_in_one_line(redis_url: str) -> None:
+    loaded = plugins.load(Settings(redis_url=redis_url, worker_plugins="tests.faultplugin:FaultPoints"))
+    assert [type(p) for p in loaded.plugins] == [FaultPoints]
+    assert plugins.load(Settings()).checkpoint(Attempt("m", None, 0, "n", 1), time.sleep) is None
+    for spec, message in [
+        ("no_such_module:make", "did not load: No module named 'no_such_module'"),
+        ("tests.faultplugin:nothing", "did not load"),
+        ("tests.faultplugin:set_fault", "did not load"),  # not a factory of one Settings
+        ("builtins:repr", "is not a compactor Plugin: str"),
+    ]:
+        with pytest.raises(InvalidInput, match=re.escape(message)) as err:
+            plugins.load(Settings(worker_plugins=spec))
+        assert spec in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ValidationError):
+        Settings(worker_plugins="not a plugin")
 
 
 def test_invalid_payloads_end_in_one_line_errors(flow: tasks.Context) -> None:
@@ -501,9 +559,9 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "task-api.md"
 
 
 def test_documented_schemas_are_the_generated_ones() -> None:
-    from compactor.coordinator.cli.schema_docs import documented
+    from compactor.coordinator.cli.schema_docs import documented, generated
 
-    assert documented(DOC.read_text()) == payload_schemas(), (
+    assert documented(DOC.read_text()) == generated(PAYLOADS), (
         "regenerate with: python -m compactor.coordinator.cli.schema_docs"
     )
 
@@ -576,6 +634,26 @@ def test_cli_errors_are_one_line(flow: tasks.Context, tmp_path: Path) -> None:
     assert result.exit_code != 0 and result.stderr.strip().splitlines()[-1].startswith("error: invalid --queues")
 
 
+def test_auto_trigger_starts_l0_compaction_beside_a_gc_compaction_in_flight(flow: tasks.Context) -> None:
+    """Issue 11: one meta job per timeline and queue, so a gc-compaction in flight never holds
+    back the L0 compaction the timeline needs; a second L0 job waits for the first."""
+    tl = l0_stack_timeline(TL)
+    document = tl.to_json()
+    document["settings"] = {"compaction_threshold": 4, "checkpoint_distance": 2000}
+    flow.storage.import_timeline(json.dumps(document))
+    gc_job, created = meta_jobs.create_meta_job(flow.records, CompactRequest(tenant_id=TENANT, timeline_id=TL))
+    assert created and flow.records.get_inflight(TENANT, TL, "gc") == gc_job.id
+    settings = flow.settings.model_copy(update={"auto_trigger_kinds": "l0,image,gc"})
+    scheduler = Scheduler(flow.storage, flow.records, flow.publisher, settings)
+    report = scheduler.tick()
+    assert len(report.triggered) == 1, report
+    l0_job = flow.records.require_meta(report.triggered[0])
+    assert l0_job.request is not None and l0_job.request.kind == "l0"
+    assert flow.records.get_inflight(TENANT, TL, "l0") == l0_job.id
+    assert flow.records.get_inflight(TENANT, TL, "gc") == gc_job.id
+    assert scheduler.tick().triggered == [], "one L0 job per timeline at a time"
+
+
 def test_auto_trigger_skips_in_flight_and_broken_timelines(flow: tasks.Context) -> None:
     tl = banded_timeline(TL)
     doc = tl.to_json()
@@ -588,7 +666,7 @@ def test_auto_trigger_skips_in_flight_and_broken_timelines(flow: tasks.Context) 
     report = scheduler.tick()
     assert len(report.triggered) == 1
     job_id = report.triggered[0]
-    assert flow.records.get_inflight(TENANT, TL) == job_id
+    assert flow.records.get_inflight(TENANT, TL, "gc") == job_id
     again = scheduler.tick()
     assert again.triggered == [] and "in flight" in again.skipped[f"{TENANT}/{TL}"]
 
@@ -596,7 +674,7 @@ def test_auto_trigger_skips_in_flight_and_broken_timelines(flow: tasks.Context) 
     meta = flow.records.require_meta(job_id)
     assert meta.auto and meta.state == JobState.SUCCEEDED, meta.error
     assert flow.storage.manifest(TENANT, TL).gc_compaction.last_completed_lsn == 60
-    assert flow.records.get_inflight(TENANT, TL) is None
+    assert flow.records.get_inflight(TENANT, TL, "gc") is None
     assert_reads_exact(flow.storage, {TL: tl}, TL)
 
     # After the job, L2 holds everything below the cutoff: the ratio rule says no.
@@ -755,7 +833,7 @@ def test_a_message_held_by_a_dead_worker_is_sent_again(flow: tasks.Context) -> N
     sid = meta.sub_jobs[0]
     published = Published()
     scheduler = Scheduler(flow.storage, records, published, flow.settings, auto_trigger=False)
-    dispatch.enqueue_sub(records, published, sid)
+    dispatch.enqueue_sub(records, published, records.get_sub(sid))
     published.messages.clear()
     records.mark_held(sid, "node-1@host:4242")
     records.keep_alive("node-1@host:4242", 30.0)

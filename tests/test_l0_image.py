@@ -217,6 +217,16 @@ def test_image_threshold_met_or_not_and_forced(tmp_path: Path) -> None:
     assert isinstance(compact(io, job("image"), tmp_path)[1], str)
 
 
+def test_image_creation_counts_the_layers_it_reads_from(tmp_path: Path) -> None:
+    io = load({PARENT: Timeline(PARENT, deltas_over(4, 3))}, image_creation_threshold=3)
+    plan = plan_any(io.manifests[PARENT], job("image"))
+    assert isinstance(plan, ImagePlan)
+    stats = run_any(plan, io, EngineSettings(target_layer_bytes=1 << 20, workdir=tmp_path)).stats
+    sizes = sorted(e.size for e in io.manifests[PARENT].layers.values())
+    assert stats.delta_layer_visited.num == 3 and stats.delta_layer_visited.size == sum(sizes)
+    assert stats.image_layer_produced.num == 1
+
+
 def test_image_partitions_align_and_leave_no_gaps(tmp_path: Path) -> None:
     layers = [
         Layer("image", (a, b), (5, 6), {k: [Value(5, image=b"i")] for k in range(a, b)})

@@ -3,7 +3,9 @@
 storage <- worker.engine <- worker.runtime <- coordinator.jobs <- coordinator.cli, coordinator.local
 
 A module may import its own layer and those below it, never one above; the engine imports no
-Celery, Redis or boto3. Function-level imports count as much as top-level ones.
+Celery, Redis or boto3; no production module imports the tests or the benchmarks (test-only
+code such as fault injection reaches the workers as a plugin: ``tests/faultplugin.py``).
+Function-level imports count as much as top-level ones.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ LAYERS = [
     ("compactor.coordinator.cli", "compactor.coordinator.local"),
 ]
 ENGINE_FORBIDDEN = ("celery", "kombu", "redis", "boto3", "botocore")
+NOT_PRODUCTION = ("tests", "bench")
 
 
 def layer_of(module: str) -> int | None:
@@ -76,6 +79,8 @@ def violations(root: Path) -> list[str]:
                 out.append(f"{where}: {name} (layer {level}) imports {target} (layer {target_level})")
             if level <= 1 and target.split(".")[0] in ENGINE_FORBIDDEN and name.startswith("compactor.worker"):
                 out.append(f"{where}: the engine imports {target}")
+            if target.split(".")[0] in NOT_PRODUCTION:
+                out.append(f"{where}: production module {name} imports {target}")
             if len(out) > before:
                 reported.add(line)  # one report per import statement
     return out
@@ -108,9 +113,12 @@ def test_a_planted_upward_import_is_found(tmp_path: Path) -> None:
     (tmp_path / "storage" / "keys.py").write_text(
         (tmp_path / "storage" / "keys.py").read_text() + "\nfrom compactor.coordinator.jobs import split\n"
     )
+    tasks = tmp_path / "worker" / "runtime" / "tasks.py"
+    tasks.write_text(tasks.read_text() + "\nfrom tests.faultplugin import set_fault\n")
     found = violations(tmp_path)
-    assert len(found) == 2, found
-    assert "compactor.worker.engine.plan (layer 1) imports compactor.worker.runtime" in found[0] + found[1]
+    assert len(found) == 3, found
+    assert "compactor.worker.engine.plan (layer 1) imports compactor.worker.runtime" in "".join(found)
+    assert "production module compactor.worker.runtime.tasks imports tests.faultplugin" in "".join(found)
 
 
 @pytest.mark.slow

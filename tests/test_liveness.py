@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.faultplugin import set_fault
 from tests.test_distributed import STACK_ENV
 from tests.test_up_and_demo import parents
 
@@ -73,7 +74,8 @@ def test_busy_nodes_take_no_gc_work_they_cannot_run(stack: Any) -> None:
     its gc slot is free, so none is bounced back ("node busy") and the wall time is about four
     sub-jobs long."""
     from compactor.storage.timeline import Storage
-    from compactor.worker.runtime.records import JobRecords, JobState, connect
+    from compactor.worker.runtime.records import JobRecords, JobState
+    from compactor.worker.runtime.redis_client import connect
     from tests.test_distributed import import_timeline, send_compact, wait_ended
 
     storage = Storage(stack.settings)
@@ -81,7 +83,7 @@ def test_busy_nodes_take_no_gc_work_they_cannot_run(stack: Any) -> None:
     tid = "9a" * 16
     import_timeline(storage, tid, bands=8)
     job_id = os.urandom(16).hex()
-    records.set_fault("pause_before_commit", job_id, {"seconds": 0.5})
+    set_fault(records.r, "pause_before_commit", job_id, {"seconds": 0.5})
     logs_before = {node: proc.log_path.stat().st_size for node, proc in stack.workers.items()}
     started = time.monotonic()
     # The smallest size: one sub-job per band, eight sub-jobs.

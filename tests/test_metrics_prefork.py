@@ -24,7 +24,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from compactor.storage.timeline import Storage
-from compactor.worker.runtime.records import JobRecords, JobState, connect
+from compactor.worker.runtime.records import JobRecords, JobState
+from compactor.worker.runtime.redis_client import connect
 from tests.faultkit import FaultStack, FaultSummary, new_timeline, submit, wait_for
 from tests.faultproxy import FaultProxy, Rule
 from tests.test_distributed import STACK_ENV
@@ -83,7 +84,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FaultStack
     worker_port = coordinator_port + 1
     env = {
         **STACK_ENV,
-        "COMPACTOR_FAULTS_ENABLED": "false",
+        "COMPACTOR_WORKER_PLUGINS": "",
         "COMPACTOR_S3_ENDPOINT_URL": proxy.url,
         "COMPACTOR_METRICS_PORT": str(coordinator_port),
     }

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from compactor.worker.runtime.node_lock import Heartbeat, NodeLock
+from compactor.worker.runtime.node_lock import Heartbeat, NodeLock, take_slot
 
 
 @pytest.fixture
@@ -31,6 +31,23 @@ def test_one_holder_per_node(client: redis.Redis) -> None:
     assert second.acquire()
     second.release()
     other_node.release()
+
+
+def test_l0_slots_are_a_limit_of_their_own_beside_the_gc_lock(client: redis.Redis) -> None:
+    """Issue 11: L0 compaction and image creation take one of the node's L0 slots, never its gc
+    lock, so they run beside a gc-compaction; the slots bound them per node."""
+    gc = take_slot(client, "node-s", "gc", l0_slots=2, ttl_s=5)
+    assert gc is not None and take_slot(client, "node-s", "gc", l0_slots=2, ttl_s=5) is None
+    first = take_slot(client, "node-s", "l0", l0_slots=2, ttl_s=5)
+    second = take_slot(client, "node-s", "image", l0_slots=2, ttl_s=5)
+    assert first is not None and second is not None and first.name != second.name
+    assert take_slot(client, "node-s", "l0", l0_slots=2, ttl_s=5) is None, "two L0 slots, both taken"
+    assert take_slot(client, "node-t", "l0", l0_slots=2, ttl_s=5) is not None, "another node is not affected"
+    first.release()
+    again = take_slot(client, "node-s", "l0", l0_slots=2, ttl_s=5)
+    assert again is not None and again.name == first.name
+    for lock in (gc, second, again):
+        lock.release()
 
 
 def test_heartbeat_thread_renews_a_lock_taken_by_another_thread(client: redis.Redis) -> None:

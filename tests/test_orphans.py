@@ -80,7 +80,9 @@ def test_cli_gc_orphans_reports_and_spares_in_flight_timelines(
 
     from compactor.coordinator.cli.main import main
     from compactor.coordinator.jobs.meta_jobs import create_meta_job
-    from compactor.worker.runtime.records import CompactRequest, JobRecords, connect
+    from compactor.worker.runtime.payloads import CompactRequest
+    from compactor.worker.runtime.records import JobRecords
+    from compactor.worker.runtime.redis_client import connect
 
     storage.import_timeline(json.dumps(history_timeline(cutoff=60).to_json()))
     stray = layers_prefix(TENANT, PARENT) + "00-stray"

@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 
 from compactor.storage.timeline import Storage
-from compactor.worker.runtime.records import JobRecords, JobState, connect, most_at_once
+from compactor.worker.runtime.records import JobRecords, JobState, most_at_once
+from compactor.worker.runtime.redis_client import connect
+from tests.faultplugin import set_fault
 from tests.test_distributed import (
     STACK_ENV,
     assert_reads_exact,
@@ -87,7 +89,7 @@ def test_sub_jobs_of_an_unpartitioned_timeline_run_at_once_and_commit_once(stack
     before = storage.manifest(TENANT, tid)
     job_id = os.urandom(16).hex()
     # Each sub-job holds a moment at every layer it reads, long enough for the others to start.
-    records.set_fault("pause_in_merge", job_id, {"seconds": 0.3})
+    set_fault(records.r, "pause_in_merge", job_id, {"seconds": 0.3})
     send_compact(stack, timeline_id=tid, max_job_bytes=total_bytes(storage, tid) // 6, job_id=job_id)
     meta = wait_ended(records, job_id, timeout_s=120)
     assert meta.state == JobState.SUCCEEDED, meta.error

@@ -152,6 +152,21 @@ def test_seed_doc_example() -> None:
     assert_reads_kept(history, ret, None, [0x20, 0x40, 0x50, 0x60])
 
 
+def test_the_worked_example_of_the_module_docstring() -> None:
+    history = [img(10, b"I")] + [rec(lsn, b"%d;" % lsn) for lsn in (20, 30, 40, 50, 60, 70, 80, 95, 110)]
+    ret = generate_key_retention(KEY, history, 90, [35, 55], verification=True)
+    assert DELTA_THRESHOLD == 5
+    assert ret.below_horizon == [
+        (35, [img(35, b"I20;30;")]),
+        (55, [rec(40, b"40;"), rec(50, b"50;")]),
+        (90, [img(90, b"I20;30;40;50;60;70;80;")]),
+    ]
+    assert ret.above_horizon == [rec(95, b"95;"), rec(110, b"110;")]
+    first, deltas = place(KEY, ret, has_image_layer=True)
+    assert first == img(35, b"I20;30;") and [v.lsn for v in deltas] == [40, 50, 90, 95, 110]
+    assert_reads_kept(history, ret, None, [35, 55, 90, 95, 110])
+
+
 # --- policy cases ------------------------------------------------------------------------------
 
 

@@ -33,7 +33,8 @@ from click.testing import CliRunner
 from compactor.coordinator.local.embedded import EmbeddedRedis
 from compactor.storage import layout
 from compactor.storage.manifest import LayerEntry
-from compactor.worker.runtime.records import JobState, celery_redis_url
+from compactor.worker.runtime.records import JobState
+from compactor.worker.runtime.redis_client import celery_redis_url
 from tests.faultkit import (
     FaultStack,
     FaultSummary,

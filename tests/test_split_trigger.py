@@ -136,16 +136,68 @@ def test_l0_first_then_images_then_gc() -> None:
     stack = [(l0(20 + 10 * i, 30 + 10 * i), MiB) for i in range(3)]
     settings = TimelineSettings(compaction_threshold=3)
     m = manifest(gc_due + stack, cutoff=30, settings=settings)
-    decision = decide(m, job_in_flight=False, kinds=all_kinds)
+    decision = decide(m, kinds=all_kinds)
     assert decision.trigger and decision.kind == "l0", "L0 first: gc-compaction yields"
-    assert not decide(m, job_in_flight=True, kinds=all_kinds).trigger
-    assert decide(m, job_in_flight=False).kind == "gc", "only gc enabled: gc as before"
+    assert not decide(m, busy={"l0"}, kinds=all_kinds).trigger, "gc-compaction yields to the L0 job in flight"
+    decision = decide(m, busy={"gc"}, kinds=all_kinds)
+    assert decision.kind == "l0", "L0 compaction starts beside a gc-compaction in flight, not behind it"
+    assert not decide(m, busy={"gc", "l0"}, kinds=all_kinds).trigger
+    assert decide(m).kind == "gc", "only gc enabled: gc as before"
     # Below the threshold: three deltas stacked with no image under them make an image due.
     m = manifest(gc_due + stack[:2], cutoff=30, settings=settings)
-    decision = decide(m, job_in_flight=False, kinds=all_kinds)
+    decision = decide(m, kinds=all_kinds)
     assert decision.trigger and decision.kind == "image"
     image = LayerName.image(KEY_MIN, KEY_MAX, 39)
     m = manifest([*gc_due, *stack[:2], (image, MiB)], cutoff=30, settings=settings)
-    decision = decide(m, job_in_flight=False, kinds=all_kinds)
+    decision = decide(m, kinds=all_kinds)
     assert decision.trigger and decision.kind == "gc"
-    assert not decide(m, job_in_flight=False, kinds=("l0", "image")).trigger
+    assert not decide(m, kinds=("l0", "image")).trigger
+
+
+def test_l0_and_image_follow_their_own_rules_on_children_and_with_gc_disabled() -> None:
+    """gc-compaction's guards (disabled, child timeline, no cutoff) are gc's alone: L0 compaction
+    and image creation still run where they are due; whatever order the kinds are listed in."""
+    from compactor.coordinator.jobs.trigger import decide
+    from compactor.storage.keys import KEY_MIN
+    from compactor.storage.manifest import Ancestor
+
+    def l0(lo: int, hi: int) -> LayerName:
+        return LayerName.delta(KEY_MIN, KEY_MAX, lo, hi)
+
+    stack = [(l0(20 + 10 * i, 30 + 10 * i), MiB) for i in range(3)]
+    settings = TimelineSettings(compaction_threshold=3, gc_compaction_enabled=False)
+    child = Ancestor(timeline_id=CHILD, lsn=5)
+    for kinds in (("l0", "image", "gc"), ("gc", "image", "l0")):
+        for extra in ({"settings": settings}, {"ancestor": child, "settings": settings}):
+            m = manifest(stack, cutoff=0, **extra)
+            assert decide(m, kinds=kinds).kind == "l0"
+            m = manifest([*stack[:2], (d(0, 10, 5, 15), MiB)], cutoff=0, **extra)
+            decision = decide(m, kinds=kinds)
+            assert decision.trigger and decision.kind == "image", decision.reason
+            m = manifest([(d(0, 10, 5, 15), MiB)], cutoff=0, **extra)
+            assert not decide(m, kinds=kinds).trigger
+
+
+def test_gc_yields_only_to_l0_compaction_that_is_due_and_auto_triggered() -> None:
+    """The seed's YieldForL0: gc-compaction waits while the L0 deltas reach the threshold and L0
+    compaction is one of the auto-triggered kinds; below the threshold, or with L0 compaction
+    left to the operator, it runs by its own trigger (yielding then would starve it)."""
+    from compactor.coordinator.jobs.trigger import decide
+    from compactor.storage.keys import KEY_MIN
+
+    def l0(lo: int, hi: int) -> LayerName:
+        return LayerName.delta(KEY_MIN, KEY_MAX, lo, hi)
+
+    big = 6 * 1024**3
+    settings = TimelineSettings(compaction_threshold=2, image_creation_threshold=10)
+    gc_due = [(d(0, 10, 10, 20), big)]
+    two = [(l0(20, 30), MiB), (l0(30, 40), MiB)]
+    m = manifest(gc_due + two, cutoff=30, settings=settings)
+    assert decide(m, kinds=("l0", "gc")).kind == "l0"
+    assert decide(m, kinds=("image", "gc")).kind == "gc"
+    m = manifest(gc_due + two[:1], cutoff=30, settings=settings)
+    assert decide(m, kinds=("l0", "image", "gc")).kind == "gc"
+    # A gap in the L0s' LSNs does not hide an L0 from the count (the seed counts every L0).
+    gap = [(l0(20, 30), MiB), (l0(35, 40), MiB)]
+    m = manifest(gc_due + gap, cutoff=30, settings=settings)
+    assert decide(m, kinds=("l0", "image", "gc")).kind == "l0"

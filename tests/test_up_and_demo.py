@@ -114,3 +114,33 @@ def test_demo_runs_end_to_end_and_leaves_nothing(tmp_path: Path) -> None:
     assert any(line.strip() == "gc-compaction summary" for line in lines), res.stderr[-2000:]
     assert any("MB/s of input layers" in line for line in lines)
     assert processes_in(work) == [], "the demo left processes behind"
+
+
+def test_ingest_demo_runs_every_kind_on_its_own_and_verifies_every_read(tmp_path: Path) -> None:
+    """The live pipeline, short: 12 small L0s (and a branch's) into real Redis, the moto server and
+    prefork workers, with the coordinator's auto-trigger running l0, image and gc jobs.
+
+    Nothing here depends on timing: flushes wait while 6 L0s are left (the pageserver's
+    backpressure), so 12 L0s get through only because L0 compaction ran (at least twice: the
+    demo ends once nothing is due, so with fewer than 2 L0s left); and with two L0 runs stacked,
+    an image layer is due unless one was made, so the end state has made one."""
+    work = tmp_path / "work"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPACTOR_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    args = ["--ingest", "--size", "2MiB", "--l0s", "12", "--l0-size", "256KiB", "--interval", "0.2",
+            "--compaction-threshold", "2", "--image-creation-threshold", "2", "--l0-stall", "6",
+            "--max-job-size", "256KiB", "--out", str(tmp_path / "maps"), "--dir", str(work), "--json"]  # fmt: skip
+    res = subprocess.run(cli("demo", *args), env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout)
+    assert summary["l0s_ingested"] > 12 and summary["most_l0s"] <= 6
+    assert summary["jobs"]["l0"] >= 2 and summary["l1_created"] >= 1
+    assert summary["images_created"] >= 1
+    assert summary["main"]["l0"] < 2 and summary["branch"]["l0"] < 2
+    assert summary["keys_verified"] > 0 and summary["verified_lsns"] > 12
+    lines = res.stderr.splitlines()
+    assert sum(1 for line in lines if " main: L0 " in line) >= 12, res.stderr[-3000:]
+    assert any(line.endswith("caught up") for line in lines)
+    for name in ("before.svg", "after.svg"):
+        assert (tmp_path / "maps" / name).read_text().startswith("<svg")
+    assert processes_in(work) == [], "the demo left processes behind"

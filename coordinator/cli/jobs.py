@@ -34,18 +34,17 @@ from compactor.storage.lsn import LSN_MAX
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
 from compactor.worker.engine.statistics import CompactionStatistics, s3_summary
+from compactor.worker.runtime.payloads import CompactRequest
 from compactor.worker.runtime.records import (
     KEY_JOBS,
-    CompactRequest,
     JobRecords,
     JobState,
     MetaJobRecord,
     MetaStatistics,
     SubJobRecord,
-    check_connectivity,
-    connect,
     most_at_once,
 )
+from compactor.worker.runtime.redis_client import check_connectivity, connect
 
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _JOB_ID_PREFIX_RE = re.compile(r"[0-9a-f]{1,32}")
@@ -438,26 +437,27 @@ def job_cancel(ctx: click.Context, job_id: str) -> None:
 # ----------------------------------------------------------------------------- processes
 
 
-class _LightWorker:
-    """The Celery worker for the light queue that ``compactor worker`` starts next to its gc
-    worker: planning and finalize never wait behind a sub-job, and the gc worker keeps its one
-    slot. It runs as long as the gc worker; if it stops on its own the whole node stops, with an
-    error, so that a supervisor restarts both."""
+class _QueueWorker:
+    """The Celery worker for one more queue that ``compactor worker`` starts beside the one it
+    runs itself: planning and finalize never wait behind a sub-job, L0 work never waits behind
+    gc-compaction, and the gc worker keeps its one slot. It runs as long as the node's main
+    worker; if it stops on its own the whole node stops, with an error, so that a supervisor
+    restarts them all."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, queue: str, args: list[str], env: dict[str, str]) -> None:
+        self.queue = queue
         # The same process group: a Ctrl-C, or a kill of the group, reaches it too.
         self.proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL)
         self.stopping = False
         self.failed = False
-        threading.Thread(target=self._watch, name="light-worker-watch", daemon=True).start()
+        threading.Thread(target=self._watch, name=f"{queue}-worker-watch", daemon=True).start()
 
     def _watch(self) -> None:
-
         code = self.proc.wait()
         if not self.stopping:
             self.failed = True
-            click.echo(f"the light-queue worker exited with code {code}; stopping this node", err=True)
-            os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown of the gc worker
+            click.echo(f"the {self.queue}-queue worker exited with code {code}; stopping this node", err=True)
+            os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown of the main worker
 
     def stop(self, sig: int) -> None:
         self.stopping = True
@@ -466,9 +466,9 @@ class _LightWorker:
                 self.proc.send_signal(sig)
 
 
-def _start_light_worker(
-    ctx: click.Context, node: str, concurrency: int, pool: str, loglevel: str | None
-) -> _LightWorker:
+def _start_queue_worker(
+    ctx: click.Context, node: str, queue: str, concurrency: int, pool: str, loglevel: str | None
+) -> _QueueWorker:
     import sys
 
     from celery.signals import worker_shutting_down
@@ -479,19 +479,19 @@ def _start_light_worker(
     args = [
         *(sys.executable, "-m", "compactor.coordinator.cli.main"),
         *(["--env-file", str(env_file)] if env_file else []),
-        *("worker", "--node-id", node, "--queues", "light", "--concurrency", str(concurrency), "--pool", pool),
+        *("worker", "--node-id", node, "--queues", queue, "--concurrency", str(concurrency), "--pool", pool),
         *(["--loglevel", loglevel] if loglevel else []),
-        "--no-metrics",  # the gc worker exports on the node's metrics port
+        "--no-metrics",  # the node's main worker exports on the node's metrics port
     ]
-    light = _LightWorker(args, {**os.environ, PARENT_PID_VARIABLE: str(os.getpid())})
+    child = _QueueWorker(queue, args, {**os.environ, PARENT_PID_VARIABLE: str(os.getpid())})
 
     def forward(how: str, **_: Any) -> None:
         # SIGTERM, not the SIGINT a terminal may have sent both: a second SIGINT would turn
-        # the light worker's warm shutdown into a cold one.
-        light.stop(signal.SIGQUIT if how == "Cold" else signal.SIGTERM)
+        # the child's warm shutdown into a cold one.
+        child.stop(signal.SIGQUIT if how == "Cold" else signal.SIGTERM)
 
     worker_shutting_down.connect(forward, weak=False)
-    return light
+    return child
 
 
 @click.command("worker")
@@ -505,9 +505,10 @@ def _start_light_worker(
 )
 @click.option(
     "--queues",
-    default="gc,light",
+    default="gc,l0,light",
     show_default=True,
-    help="queues to consume: gc, light or both (gc in this process, light in a second Celery worker it starts)",
+    help="queues to consume, comma-separated: gc, l0, light (the first of them in this order runs in this process, "
+    "each other one in a Celery worker it starts)",
 )
 @click.option("--loglevel", default=None, help="log level (default: COMPACTOR_LOG_LEVEL, else WARNING)")
 @click.option(
@@ -530,7 +531,8 @@ def worker_command(
     pool: str,
     no_metrics: bool,
 ) -> None:
-    """Run this node's Celery workers: the gc queue with one slot, the light queue beside it."""
+    """Run this node's Celery workers: the gc queue with one slot, the l0 queue with
+    COMPACTOR_L0_SLOTS, the light queue with --concurrency, each in a Celery worker of its own."""
 
     settings = settings_from(ctx)
     if node_id is not None:
@@ -542,10 +544,12 @@ def worker_command(
     node = resolve_node_id(settings)
     if not _NODE_ID_RE.match(node):
         raise InvalidInput(f"invalid node id {node!r}: letters, digits, '.', '_' and '-', at most 64")
+    from compactor.worker.runtime.dispatch import QUEUE_GC, QUEUE_L0, QUEUE_LIGHT, QUEUES
+
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
-    unknown = sorted(set(wanted) - {"gc", "light"})
+    unknown = sorted(set(wanted) - set(QUEUES))
     if not wanted or unknown:
-        raise InvalidInput(f"invalid --queues {queues!r}: choose from gc, light")
+        raise InvalidInput(f"invalid --queues {queues!r}: choose from {', '.join(QUEUES)}")
     check_connectivity(settings)
     # Found by the bad-input tests: with the object store unreachable (or the bucket missing)
     # the worker started anyway and took jobs only to fail each after its retries. Fail here,
@@ -555,9 +559,10 @@ def worker_command(
 
     configure(settings)
     from compactor.coordinator.jobs.meta_jobs import MetaJobs
-    from compactor.worker.runtime import tasks  # registers the tasks
+    from compactor.worker.runtime import plugins, tasks  # registers the tasks
 
     tasks.install(MetaJobs)
+    plugins.load(settings)  # a plugin that does not load stops the worker before it takes a job
 
     _exit_with_parent()
     from compactor.worker.runtime import metrics
@@ -566,13 +571,15 @@ def worker_command(
     metrics.serve(None if no_metrics else settings.metrics_port)
     shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if no_metrics and shared:
-        metrics.join_pool_processes(Path(shared))  # the node's gc worker serves what we count
+        metrics.join_pool_processes(Path(shared))  # the node's main worker serves what we count
     elif settings.metrics_port is not None and not no_metrics:
-        metrics.export_pool_processes()  # before the light worker starts: it inherits the directory
-    # One gc slot per node: a second pool process would take sub-jobs only to bounce them off
-    # the node lock ("node busy"), holding their messages where a kill loses them.
-    here = ["gc"] if "gc" in wanted else ["light"]
-    light = _start_light_worker(ctx, node, concurrency, pool, loglevel) if {"gc", "light"} <= set(wanted) else None
+        metrics.export_pool_processes()  # before the other queues' workers start: they inherit the directory
+    # One gc slot per node, and as many l0 processes as L0 slots: more would take sub-jobs only
+    # to bounce them off the node's locks ("node busy"), holding their messages where a kill
+    # loses them.
+    slots = {QUEUE_GC: 1, QUEUE_L0: settings.l0_slots, QUEUE_LIGHT: concurrency}
+    here, *others = [queue for queue in QUEUES if queue in wanted]
+    children = [_start_queue_worker(ctx, node, queue, concurrency, pool, loglevel) for queue in others]
     from celery.bin.celery import celery as celery_main
 
     try:
@@ -583,8 +590,8 @@ def worker_command(
                 "--app=compactor.worker.runtime.app:app",
                 "worker",
                 f"--hostname={worker_hostname(node, here)}",
-                f"--queues={','.join(here)}",
-                f"--concurrency={1 if 'gc' in here else concurrency}",
+                f"--queues={here}",
+                f"--concurrency={slots[here]}",
                 f"--pool={pool}",
                 f"--loglevel={loglevel or os.environ.get('COMPACTOR_LOG_LEVEL', 'WARNING')}",
                 "--without-mingle",
@@ -593,14 +600,16 @@ def worker_command(
             standalone_mode=False,
         )
     finally:
-        if light is not None:
-            light.stop(signal.SIGTERM)
-            light.proc.wait()
+        for child in children:
+            child.stop(signal.SIGTERM)
+        for child in children:
+            child.proc.wait()
     if code:
         # A supervisor that restarts on failure only must see Celery giving up as one.
         fail(f"the Celery worker stopped with exit code {code}; see its log above", code)
-    if light is not None and light.failed:
-        fail(f"the light-queue worker exited with code {light.proc.returncode}; see its log above")
+    for child in children:
+        if child.failed:
+            fail(f"the {child.queue}-queue worker exited with code {child.proc.returncode}; see its log above")
 
 
 @click.command("coordinator")

@@ -82,22 +82,93 @@ def up(ctx: click.Context, directory: Path, workers: int) -> None:
 
 
 @main.command("demo")
-@click.option("--size", type=SIZE, default="200MiB", show_default=True, help="approximate layer bytes of the timeline")
+@click.option(
+    "--size",
+    type=SIZE,
+    default=None,
+    help="approximate bytes of the timeline [default: 200MiB; with --ingest, 16MiB of pages to start from]",
+)
 @click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True)
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="folder for before.svg and after.svg [default: a new ./compactor-demo folder]")  # fmt: skip
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="folder for before.svg and after.svg [default: a new ./compactor-demo folder]",
+)
 @click.option("--max-job-size", type=SIZE, default="32MiB", show_default=True, help="sub-job size")
-@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="keep the stack's files here (default: a temporary directory)")  # fmt: skip
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="keep the stack's files here (default: a temporary directory)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON on stdout")
+@click.option(
+    "--ingest",
+    is_flag=True,
+    help="the live pipeline: ingest L0s like a pageserver while the coordinator runs l0, image and gc jobs",
+)
+@click.option("--l0s", type=click.IntRange(2), default=None, help="--ingest: L0s to ingest [default: 30]")
+@click.option(
+    "--l0-size",
+    type=SIZE,
+    default=None,
+    help="--ingest: raw bytes of each L0, the timeline's checkpoint_distance [default: 2MiB]",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="--ingest: seconds from one L0 flush to the next [default: 2]",
+)
+@click.option(
+    "--compaction-threshold",
+    type=click.IntRange(1),
+    default=None,
+    help="--ingest: L0s that make L0 compaction due [default: 4]",
+)
+@click.option(
+    "--image-creation-threshold",
+    type=click.IntRange(1),
+    default=None,
+    help="--ingest: deltas above an image that make an image layer due [default: 6]",
+)
+@click.option(
+    "--l0-stall",
+    type=click.IntRange(1),
+    default=None,
+    help="--ingest: flushes wait while this many L0s are left [default: 3 x the compaction threshold]",
+)
 @one_line_errors
-def demo(size: int, workers: int, out: Path | None, max_job_size: int, directory: Path | None, as_json: bool) -> None:
-    """Build a realistic timeline, compact it through the workers, verify every retained read."""
+def demo(
+    size: int | None,
+    workers: int,
+    out: Path | None,
+    max_job_size: int,
+    directory: Path | None,
+    as_json: bool,
+    ingest: bool,
+    **ingest_options: float | None,
+) -> None:
+    """Build a realistic timeline, compact it through the workers, verify every retained read.
+
+    With --ingest: keep ingesting L0 deltas (updates, new pages, a branch) while the
+    coordinator's auto-trigger runs L0 compaction, image creation and gc-compaction on its own;
+    a line per L0 flush on stderr, every read at every LSN verified at the end."""
     from rich.console import Console
 
-    from compactor.coordinator.local.demo import fresh_out_dir, run_demo
+    from compactor.coordinator.local.demo import IngestOptions, fresh_out_dir, run_demo
 
-    summary = run_demo(size, workers, out or fresh_out_dir(Path.cwd()), directory, max_job_size, Console(stderr=True))
+    given = {k: v for k, v in ingest_options.items() if v is not None}
+    if given and not ingest:
+        raise click.UsageError(f"--{next(iter(given)).replace('_', '-')} needs --ingest")
+    names = {"l0_size": "l0_bytes", "interval": "interval_s", "l0_stall": "stall_l0s"}
+    options = IngestOptions.model_validate({names.get(k, k): v for k, v in given.items()}) if ingest else None
+    size = size if size is not None else (16 if ingest else 200) * 1024**2
+    out_dir = out or fresh_out_dir(Path.cwd())
+    summary = run_demo(size, workers, out_dir, directory, max_job_size, Console(stderr=True), options)
     if as_json:
         click.echo(json.dumps(summary))
 
@@ -114,7 +185,8 @@ def gc_orphans(ctx: click.Context, grace_s: float | None, keep_manifests: int, d
     """Delete layer objects no manifest references (past the grace period and older than every
     in-flight job) and prune old manifests; prints a JSON report."""
     from compactor.coordinator.jobs.orphans import collect_orphans, inflight_from_records
-    from compactor.worker.runtime.records import JobRecords, check_connectivity, connect
+    from compactor.worker.runtime.records import JobRecords
+    from compactor.worker.runtime.redis_client import check_connectivity, connect
 
     settings = settings_from(ctx)
     storage = Storage(settings)

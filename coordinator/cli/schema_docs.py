@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from compactor.storage.timeline_json import TimelineJson
-from compactor.worker.runtime.records import PAYLOADS
+from compactor.worker.runtime.payloads import PAYLOADS
 
 DOCS_DIR = Path(__file__).resolve().parents[2] / "docs"
 DOCS: dict[str, dict[str, type[BaseModel]]] = {

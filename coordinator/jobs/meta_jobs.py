@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,16 +41,16 @@ from compactor.storage.keys import format_key
 from compactor.storage.manifest import GcCompactionState, Manifest
 from compactor.storage.object_store import RequestCounter
 from compactor.storage.settings import Settings
-from compactor.storage.timeline import Storage
+from compactor.storage.timeline import Checkpoint, Storage
 from compactor.worker.engine.commit import CommitRefused
 from compactor.worker.engine.jobs import CommitProposal, SubJobSpec
 from compactor.worker.engine.kinds import is_pending, plan_any
 from compactor.worker.engine.run import EngineSettings
 from compactor.worker.engine.statistics import CompactionStatistics, add_requests
-from compactor.worker.runtime import metrics
-from compactor.worker.runtime.dispatch import Publisher, enqueue_sub, maybe_finalize
+from compactor.worker.runtime import attempts, metrics
+from compactor.worker.runtime.dispatch import Publisher, enqueue_sub, maybe_finalize, queue_of
+from compactor.worker.runtime.payloads import CompactRequest, new_job_id, sub_job_id
 from compactor.worker.runtime.records import (
-    CompactRequest,
     JobProgress,
     JobRecords,
     JobState,
@@ -58,9 +58,7 @@ from compactor.worker.runtime.records import (
     MetaStatistics,
     SubJobRecord,
     most_at_once,
-    new_job_id,
     now,
-    sub_job_id,
 )
 from compactor.worker.runtime.runner import commit_meta, compact
 
@@ -83,7 +81,7 @@ def create_meta_job(records: JobRecords, request: CompactRequest, *, auto: bool 
     if records.create_meta(meta):
         # Manual jobs run even while another meta job holds the marker; the marker only keeps
         # the auto-trigger away, and the commit protocol keeps concurrent jobs safe.
-        records.set_inflight(meta.tenant_id, meta.timeline_id, job_id)
+        records.set_inflight(meta.tenant_id, meta.timeline_id, queue_of(request.kind), job_id)
         log.info(
             "meta job created job=%s tenant=%s timeline=%s auto=%s", job_id, meta.tenant_id, meta.timeline_id, auto
         )
@@ -136,7 +134,7 @@ class MetaPlan:
 
     specs: list[SubJobSpec]
     manifest_number: int
-    below_lsn: int
+    below_lsn: int  # statistics count the layers starting at or below this LSN (inclusive)
     before_size: int
     max_job_bytes: int
     l2_lsn: int | None  # gc_compaction.last_completed_lsn its commit writes
@@ -241,7 +239,7 @@ def plan(storage: Storage, records: JobRecords, publisher: Publisher, job_id: st
     if not subs:
         return _end_without_sub_jobs(storage, records, publisher, job_id, settings)
     for sub in subs:
-        enqueue_sub(records, publisher, sub.id)
+        enqueue_sub(records, publisher, sub)
     return stored
 
 
@@ -281,7 +279,7 @@ def _replan(
         meta.id, len(subs), planned.manifest_number, stored.replans, reason,
     )  # fmt: skip
     for sub in subs:
-        enqueue_sub(records, publisher, sub.id)
+        enqueue_sub(records, publisher, sub)
     return stored
 
 
@@ -356,9 +354,6 @@ def commit_l2_lsn(storage: Storage, meta: MetaJobRecord) -> None:
         log.info("l2 lsn advanced job=%s lsn=%d manifest=%d", meta.id, target, committed.number)
 
 
-CommitHook = Callable[[], None]
-
-
 def _commit(
     storage: Storage,
     records: JobRecords,
@@ -366,7 +361,7 @@ def _commit(
     meta: MetaJobRecord,
     proposal: CommitProposal | None,
     settings: Settings,
-    before_commit: CommitHook | None,
+    reached: Checkpoint | None,
     counter: RequestCounter,
 ) -> tuple[MetaJobRecord | None, int | None, str | None]:
     """The meta job's one commit of its sub-jobs' combined ``proposal`` (``storage`` counts its
@@ -376,9 +371,7 @@ def _commit(
         commit_l2_lsn(storage, meta)
         return None, None, None
     try:
-        number = commit_meta(
-            storage, proposal, written_by=f"meta job {meta.id}", l2_lsn=meta.l2_lsn, before_commit=before_commit
-        )
+        number = commit_meta(storage, proposal, written_by=f"meta job {meta.id}", l2_lsn=meta.l2_lsn, reached=reached)
     except ManifestConflict as err:
         reason = one_line(err)
         if meta.replans < settings.max_replans and not meta.cancel_requested:
@@ -398,7 +391,7 @@ def finalize(
     job_id: str,
     settings: Settings,
     *,
-    before_commit: CommitHook | None = None,
+    reached: Checkpoint | None = None,
 ) -> MetaJobRecord:
     """Commit and end a meta job whose sub-jobs have all ended (or plan it again after a
     conflict). Repeatable: a meta job that has ended is returned unchanged, and a commit that
@@ -425,7 +418,7 @@ def finalize(
     try:
         if state == JobState.SUCCEEDED:
             replanned, final.manifest_number, commit_error = _commit(
-                storage, records, publisher, meta, proposal, settings, before_commit, counter
+                storage, records, publisher, meta, proposal, settings, reached, counter
             )
             if replanned is not None:
                 return replanned
@@ -468,7 +461,8 @@ def finalize(
     stored = records.update_meta(job_id, end) or final
     if ended_here[0]:
         metrics.observe_job("meta", stored.state.value, stats.duration_secs)
-        records.clear_inflight(meta.tenant_id, meta.timeline_id, job_id)
+        kind = meta.request.kind if meta.request is not None else "gc"
+        records.clear_inflight(meta.tenant_id, meta.timeline_id, queue_of(kind), job_id)
         records.record_outcome(
             stored, failures_to_open=settings.breaker_failures, cooldown_s=settings.breaker_cooldown_s
         )
@@ -546,7 +540,7 @@ def cancel(records: JobRecords, publisher: Publisher, job_id: str) -> tuple[Meta
         raise InvalidInput(f"job {job_id} has already ended")
     cancelled = 0
     for sub in records.get_subs(updated.sub_jobs):
-        if records.cancel_waiting(sub.id) is not None:
+        if attempts.cancel_waiting(records, sub.id) is not None:
             cancelled += 1
             records.mark_finished(job_id, sub.id)
     log.info("meta job cancel requested job=%s waiting_cancelled=%d", job_id, cancelled)
@@ -578,8 +572,8 @@ class MetaJobs:
     def plan(self, job_id: str) -> MetaJobRecord:
         return plan(self.storage, self.records, self.publisher, job_id, self.settings)
 
-    def finalize(self, job_id: str, storage: Storage, before_commit: CommitHook | None) -> MetaJobRecord:
-        return finalize(storage, self.records, self.publisher, job_id, self.settings, before_commit=before_commit)
+    def finalize(self, job_id: str, storage: Storage, reached: Checkpoint | None) -> MetaJobRecord:
+        return finalize(storage, self.records, self.publisher, job_id, self.settings, reached=reached)
 
 
 # ----------------------------------------------------------------------------- status

@@ -10,9 +10,11 @@ Each tick
    is sent again. Steps lost to a crash between two writes are repeated: a waiting sub-job whose
    message never went out, an ended sub-job missing from the finished set, a finalize claimed
    but never run, a meta job never planned;
-2. **auto-trigger** - the seed's ``trigger_auto_compaction`` for every timeline in the bucket,
-   skipping timelines with a meta job in flight (the in-flight marker) and timelines whose
-   circuit breaker is open;
+2. **auto-trigger** - for every timeline in the bucket, ``trigger.decide`` among the kinds of
+   ``COMPACTOR_AUTO_TRIGGER_KINDS``: L0 compaction first, then image creation, then the seed's
+   ``trigger_auto_compaction`` for gc-compaction (which yields while L0 compaction is due). One
+   meta job per timeline and queue is in flight (the in-flight markers), and timelines whose
+   circuit breaker is open are skipped;
 3. **orphan cleanup** - every ``orphan_interval_s``, ``compactor.coordinator.jobs.orphans.collect_orphans``
    (what ``compactor gc-orphans`` runs) with ``orphan_grace_s``: uploads of killed or failed
    attempts go away without an operator.
@@ -33,17 +35,10 @@ from compactor.coordinator.jobs.trigger import decide
 from compactor.storage.errors import CompactorError, one_line
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
-from compactor.worker.runtime import dispatch, metrics
+from compactor.worker.runtime import attempts, dispatch, metrics
 from compactor.worker.runtime.dispatch import TASK_FINALIZE, TASK_PLAN, Publisher
-from compactor.worker.runtime.records import (
-    CompactRequest,
-    JobRecords,
-    JobState,
-    MetaJobRecord,
-    SubJobRecord,
-    new_job_id,
-    now,
-)
+from compactor.worker.runtime.payloads import CompactRequest, new_job_id
+from compactor.worker.runtime.records import JobRecords, JobState, MetaJobRecord, SubJobRecord, now
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +188,7 @@ class Scheduler:
             reason = f"no progress for {at - sub.progress_changed_at:.0f}s"
         if reason is None or sub.owner is None:
             return
-        taken = self.records.preempt(sub.id, sub.attempt, sub.owner.token, reason)
+        taken = attempts.preempt(self.records, sub.id, sub.attempt, sub.owner.token, reason)
         if taken is None:
             return  # it moved on meanwhile
         log.warning(
@@ -202,12 +197,12 @@ class Scheduler:
         )  # fmt: skip
         report.reclaimed.append(sub.id)
         if taken.attempt >= settings.max_attempts:
-            failed = self.records.update_sub(sub.id, lambda rec: _give_up(rec, taken.attempt, reason))
+            failed = attempts.give_up(self.records, sub.id, taken.attempt, reason)
             if failed is not None:
                 report.gave_up.append(sub.id)
                 dispatch.sub_job_ended(self.records, self.publisher, failed)
             return
-        dispatch.enqueue_sub(self.records, self.publisher, sub.id)
+        dispatch.enqueue_sub(self.records, self.publisher, sub)
 
     def _check_waiting(self, meta: MetaJobRecord, sub: SubJobRecord, report: TickReport) -> None:
         settings = self.settings
@@ -216,18 +211,18 @@ class Scheduler:
             since = max(meta.planned_at or at, sub.created_at)
             if at - since > settings.heartbeat_timeout_s:
                 report.repaired.append(f"enqueue {sub.id}")
-                dispatch.enqueue_sub(self.records, self.publisher, sub.id)
+                dispatch.enqueue_sub(self.records, self.publisher, sub)
         elif (holder := self.records.held_by(sub.id)) is not None and not self.records.is_alive(holder):
             # Its message sits in a dead worker's memory (prefetched, or waiting out a
             # countdown) until the broker's visibility timeout: send another now.
             log.warning("sub-job message lost with its worker, sent again sub_job=%s holder=%s", sub.id, holder)
             report.repaired.append(f"enqueue {sub.id}")
-            dispatch.enqueue_sub(self.records, self.publisher, sub.id)
+            dispatch.enqueue_sub(self.records, self.publisher, sub)
         elif at - sub.enqueued_at > settings.no_progress_timeout_s:
             # Waiting this long: the queue is long, or its message was lost (a worker failing
             # between taking it and claiming). A second message costs one ignored delivery.
             report.repaired.append(f"enqueue {sub.id}")
-            dispatch.enqueue_sub(self.records, self.publisher, sub.id)
+            dispatch.enqueue_sub(self.records, self.publisher, sub)
 
     # ------------------------------------------------------------------ auto-trigger
 
@@ -255,27 +250,32 @@ class Scheduler:
         if breaker.is_open(at):
             assert breaker.open_until is not None
             return f"circuit breaker open for {breaker.open_until - at:.0f}s ({breaker.consecutive_failures} failures)"
-        inflight = self.records.get_inflight(tenant_id, timeline_id)
-        if inflight is not None:
+        busy = set()
+        for queue in (dispatch.QUEUE_GC, dispatch.QUEUE_L0):
+            inflight = self.records.get_inflight(tenant_id, timeline_id, queue)
+            if inflight is None:
+                continue
             holder = self.records.get_meta(inflight)
             if holder is None or holder.state.ended:
                 # Its finalize died before clearing the marker.
-                self.records.clear_inflight(tenant_id, timeline_id, inflight)
-                inflight = None
+                self.records.clear_inflight(tenant_id, timeline_id, queue, inflight)
+            else:
+                busy.add(queue)
         manifest = self.storage.manifests.latest(tenant_id, timeline_id)
         if manifest is None:
             return "no manifest"
         kinds = self.settings.auto_trigger_kinds.split(",")
-        decision = decide(manifest, job_in_flight=inflight is not None, kinds=kinds)
+        decision = decide(manifest, busy=busy, kinds=kinds)
         if not decision.trigger:
             return decision.reason
         job_id = new_job_id()
-        if not self.records.set_inflight(tenant_id, timeline_id, job_id):
-            return "a meta job is already in flight"
+        queue = dispatch.queue_of(decision.kind)
+        if not self.records.set_inflight(tenant_id, timeline_id, queue, job_id):
+            return f"a meta job of the {queue} queue is already in flight"
         request = CompactRequest(tenant_id=tenant_id, timeline_id=timeline_id, job_id=job_id, kind=decision.kind)
         meta = MetaJobRecord(id=job_id, tenant_id=tenant_id, timeline_id=timeline_id, request=request, auto=True)
         if not self.records.create_meta(meta):
-            self.records.clear_inflight(tenant_id, timeline_id, job_id)
+            self.records.clear_inflight(tenant_id, timeline_id, queue, job_id)
             return "job id clash"
         self.publisher.publish(TASK_PLAN, {"job_id": job_id})
         report.triggered.append(job_id)
@@ -307,12 +307,3 @@ class Scheduler:
                     stop.wait(remaining)
                 else:
                     time.sleep(remaining)
-
-
-def _give_up(rec: SubJobRecord, attempt: int, reason: str) -> SubJobRecord | None:
-    if rec.state != JobState.PREEMPTED or rec.attempt != attempt:
-        return None
-    rec.state, rec.ended_at = JobState.FAILED, now()
-    rec.error = f"gave up after {attempt} attempts (last: preempted: {reason})"
-    rec.progress.phase = "failed"
-    return rec

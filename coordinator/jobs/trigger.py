@@ -10,6 +10,7 @@ from compactor.storage.manifest import Manifest
 from compactor.worker.engine.image import plan_image
 from compactor.worker.engine.jobs import CompactionJob, JobKind
 from compactor.worker.engine.l0 import l0_deltas
+from compactor.worker.runtime.dispatch import QUEUE_GC, QUEUE_L0
 
 AUTO_TRIGGER_LIMIT = 150 * 1024**3  # the seed does not auto-trigger timelines this large
 
@@ -62,20 +63,32 @@ def should_trigger(manifest: Manifest, *, job_in_flight: bool) -> TriggerDecisio
     return TriggerDecision(False, f"l1/l2={l1 / l2:.2f} below {ratio:.2f}", l1, l2)
 
 
-def decide(manifest: Manifest, *, job_in_flight: bool, kinds: Collection[str] = ("gc",)) -> TriggerDecision:
+def decide(manifest: Manifest, *, busy: Collection[str] = (), kinds: Collection[str] = ("gc",)) -> TriggerDecision:
     """Which meta job, if any, the auto-trigger starts on this timeline, among the enabled
     ``kinds``: L0 compaction first, then image creation, then gc-compaction, which yields while
-    L0 compaction is due (it would only rewrite the L0s into pieces)."""
-    if job_in_flight:
-        return TriggerDecision(False, "a meta job is already in flight")
+    L0 compaction is due (it would only rewrite the L0s into pieces). A due L0 compaction holds
+    the others back only where ``l0`` is enabled: with L0 compaction left to the operator, gc
+    waiting for it could wait forever. gc-compaction's own guards (disabled, child timeline,
+    no cutoff, size) are its alone: L0 compaction and image creation run on any timeline.
+
+    One meta job per timeline and queue is in flight at a time: ``busy`` holds the queues
+    (``gc``, ``l0``: ``dispatch.queue_of`` a kind) whose marker a job holds. L0 compaction and
+    image creation so start beside a running gc-compaction, never behind it; the commit
+    validation settles the rare overlap (docs/design/commit.md)."""
     l0_count, threshold = len(l0_deltas(manifest)), manifest.settings.compaction_threshold
-    if "l0" in kinds and l0_count >= threshold:
-        return TriggerDecision(True, f"{l0_count} L0 deltas >= compaction_threshold {threshold}", kind="l0")
-    if "image" in kinds:
-        job = CompactionJob(tenant_id=manifest.tenant_id, timeline_id=manifest.timeline_id, kind="image")
-        image = plan_image(manifest, job)
-        if not isinstance(image, str):
-            return TriggerDecision(True, f"{len(image.images)} image layers due at LSN {image.lsn}", kind="image")
+    l0_due = "l0" in kinds and l0_count >= threshold
+    if QUEUE_L0 not in busy:
+        if l0_due:
+            return TriggerDecision(True, f"{l0_count} L0 deltas >= compaction_threshold {threshold}", kind="l0")
+        if "image" in kinds:
+            job = CompactionJob(tenant_id=manifest.tenant_id, timeline_id=manifest.timeline_id, kind="image")
+            image = plan_image(manifest, job)
+            if not isinstance(image, str):
+                return TriggerDecision(True, f"{len(image.images)} image layers due at LSN {image.lsn}", kind="image")
     if "gc" not in kinds:
         return TriggerDecision(False, "gc-compaction is not auto-triggered")
+    if QUEUE_GC in busy:
+        return TriggerDecision(False, "a gc-compaction is already in flight")
+    if l0_due:
+        return TriggerDecision(False, f"gc-compaction yields to the L0 compaction in flight ({l0_count} L0 deltas)")
     return should_trigger(manifest, job_in_flight=False)

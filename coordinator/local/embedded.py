@@ -42,6 +42,11 @@ from compactor.storage.settings import Settings
 
 log = logging.getLogger(__name__)
 
+
+class WorkerExited(RuntimeError):
+    """A worker the stack waited for exited instead of answering."""
+
+
 # The pid a worker or coordinator watches: it stops once that process is gone.
 PARENT_PID_VARIABLE = "COMPACTOR_EMBEDDED_PARENT_PID"
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
@@ -321,14 +326,15 @@ class EmbeddedStack:
         """Celery's name for the gc worker of ``node_id``."""
         from compactor.worker.runtime.app import worker_hostname
 
-        return worker_hostname(node_id, ["gc"])
+        return worker_hostname(node_id, "gc")
 
     @staticmethod
     def hostnames(node_id: str) -> list[str]:
-        """Celery's names for both workers of ``node_id``: gc, and light beside it."""
+        """Celery's names for the workers of ``node_id``, one per queue."""
         from compactor.worker.runtime.app import worker_hostname
+        from compactor.worker.runtime.dispatch import QUEUES
 
-        return [worker_hostname(node_id, ["gc"]), worker_hostname(node_id, ["light"])]
+        return [worker_hostname(node_id, queue) for queue in QUEUES]
 
     def _metrics_port(self, offset: int) -> dict[str, str]:
         """The metrics port of the process ``offset`` above the configured one: processes on one
@@ -339,10 +345,10 @@ class EmbeddedStack:
         return {"COMPACTOR_METRICS_PORT": str(base + offset if base else 0)}
 
     def worker_args(self, node_id: str) -> list[str]:
-        """``compactor`` arguments of a node's worker: both queues, as docker-compose.yml and
-        deploy/k8s run them (gc with one slot, light beside it)."""
+        """``compactor`` arguments of a node's worker: every queue, as docker-compose.yml and
+        deploy/k8s run them (gc with one slot, l0 and light beside it)."""
         return [
-            *("worker", "--node-id", node_id, "--concurrency", str(self.concurrency), "--queues", "gc,light"),
+            *("worker", "--node-id", node_id, "--concurrency", str(self.concurrency), "--queues", "gc,l0,light"),
             *(["--loglevel", self.worker_loglevel] if self.worker_loglevel else []),
         ]
 
@@ -382,7 +388,7 @@ class EmbeddedStack:
         while pending:
             for node, proc in self.workers.items():
                 if pending.intersection(self.hostnames(node)) and not proc.alive():
-                    raise RuntimeError(f"worker {node} exited during startup; see {proc.log_path}")
+                    raise WorkerExited(f"worker {node} exited during startup; see {proc.log_path}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"workers not ready within {self.startup_timeout_s:.0f}s: {sorted(pending)}")
             try:

@@ -153,7 +153,7 @@ def child_timeline_id(timeline_id: str) -> str:
 # --- content -----------------------------------------------------------------------------------
 
 
-class _Content:
+class Content:
     """Deterministic key histories from one seeded random stream."""
 
     def __init__(self, spec: WorkloadSpec) -> None:
@@ -214,7 +214,7 @@ def _pool_size(sizes: tuple[int, int], overhead: int = 0) -> int:
 # --- writing -----------------------------------------------------------------------------------
 
 
-class _Sink:
+class Sink:
     """Layers of one LSN range, cut between keys at about the target size and uploaded as soon
     as they are cut; together they cover ``[start key, end key)`` without gaps."""
 
@@ -289,7 +289,7 @@ class _Sink:
 
 def _bytes_per_key(spec: WorkloadSpec, workdir: Path) -> float:
     """Layer bytes per key, measured on a sample written the way ``generate`` writes."""
-    content = _Content(spec)
+    content = Content(spec)
     path = workdir / "calibration.parquet"
     keys = _CALIBRATION_KEYS
     with LayerWriter(path) as writer:
@@ -382,15 +382,15 @@ def _write_layers(
     start_key, end_key = key_from_int(KEY_BASE), key_from_int(KEY_BASE + n_keys)
     edges = spec.band_edges()
 
-    def sink(timeline: str, lsns: tuple[int, int] | int, l0: bool = False) -> _Sink:
-        return _Sink(storage, tenant_id, timeline, work, lsns, spec.layer_bytes, start_key, on_layer, l0)
+    def sink(timeline: str, lsns: tuple[int, int] | int, l0: bool = False) -> Sink:
+        return Sink(storage, tenant_id, timeline, work, lsns, spec.layer_bytes, start_key, on_layer, l0)
 
     images = sink(timeline_id, LSN_BASE) if spec.base_image_layer else None
     bands = [sink(timeline_id, (edges[b], edges[b + 1]), spec.l0) for b in range(spec.bands)]
     child_range = (spec.branch_lsn + 1, spec.branch_lsn + LSN_SPAN // 4) if spec.child else (0, 0)
     child = sink(child_id, child_range) if child_id is not None else None
     sinks = [s for s in (images, *bands, child) if s is not None]
-    content = _Content(spec)
+    content = Content(spec)
     try:
         for i in range(n_keys):
             key = key_from_int(KEY_BASE + i)

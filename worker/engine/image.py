@@ -169,6 +169,11 @@ def run_image(plan: ImagePlan, io: LayerIO, settings: EngineSettings, hooks: Hoo
     uploads = _Uploads(io, manifest)
     produced: list[Produced] = []
     progress = Progress()
+    # Counted as visited: the layers at or below the LSN over these keys, which the reads may
+    # open (the read path stops at each key's newest image, so some are never opened).
+    for entry in plan.selected:
+        if entry.layer.key_range.overlaps(keys):
+            (stats.visit_delta_layer if entry.layer.is_delta else stats.visit_image_layer)(entry.size)
     with PhaseTimer(stats, "time_total_secs"):
         try:
             carried: KeyRange | None = None  # an empty range the next adjacent one takes over

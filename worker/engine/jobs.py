@@ -37,10 +37,10 @@ class CompactionJob(BaseModel):
 
     tenant_id: HexId
     timeline_id: HexId
-    key_start: KeyHex = format_key(KEY_MIN)
-    key_end: KeyHex = format_key(KEY_MAX)
-    lsn_start: Lsn = 0
-    lsn_end: Lsn = LSN_MAX
+    key_start: KeyHex = format_key(KEY_MIN)  # inclusive
+    key_end: KeyHex = format_key(KEY_MAX)  # exclusive
+    lsn_start: Lsn = 0  # history above this LSN only (exclusive); 0: all of it
+    lsn_end: Lsn = LSN_MAX  # below this LSN (exclusive), capped by the gc cutoff
     dry_run: bool = False
     kind: JobKind = "gc"
     force: bool = False  # ignore the L0 and image thresholds

@@ -8,6 +8,27 @@ LSN. Everything above the horizon is kept as it is.
 Histories here are ``Version`` sequences sorted by ``(lsn, kind)``, so at an equal LSN an image
 sorts before the record the k-merge of an image and a delta layer also produced.
 
+Worked example
+--------------
+One key, an image at LSN 10 and records at 20, 30, ... 80, 95 and 110; retain LSNs 35 and 55
+(branch points), horizon 90, ``DELTA_THRESHOLD`` 5. A cut ``c`` after cut ``p`` owns the LSNs in
+``(p, c]`` (the first owns everything up to it, inclusive); reads at every cut and everywhere
+above the horizon stay exact, reads between cuts below the horizon need not.
+
+=========== ================== ======================= ===========================================
+cut         versions it owns   kept                    why
+=========== ================== ======================= ===========================================
+35 (retain) I10, R20, R30      image at 35             the first cut always gets one (no base image
+                                                       from an ancestor)
+55 (retain) R40, R50           R40, R50                2 records since the image at 35: below 5
+90 horizon  R60, R70, R80      image at 90             R40..R80 are 5 records since the last image
+above       R95, R110          R95, R110               above the horizon nothing changes
+=========== ================== ======================= ===========================================
+
+I10, R20, R30, R60, R70 and R80 are dropped. ``place`` then puts the image at 35 into the image
+layer (when the job writes one) and R40, R50, the image at 90, R95 and R110 into delta layers.
+(``tests/test_retention.py`` checks this example.)
+
 Incomplete histories
 --------------------
 The storage's legacy GC removes deltas that images cover, so a key's history may begin with

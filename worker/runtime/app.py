@@ -10,9 +10,11 @@ running twice live here, in the app every process shares (docs/design/README.md)
 - the broker's ``visibility_timeout`` exceeds the hard time limit, or Redis would hand a still
   running task to a second worker.
 
-Two queues: ``gc`` for sub-jobs (heavy, one per node at a time: ``compactor worker`` consumes it
-with one slot, and the node lock guards it) and ``light`` for planning and finalize, consumed by
-a second Celery worker on the node (:func:`worker_hostname`). Configuration is read lazily from the environment; a
+Three queues (``compactor.worker.runtime.dispatch.QUEUES``): ``gc`` for gc-compaction sub-jobs
+(heavy, one per node at a time: ``compactor worker`` consumes it with one slot, and the node lock
+guards it), ``l0`` for L0-compaction and image-creation sub-jobs (their own per-node limit) and
+``light`` for planning and finalize, each consumed by a Celery worker of its own on the node
+(:func:`worker_hostname`). Configuration is read lazily from the environment; a
 process that has its own :class:`Settings` (``--env-file``) calls :func:`configure` first.
 """
 
@@ -31,8 +33,8 @@ from celery.worker.consumer import Consumer as _CeleryConsumer
 from compactor.storage.errors import one_line
 from compactor.storage.settings import Settings
 from compactor.worker.runtime import metrics
-from compactor.worker.runtime.dispatch import QUEUE_GC, QUEUE_LIGHT, TASK_QUEUES
-from compactor.worker.runtime.records import celery_redis_url
+from compactor.worker.runtime.dispatch import QUEUE_GC, QUEUE_LIGHT, QUEUES, TASK_QUEUES
+from compactor.worker.runtime.redis_client import celery_redis_url
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def app_config(settings: Settings) -> dict[str, Any]:
         "task_soft_time_limit": min(settings.task_soft_time_limit_s, settings.task_hard_time_limit_s),
         "broker_transport_options": {"visibility_timeout": visibility},
         "result_backend_transport_options": {"visibility_timeout": visibility},
-        "task_queues": (Queue(QUEUE_GC, routing_key=QUEUE_GC), Queue(QUEUE_LIGHT, routing_key=QUEUE_LIGHT)),
+        "task_queues": tuple(Queue(queue, routing_key=queue) for queue in QUEUES),
         "task_default_queue": QUEUE_LIGHT,
         "task_routes": {name: {"queue": queue, "routing_key": queue} for name, queue in TASK_QUEUES.items()},
         # Flower: sent/started/progress events of our tasks.
@@ -162,11 +164,10 @@ def node_id(settings: Settings) -> str:
     return settings.node_id or socket.gethostname()
 
 
-def worker_hostname(node: str, queues: list[str]) -> str:
-    """Celery's name for a worker of ``node`` consuming ``queues``: the gc worker (one per node)
-    is named after the node, a worker for the light queue alone gets a suffix, so that both can
-    run on one machine."""
-    return f"{node}{'' if QUEUE_GC in queues else '.light'}@{socket.gethostname()}"
+def worker_hostname(node: str, queue: str) -> str:
+    """Celery's name for the worker of ``node`` that consumes ``queue``: the gc worker is named
+    after the node, the others get the queue as a suffix, so that all run on one machine."""
+    return f"{node}{'' if queue == QUEUE_GC else '.' + queue}@{socket.gethostname()}"
 
 
 class CeleryPublisher:
@@ -175,8 +176,10 @@ class CeleryPublisher:
     def __init__(self, celery: Any = None) -> None:
         self._app = celery if celery is not None else app
 
-    def publish(self, task: str, kwargs: dict[str, Any], *, countdown: float | None = None) -> None:
-        queue = TASK_QUEUES[task]
+    def publish(
+        self, task: str, kwargs: dict[str, Any], *, countdown: float | None = None, queue: str | None = None
+    ) -> None:
+        queue = queue or TASK_QUEUES[task]
         self._app.send_task(task, kwargs=kwargs, queue=queue, routing_key=queue, countdown=countdown)
 
 

@@ -24,7 +24,9 @@ from compactor.storage.errors import one_line
 from compactor.worker.runtime.app import current_settings
 from compactor.worker.runtime.dispatch import TASK_RUN
 from compactor.worker.runtime.node_lock import Heartbeat
-from compactor.worker.runtime.records import JobRecords, SubJobRef, connect
+from compactor.worker.runtime.payloads import SubJobRef
+from compactor.worker.runtime.records import JobRecords
+from compactor.worker.runtime.redis_client import connect
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
+from compactor.worker.engine.jobs import JobKind
+from compactor.worker.runtime import attempts
 from compactor.worker.runtime.records import JobRecords, SubJobRecord
 
 log = logging.getLogger(__name__)
@@ -17,25 +19,44 @@ TASK_PLAN = "compactor.plan_meta_job"
 TASK_RUN = "compactor.run_sub_job"
 TASK_FINALIZE = "compactor.finalize_meta_job"
 QUEUE_GC = "gc"
+QUEUE_L0 = "l0"
 QUEUE_LIGHT = "light"
+QUEUES = (QUEUE_GC, QUEUE_L0, QUEUE_LIGHT)
+"""gc: gc-compaction sub-jobs, one at a time per node (the node lock); l0: L0-compaction and
+image-creation sub-jobs, up to ``COMPACTOR_L0_SLOTS`` at a time per node, so that they never
+wait behind gc-compaction (the seed's separate L0 semaphore); light: creating, planning and
+finalizing meta jobs."""
 TASK_QUEUES = {TASK_COMPACT: QUEUE_LIGHT, TASK_PLAN: QUEUE_LIGHT, TASK_RUN: QUEUE_GC, TASK_FINALIZE: QUEUE_LIGHT}
+"""Each task's queue; ``run_sub_job`` goes to the queue of its job's kind (``queue_of``)."""
+
+
+def queue_of(kind: JobKind) -> str:
+    """The queue of a kind's sub-jobs (gc, or l0 for L0 compaction and image creation); also the
+    lane of its in-flight marker on a timeline (``JobRecords.set_inflight``)."""
+    return QUEUE_GC if kind == "gc" else QUEUE_L0
 
 
 class Publisher(Protocol):
     """Sends a task message (``compactor.worker.runtime.app.CeleryPublisher`` in production)."""
 
-    def publish(self, task: str, kwargs: dict[str, Any], *, countdown: float | None = None) -> None: ...
+    def publish(
+        self, task: str, kwargs: dict[str, Any], *, countdown: float | None = None, queue: str | None = None
+    ) -> None:
+        """Send ``task`` to ``queue``, by default the task's own (``TASK_QUEUES``)."""
+        ...
 
 
-def enqueue_sub(records: JobRecords, publisher: Publisher, sub_id: str, countdown: float | None = None) -> None:
-    """Publish ``run_sub_job`` for a waiting sub-job. A duplicate message is harmless (its
-    claim finds the sub-job taken or ended), so this may run more than once."""
+def enqueue_sub(records: JobRecords, publisher: Publisher, sub: SubJobRecord, countdown: float | None = None) -> None:
+    """Publish ``run_sub_job`` for a waiting sub-job, on the queue of its kind. A duplicate
+    message is harmless (its claim finds the sub-job taken or ended), so this may run more than
+    once."""
+    sub_id = sub.id
     # Before publishing: a worker may receive the message, and say it holds it, at once (a
     # deletion after the publish lost that mark, and a message lost with that worker then
     # waited for the no-progress timeout; found by the random-kill fault test).
     records.forget_holder(sub_id)
-    publisher.publish(TASK_RUN, {"sub_job_id": sub_id}, countdown=countdown)
-    records.mark_enqueued(sub_id)
+    publisher.publish(TASK_RUN, {"sub_job_id": sub_id}, countdown=countdown, queue=queue_of(sub.spec.job.kind))
+    attempts.mark_enqueued(records, sub_id)
 
 
 def sub_job_ended(records: JobRecords, publisher: Publisher, sub: SubJobRecord) -> None:

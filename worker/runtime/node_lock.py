@@ -1,5 +1,7 @@
 """The node lock: at most one gc-compaction runs on a node at a time (the seed's
-``CONCURRENT_GC_COMPACTION_TASKS`` semaphore of one, across the worker processes of a node).
+``CONCURRENT_GC_COMPACTION_TASKS`` semaphore of one, across the worker processes of a node), and
+beside it ``COMPACTOR_L0_SLOTS`` slots for L0 compaction and image creation (the seed keeps a
+separate semaphore for L0, so that L0 work never waits behind gc-compaction): ``take_slot``.
 
 A redis-py ``Lock`` named after the node id, with a TTL renewed by a heartbeat thread. Its
 token is shared between threads (``thread_local=False``): the thread that takes it is not the
@@ -18,6 +20,7 @@ import redis
 from redis.exceptions import LockError
 
 from compactor.storage.errors import one_line
+from compactor.worker.engine.jobs import JobKind
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,17 @@ class NodeLock:
             self._lock.release()
         except LockError:
             log.warning("node lock was not ours any more at release node=%s", self.node_id)
+
+
+def take_slot(client: redis.Redis, node_id: str, kind: JobKind, *, l0_slots: int, ttl_s: float) -> NodeLock | None:
+    """A slot of this node for a sub-job of ``kind``, taken without waiting: the node lock for
+    gc-compaction, else the first free one of the ``l0_slots`` L0 slots. None when all are taken."""
+    names = [node_id] if kind == "gc" else [f"{node_id}/l0.{slot}" for slot in range(l0_slots)]
+    for name in names:
+        lock = NodeLock(client, name, ttl_s)
+        if lock.acquire():
+            return lock
+    return None
 
 
 class Heartbeat:

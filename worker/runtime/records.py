@@ -1,5 +1,6 @@
-"""Durable job records in Redis, kept outside the broker, and the attempt protocol
-(docs/design/README.md: lifecycle of a job).
+"""Durable job records in Redis, kept outside the broker (docs/design/README.md: lifecycle of a
+job); the changes of a sub-job's state are the attempt protocol's
+(``compactor.worker.runtime.attempts``).
 
 A *meta job* is one gc-compaction request for a timeline; planning splits it into *sub-jobs*
 (key ranges) that workers run. Each record is a pydantic model stored as JSON under its own key:
@@ -11,48 +12,35 @@ compactor:meta:{job_id}:finished      set of sub-job ids that have ended
 compactor:meta:{job_id}:finalize      finalize claim (SET NX), value = claim time
 compactor:jobs                        sorted set of meta job ids by creation time
 compactor:active                      set of meta job ids not yet ended
-compactor:inflight:{tenant}/{tl}      meta job id in flight for the timeline (SET NX)
+compactor:inflight:{tenant}/{tl}/{q}  meta job id in flight for the timeline and queue (SET NX)
 compactor:breaker:{tenant}/{tl}       BreakerState of the timeline
 compactor:node-lock:{node}            the node lock (compactor.worker.runtime.node_lock)
 compactor:held:{job_id}.{index}       the worker process that last received the sub-job's message
 compactor:alive:{hostname}:{pid}      a worker process's liveness (expires when it stops renewing)
-compactor:fault:{point}:{target}      fault points (tests; only with COMPACTOR_FAULTS_ENABLED)
 ```
 
-Only the current attempt of a sub-job may change it: every worker report carries the sub-job
-id, the attempt number and the owner token given out at claim time, and is applied with
-WATCH/MULTI only while all three still match and the record is running. Anything else is a
-report from a stale attempt (preempted, superseded, cancelled): it is ignored and logged.
-WATCH/MULTI in Python rather than a Lua script because Lua's cjson would round LSNs (64-bit
-integers) through doubles.
+Every change of a record is a read-modify-write under WATCH/MULTI (``JobRecords._transact``),
+in Python rather than a Lua script because Lua's cjson would round LSNs (64-bit integers)
+through doubles.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlsplit
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from pydantic import BaseModel, ConfigDict, Field
 
-from compactor.storage.errors import CompactorError, InvalidInput, NotFound
-from compactor.storage.ids import HexId, validate_id
-from compactor.storage.keys import KEY_MAX, KEY_MIN, format_key
-from compactor.storage.lsn import LSN_MAX
-from compactor.storage.manifest import KeyHex, Lsn
-from compactor.storage.settings import Settings
-from compactor.worker.engine.jobs import CommitProposal, CompactionJob, JobKind, SubJobSpec, check_kind
+from compactor.storage.errors import CompactorError, NotFound
+from compactor.storage.ids import validate_id
+from compactor.worker.engine.jobs import CommitProposal, SubJobSpec
 from compactor.worker.engine.statistics import CompactionStatistics, NumSize
+from compactor.worker.runtime.payloads import CompactRequest
 
 log = logging.getLogger(__name__)
 
@@ -60,73 +48,6 @@ PREFIX = "compactor:"
 _TRANSACTION_TRIES = 100
 
 M = TypeVar("M", bound=BaseModel)
-
-
-class RedisUnavailable(CompactorError):
-    """Redis could not be reached."""
-
-
-# ----------------------------------------------------------------------------- connections
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    return re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", url)
-
-
-def redis_py_url(url: str) -> str:
-    """The URL in the form redis-py takes: ``redis+socket:///path`` becomes ``unix:///path``."""
-    if url.startswith("redis+socket://"):
-        return "unix://" + url[len("redis+socket://") :]
-    return url
-
-
-def celery_redis_url(url: str) -> str:
-    """The URL in the form kombu (broker) and Celery's redis result backend both take:
-    ``unix:///path?db=N`` becomes ``redis+socket:///path?virtual_host=N``."""
-    if url.startswith("unix://"):
-        parts = urlsplit(url)
-        db = parse_qs(parts.query).get("db", ["0"])[0]
-        # Keep the credentials (``unix://:password@/path``): found by the security tests, the
-        # broker and result backend connected without them while job records used them, so a
-        # password-protected Redis on a socket refused every worker (kombu and Celery's
-        # backend both read ``redis+socket://:password@/path``).
-        userinfo = parts.netloc.rpartition("@")[0]
-        return f"redis+socket://{userinfo + '@' if userinfo else ''}{parts.path}?virtual_host={db}"
-    return url
-
-
-def connect(settings: Settings, *, timeout_s: float | None = None, retries: bool = True) -> redis.Redis:
-    """A redis-py client for ``settings.redis_url`` (bytes responses).
-
-    One retry policy per call site: redis-py's own retry of a failed command (a few attempts
-    with jittered backoff) is the only one on the record paths; the connectivity check turns
-    it off so an unreachable Redis fails within ``timeout_s``.
-    """
-    timeout = timeout_s if timeout_s is not None else settings.redis_timeout_s
-    kwargs: dict[str, Any] = {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        "health_check_interval": 30,
-    }
-    if not retries:
-        kwargs["retry"] = Retry(NoBackoff(), 0)
-    try:
-        return redis.Redis.from_url(redis_py_url(settings.redis_url), **kwargs)
-    except ValueError as err:
-        raise InvalidInput(f"invalid COMPACTOR_REDIS_URL {redact_url(settings.redis_url)!r}: {err}") from None
-
-
-def check_connectivity(settings: Settings, timeout_s: float = 2.0) -> None:
-    """Raise RedisUnavailable with a one-line message unless Redis answers a PING in time."""
-    client = connect(settings, timeout_s=timeout_s, retries=False)
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as err:
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise RedisUnavailable(f"cannot reach Redis at {redact_url(settings.redis_url)}: {reason}") from None
-    finally:
-        client.close()
 
 
 def _text(raw: Any) -> str:
@@ -137,108 +58,12 @@ def now() -> float:
     return time.time()
 
 
-def new_job_id() -> str:
-    return uuid.uuid4().hex
-
-
-def sub_job_id(meta_id: str, index: int) -> str:
-    return f"{meta_id}.{index}"
-
-
-# ----------------------------------------------------------------------------- payloads
-
-
-_HEX_ID: dict[str, Any] = {"pattern": "^[0-9a-f]{32}$"}
-_KEY_HEX: dict[str, Any] = {"pattern": "^[0-9A-Fa-f]{36}$"}
-
-
-class CompactRequest(BaseModel):
-    """Payload of ``compactor.compact_timeline``: one gc-compaction meta job.
-
-    Keys are 36 hex characters, LSNs JSON integers; ``lsn_end`` of 2^64-1 means "up to the gc
-    cutoff". ``job_id`` lets a client choose the meta job id (32 lowercase hex characters) so
-    that resending the same request is harmless: a second request with the same id and the same
-    fields returns the existing job; with different fields it is rejected.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    tenant_id: HexId = Field(json_schema_extra=_HEX_ID)
-    timeline_id: HexId = Field(json_schema_extra=_HEX_ID)
-    key_start: KeyHex = Field(
-        default=format_key(KEY_MIN), description="first key, inclusive", json_schema_extra=_KEY_HEX
-    )
-    key_end: KeyHex = Field(default=format_key(KEY_MAX), description="end key, exclusive", json_schema_extra=_KEY_HEX)
-    lsn_start: Lsn = Field(default=0, description="compact history above this LSN only; 0 = all history")
-    lsn_end: Lsn = Field(default=LSN_MAX, description="compact below this LSN, capped by the gc cutoff")
-    max_job_bytes: int | None = Field(
-        default=None, ge=1, description="split into sub-jobs of about this many bytes of layers; null = server default"
-    )
-    sub_compaction: bool = Field(default=True, description="false: one job over the whole range")
-    dry_run: bool = Field(default=False, description="compute statistics, commit nothing")
-    job_id: HexId | None = Field(
-        default=None, description="client-chosen meta job id; null = a new one", json_schema_extra=_HEX_ID
-    )
-    kind: JobKind = Field(
-        default="gc",
-        description="gc: gc-compaction; l0: L0 compaction; image: image-layer creation (l0 and image: every key, "
-        "all history, no dry run)",
-    )
-    force: bool = Field(default=False, description="l0 and image only: ignore the L0 and image thresholds")
-
-    @model_validator(mode="after")
-    def _ranges(self) -> CompactRequest:
-        if self.key_start >= self.key_end:
-            raise ValueError(f"empty or inverted key range {self.key_start}-{self.key_end}")
-        if self.lsn_start >= self.lsn_end:
-            raise ValueError(f"empty or inverted LSN range [{self.lsn_start}, {self.lsn_end})")
-        full_range = (self.key_start, self.key_end, self.lsn_start, self.lsn_end) == (
-            format_key(KEY_MIN),
-            format_key(KEY_MAX),
-            0,
-            LSN_MAX,
-        )
-        check_kind(self.kind, force=self.force, dry_run=self.dry_run, full_range=full_range)
-        return self
-
-    def to_job(self) -> CompactionJob:
-        return CompactionJob(
-            tenant_id=self.tenant_id,
-            timeline_id=self.timeline_id,
-            key_start=self.key_start,
-            key_end=self.key_end,
-            lsn_start=self.lsn_start,
-            lsn_end=self.lsn_end,
-            dry_run=self.dry_run,
-            kind=self.kind,
-            force=self.force,
-        )
-
-    def same_job(self, other: CompactRequest) -> bool:
-        return self.model_dump(exclude={"job_id"}) == other.model_dump(exclude={"job_id"})
-
-
-class MetaJobRef(BaseModel):
-    """Payload of ``compactor.plan_meta_job`` and ``compactor.finalize_meta_job``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    job_id: HexId = Field(json_schema_extra=_HEX_ID)
-
-
-class SubJobRef(BaseModel):
-    """Payload of ``compactor.run_sub_job``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    sub_job_id: str = Field(pattern=r"^[0-9a-f]{32}\.\d{1,6}$", description="<meta job id>.<index>")
-
-
 # ----------------------------------------------------------------------------- records
 
 
 class JobState(StrEnum):
-    """The state of a meta job or a sub-job, and who may move it where (docs/design/README.md).
+    """The state of a meta job or a sub-job, and who may move it where (docs/design/README.md);
+    each sub-job transition is a function of ``compactor.worker.runtime.attempts``.
 
     Sub-job::
 
@@ -371,7 +196,7 @@ class MetaStatistics(Record):
     end_time: datetime | None = None
     duration_secs: float = 0.0
     meta_job_id: str = ""
-    below_lsn: int = 0
+    below_lsn: int = 0  # statistics count the layers starting at or below this LSN (inclusive)
     retention_ratio: float = 0.0
     # The meta job's own object-store requests (planning, commit, deletes), by kind; its
     # sub-jobs' are in theirs.
@@ -399,7 +224,7 @@ class MetaJobRecord(Record):
     replans: int = 0  # plans made again after a commit conflict
     conflicts: list[str] = Field(default_factory=list)  # why each re-plan was needed
     manifest_number: int | None = None  # the manifest its commit wrote
-    below_lsn: int = 0
+    below_lsn: int = 0  # statistics count the layers starting at or below this LSN (inclusive)
     max_job_bytes: int = 0
     skipped: str | None = None
     error: str | None = None
@@ -425,22 +250,6 @@ class BreakerState(Record):
         return self.open_until is not None and at < self.open_until
 
 
-class StaleAttempt(CompactorError):
-    """A report from an attempt that is no longer the current one; it was ignored."""
-
-
-class ClaimOutcome(StrEnum):
-    CLAIMED = "claimed"
-    GAVE_UP = "gave-up"  # over the attempt cap: the record is now failed
-    ENDED = "ended"  # the sub-job has ended already (a duplicate delivery)
-    BUSY = "busy"  # another attempt is running and alive
-    CANCELLED = "cancelled"  # cancel was requested: the record is now cancelled
-    MISSING = "missing"
-
-
-# ----------------------------------------------------------------------------- the store
-
-
 def _key_meta(job_id: str) -> str:
     return f"{PREFIX}meta:{job_id}"
 
@@ -457,8 +266,8 @@ def _key_finalize(job_id: str) -> str:
     return f"{PREFIX}meta:{job_id}:finalize"
 
 
-def _key_inflight(tenant_id: str, timeline_id: str) -> str:
-    return f"{PREFIX}inflight:{tenant_id}/{timeline_id}"
+def _key_inflight(tenant_id: str, timeline_id: str, queue: str) -> str:
+    return f"{PREFIX}inflight:{tenant_id}/{timeline_id}/{queue}"
 
 
 def _key_breaker(tenant_id: str, timeline_id: str) -> str:
@@ -652,168 +461,6 @@ class JobRecords:
         as written, or None if nothing was written."""
         return self._update(_key_sub(sub_id), SubJobRecord, change, unchanged_result=False)
 
-    def report(self, sub_id: str, attempt: int, token: str, change: Callable[[SubJobRecord], None]) -> SubJobRecord:
-        """A report of the attempt ``(attempt, token)``: applied only while it is the current,
-        running attempt; raises StaleAttempt (after logging) otherwise."""
-        stale: list[SubJobRecord | None] = [None]
-
-        def guarded(rec: SubJobRecord) -> SubJobRecord | None:
-            if not rec.is_current(attempt, token):
-                stale[0] = rec
-                return None
-            change(rec)
-            return rec
-
-        written = self.update_sub(sub_id, guarded)
-        if written is None:
-            rec = stale[0]
-            log.warning(
-                "stale report ignored sub_job=%s attempt=%d current_attempt=%s state=%s",
-                sub_id, attempt, rec.attempt if rec else None, rec.state if rec else "missing",
-            )  # fmt: skip
-            raise StaleAttempt(f"sub-job {sub_id} attempt {attempt} is no longer current")
-        return written
-
-    def heartbeat(self, sub_id: str, attempt: int, token: str, progress: JobProgress | None = None) -> SubJobRecord:
-        at = now()
-
-        def change(rec: SubJobRecord) -> None:
-            rec.heartbeat_at = at
-            if progress is not None:
-                _set_progress(rec, progress, at)
-
-        return self.report(sub_id, attempt, token, change)
-
-    def report_progress(self, sub_id: str, attempt: int, token: str, progress: JobProgress) -> SubJobRecord:
-        """Store the attempt's progress, guarded like :meth:`report`, without renewing its
-        heartbeat: only the thread that also renews the node lock may say the attempt is alive."""
-        at = now()
-        return self.report(sub_id, attempt, token, lambda rec: _set_progress(rec, progress, at))
-
-    def claim(
-        self,
-        sub_id: str,
-        *,
-        node: str,
-        pid: int,
-        heartbeat_timeout_s: float,
-        max_attempts: int,
-        cancel_requested: Callable[[], bool],
-    ) -> tuple[ClaimOutcome, SubJobRecord | None]:
-        """Make a new attempt of the sub-job current, owned by ``node``/``pid``.
-
-        Claims a queued or preempted sub-job, or a running one whose heartbeat is older than
-        ``heartbeat_timeout_s`` (its attempt is preempted). The attempt number goes up by one;
-        over ``max_attempts`` the sub-job fails instead.
-        """
-        outcome: list[ClaimOutcome] = [ClaimOutcome.MISSING]
-        at = now()
-        cancelled = cancel_requested()
-
-        def change(rec: SubJobRecord) -> SubJobRecord | None:
-            if rec.state.ended:
-                outcome[0] = ClaimOutcome.ENDED
-                return None
-            if rec.state == JobState.RUNNING:
-                if rec.heartbeat_at is not None and at - rec.heartbeat_at < heartbeat_timeout_s:
-                    outcome[0] = ClaimOutcome.BUSY
-                    return None
-                _end_attempt(rec, at, "preempted: heartbeat lost")
-                rec.reclaims += 1
-            if cancelled:
-                outcome[0] = ClaimOutcome.CANCELLED
-                rec.state, rec.ended_at, rec.owner = JobState.CANCELLED, at, None
-                rec.error = rec.error or "cancelled before it ran"
-                return rec
-            if rec.attempt >= max_attempts:
-                outcome[0] = ClaimOutcome.GAVE_UP
-                rec.state, rec.ended_at, rec.owner = JobState.FAILED, at, None
-                last = rec.attempts[-1].outcome if rec.attempts else None
-                rec.error = f"gave up after {rec.attempt} attempts" + (f" (last: {last})" if last else "")
-                return rec
-            outcome[0] = ClaimOutcome.CLAIMED
-            rec.attempt += 1
-            rec.state = JobState.RUNNING
-            rec.owner = Owner(node=node, pid=pid, token=uuid.uuid4().hex)
-            rec.heartbeat_at = at
-            rec.progress = JobProgress(phase="starting")
-            rec.progress_changed_at = at
-            rec.started_at = rec.started_at or at
-            rec.error = None
-            rec.attempts.append(AttemptInfo(attempt=rec.attempt, node=node, pid=pid, started_at=at))
-            return rec
-
-        written = self.update_sub(sub_id, change)
-        return outcome[0], written
-
-    def preempt(self, sub_id: str, attempt: int, token: str, reason: str) -> SubJobRecord | None:
-        """Take the running attempt ``(attempt, token)`` away (dead or stuck worker): its later
-        reports are ignored. None if it is not the current attempt any more."""
-        at = now()
-
-        def change(rec: SubJobRecord) -> SubJobRecord | None:
-            if not rec.is_current(attempt, token):
-                return None
-            _end_attempt(rec, at, f"preempted: {reason}")
-            rec.state, rec.owner, rec.enqueued_at = JobState.PREEMPTED, None, None
-            rec.reclaims += 1
-            rec.progress.phase = "preempted"
-            return rec
-
-        return self.update_sub(sub_id, change)
-
-    def finish(
-        self,
-        sub_id: str,
-        attempt: int,
-        token: str,
-        state: JobState,
-        change: Callable[[SubJobRecord], None] | None = None,
-    ) -> SubJobRecord:
-        """End the current attempt (guarded like :meth:`report`): in an ended state, or
-        ``PREEMPTED`` to have the sub-job run again as a new attempt."""
-        at = now()
-
-        def ending(rec: SubJobRecord) -> None:
-            if change is not None:
-                change(rec)
-            outcome = state.value if rec.error is None else f"{state.value}: {rec.error}"
-            _end_attempt(rec, at, outcome)
-            rec.state, rec.owner = state, None
-            rec.progress.phase = state.value
-            if state.ended:
-                rec.ended_at = at
-            else:
-                rec.enqueued_at = None
-
-        return self.report(sub_id, attempt, token, ending)
-
-    def cancel_waiting(self, sub_id: str) -> SubJobRecord | None:
-        """Cancel a sub-job that is not running (queued or preempted); None otherwise."""
-        at = now()
-
-        def change(rec: SubJobRecord) -> SubJobRecord | None:
-            if rec.state not in (JobState.QUEUED, JobState.PREEMPTED):
-                return None
-            rec.state, rec.ended_at, rec.owner = JobState.CANCELLED, at, None
-            rec.progress.phase = "cancelled"
-            rec.error = "cancelled before it ran"
-            return rec
-
-        return self.update_sub(sub_id, change)
-
-    def mark_enqueued(self, sub_id: str) -> SubJobRecord | None:
-        """Note that a message for this waiting sub-job was published; None unless it waits."""
-        at = now()
-
-        def change(rec: SubJobRecord) -> SubJobRecord | None:
-            if rec.state not in (JobState.QUEUED, JobState.PREEMPTED):
-                return None
-            rec.enqueued_at = at
-            return rec
-
-        return self.update_sub(sub_id, change)
-
     # ------------------------------------------------------------------ deliveries
 
     def forget_holder(self, sub_id: str) -> None:
@@ -864,15 +511,18 @@ class JobRecords:
 
     # ------------------------------------------------------------------ per timeline
 
-    def set_inflight(self, tenant_id: str, timeline_id: str, meta_id: str) -> bool:
-        return bool(self.r.set(_key_inflight(tenant_id, timeline_id), meta_id, nx=True))
+    # The in-flight marker: one per timeline and queue (``dispatch.queue_of`` its kind), so that
+    # L0 compaction and image creation are auto-triggered beside a gc-compaction, never behind it.
 
-    def get_inflight(self, tenant_id: str, timeline_id: str) -> str | None:
-        raw = self.r.get(_key_inflight(tenant_id, timeline_id))
+    def set_inflight(self, tenant_id: str, timeline_id: str, queue: str, meta_id: str) -> bool:
+        return bool(self.r.set(_key_inflight(tenant_id, timeline_id, queue), meta_id, nx=True))
+
+    def get_inflight(self, tenant_id: str, timeline_id: str, queue: str) -> str | None:
+        raw = self.r.get(_key_inflight(tenant_id, timeline_id, queue))
         return _text(raw) if raw is not None else None
 
-    def clear_inflight(self, tenant_id: str, timeline_id: str, meta_id: str) -> bool:
-        return bool(self._compare_and_delete(keys=[_key_inflight(tenant_id, timeline_id)], args=[meta_id]))
+    def clear_inflight(self, tenant_id: str, timeline_id: str, queue: str, meta_id: str) -> bool:
+        return bool(self._compare_and_delete(keys=[_key_inflight(tenant_id, timeline_id, queue)], args=[meta_id]))
 
     def breaker(self, tenant_id: str, timeline_id: str) -> BreakerState:
         found = self._load(BreakerState, self.r.get(_key_breaker(tenant_id, timeline_id)))
@@ -917,54 +567,3 @@ class JobRecords:
                 meta.tenant_id, meta.timeline_id, result[0].consecutive_failures, result[0].open_until,
             )  # fmt: skip
         return result[0]
-
-    # ------------------------------------------------------------------ fault points
-
-    def set_fault(self, point: str, target: str, value: dict[str, Any], ttl_s: float = 600.0) -> None:
-        self.r.set(f"{PREFIX}fault:{point}:{target}", json.dumps(value), px=int(ttl_s * 1000))
-
-    def take_fault(self, point: str, targets: Iterable[str]) -> dict[str, Any] | None:
-        """The first fault set for one of ``targets``; a fault with ``"once": true`` is consumed."""
-        for target in targets:
-            key = f"{PREFIX}fault:{point}:{target}"
-            raw = self.r.get(key)
-            if raw is None:
-                continue
-            value: dict[str, Any] = json.loads(raw)
-            if value.get("once") and not self.r.delete(key):
-                continue  # another attempt took it first
-            return value
-        return None
-
-    # ------------------------------------------------------------------ scanning
-
-
-def _set_progress(rec: SubJobRecord, progress: JobProgress, at: float) -> None:
-    if progress.marker() != rec.progress.marker():
-        rec.progress = progress
-        rec.progress_changed_at = at
-
-
-def _end_attempt(rec: SubJobRecord, at: float, outcome: str) -> None:
-    if rec.attempts and rec.attempts[-1].ended_at is None:
-        rec.attempts[-1].ended_at = at
-        rec.attempts[-1].outcome = outcome
-
-
-# ----------------------------------------------------------------------------- task API schemas
-
-PAYLOADS: dict[str, type[BaseModel]] = {
-    "CompactRequest": CompactRequest,
-    "MetaJobRef": MetaJobRef,
-    "SubJobRef": SubJobRef,
-}
-
-
-def payload_schemas() -> dict[str, dict[str, Any]]:
-    """JSON Schema of every task payload (docs/task-api.md embeds these)."""
-    return {name: model.model_json_schema() for name, model in PAYLOADS.items()}
-
-
-if __name__ == "__main__":  # python -m compactor.worker.runtime.records: the schemas for the docs
-    for name, schema in payload_schemas().items():
-        print(f"<!-- schema: {name} -->\n```json\n{json.dumps(schema, indent=2)}\n```\n")

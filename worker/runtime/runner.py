@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from compactor.storage.errors import ManifestConflict, one_line
 from compactor.storage.keys import KeyRange
-from compactor.storage.timeline import Storage
+from compactor.storage.timeline import Checkpoint, Storage
 from compactor.worker.engine.commit import CommitRefused, commit
 from compactor.worker.engine.jobs import CommitProposal, CompactionJob, SubJobSpec
 from compactor.worker.engine.kinds import Plan, is_pending, plan_any, run_any
@@ -49,7 +49,7 @@ def commit_meta(
     *,
     written_by: str,
     l2_lsn: int | None = None,
-    before_commit: Callable[[], None] | None = None,
+    reached: Checkpoint | None = None,
 ) -> int | None:
     """Commit a meta job's combined proposal; returns the number of the manifest that holds it
     (None when it changes nothing).
@@ -58,17 +58,20 @@ def commit_meta(
     (``CommitRefused``), its uploads are deleted and the error propagates, unless the commit had
     landed after all (a repeated finalize, or a PUT whose answer was lost): then that manifest's
     number is returned. Any other failure may come after the manifest was written, so the
-    uploads are kept: orphan cleanup deletes them if no manifest references them.
+    uploads are kept: orphan cleanup deletes them if no manifest references them. ``reached``
+    is told of ``before_commit`` and, once the manifest is written, ``in_commit``.
     """
     uploads = proposal.added
     try:
-        if before_commit is not None:
-            before_commit()
+        if reached is not None:
+            reached("before_commit")
     except BaseException:
         storage.delete_uploads(uploads)  # nothing was written: the uploads are ours alone
         raise
     try:
         committed = commit(storage.manifests, proposal, written_by, l2_lsn=l2_lsn)
+        if reached is not None and committed is not None:
+            reached("in_commit")
     except (ManifestConflict, CommitRefused):
         number = _landed_manifest(storage, proposal)
         if number is not None:
@@ -132,7 +135,6 @@ def compact(
     *,
     cut: Cutter | None = None,
     max_replans: int = 3,
-    before_commit: Callable[[], None] | None = None,
     written_by: str = "inline",
 ) -> JobOutcome:
     """Run the meta job ``job`` in this process: plan on the newest manifest, run its sub-jobs
@@ -159,9 +161,7 @@ def compact(
         stats.finalize()
         proposal = CommitProposal.combine(parts)
         try:
-            number = commit_meta(
-                storage, proposal, written_by=written_by, l2_lsn=plan.l2_lsn, before_commit=before_commit
-            )
+            number = commit_meta(storage, proposal, written_by=written_by, l2_lsn=plan.l2_lsn)
         except ManifestConflict as err:
             if attempt == max_replans:
                 raise ManifestConflict(f"gave up after {attempt + 1} attempts: {err}") from None

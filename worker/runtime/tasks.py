@@ -7,7 +7,8 @@ Running a sub-job (``compactor.run_sub_job``):
 
 1. a sub-job that has ended, or runs elsewhere with a live heartbeat, is a duplicate delivery:
    nothing to do;
-2. take the node lock without waiting; a busy node sends the message back to the queue with a
+2. take the node's slot for the job's kind without waiting (the node lock for gc, an L0 slot for
+   l0 and image: ``node_lock.take_slot``); a busy node sends the message back to the queue with a
    delay (not holding a worker slot, not counting as an attempt);
 3. claim the record: attempt + 1 and a fresh owner token; over the attempt cap it fails;
 4. run the sub-job with a heartbeat thread that renews the lock, writes heartbeat and progress
@@ -24,55 +25,42 @@ Flower and the result backend tell the truth; the job record stays the source of
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import pyarrow as pa
 import redis
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.utils.saferepr import saferepr
 from pydantic import BaseModel, ValidationError
 
 from compactor.storage.errors import CompactorError, StoreError, one_line
-from compactor.storage.keys import KeyRange
-from compactor.storage.layer_file import LayerFileInfo
-from compactor.storage.layer_name import LayerName
-from compactor.storage.manifest import LayerEntry, Manifest
-from compactor.storage.manifest_store import ManifestStore
 from compactor.storage.object_store import RequestCounter
 from compactor.storage.settings import Settings
-from compactor.storage.timeline import Storage
+from compactor.storage.timeline import Checkpoint, Storage
 from compactor.worker.engine.run import EngineSettings, Hooks, Progress
 from compactor.worker.runtime import (
+    attempts,
     deliveries,  # noqa: F401  (connects the worker's delivery signals)
     dispatch,
     metrics,
+    plugins,
     runner,
 )
 from compactor.worker.runtime.app import CeleryPublisher, app, current_settings, node_id
+from compactor.worker.runtime.attempts import ClaimOutcome, StaleAttempt
 from compactor.worker.runtime.dispatch import TASK_COMPACT, TASK_FINALIZE, TASK_PLAN, TASK_RUN, Publisher
-from compactor.worker.runtime.node_lock import Heartbeat, NodeLock
-from compactor.worker.runtime.records import (
-    ClaimOutcome,
-    JobProgress,
-    JobRecords,
-    JobState,
-    MetaJobRecord,
-    MetaJobRef,
-    StaleAttempt,
-    SubJobRecord,
-    SubJobRef,
-    connect,
-    now,
-)
+from compactor.worker.runtime.node_lock import Heartbeat, NodeLock, take_slot
+from compactor.worker.runtime.payloads import MetaJobRef, SubJobRef
+from compactor.worker.runtime.plugins import Attempt, Plugins
+from compactor.worker.runtime.records import JobProgress, JobRecords, JobState, MetaJobRecord, SubJobRecord, now
+from compactor.worker.runtime.redis_client import connect
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +79,6 @@ class AttemptSuperseded(JobStopped):
 
 class NodeLockLost(JobStopped):
     pass
-
-
-class InjectedFault(CompactorError):
-    """A failure set through a fault point (tests)."""
 
 
 class JobEnded(Exception):
@@ -143,7 +127,10 @@ class MetaJobFlow(Protocol):
 
     def plan(self, job_id: str) -> MetaJobRecord: ...
 
-    def finalize(self, job_id: str, storage: Storage, before_commit: Callable[[], None] | None) -> MetaJobRecord: ...
+    def finalize(self, job_id: str, storage: Storage, reached: Checkpoint | None) -> MetaJobRecord:
+        """Commit and end the meta job; ``reached`` is told of ``before_commit`` and
+        ``in_commit`` (``compactor.worker.runtime.plugins``)."""
+        ...
 
 
 FlowFactory = Callable[[Storage, JobRecords, Publisher, Settings], MetaJobFlow]
@@ -166,6 +153,7 @@ class Context:
     publisher: Publisher
     node_id: str
     flow: MetaJobFlow
+    plugins: Plugins
 
 
 _context: Context | None = None
@@ -190,6 +178,7 @@ def context() -> Context:
                 publisher=publisher,
                 node_id=node_id(settings),
                 flow=_flow_factory(storage, records, publisher, settings),
+                plugins=plugins.load(settings),
             )
             _context_pid = os.getpid()
         return _context
@@ -286,16 +275,18 @@ def run_sub_job(ctx: Context, sub_id: str, report_state: Any = None) -> dict[str
 
     # The lock expires before the scheduler gives a silent attempt away, so a preempted
     # attempt never overlaps the next job on its node.
-    lock = NodeLock(records.r, ctx.node_id, min(settings.lock_ttl_s, settings.heartbeat_timeout_s))
+    ttl_s = min(settings.lock_ttl_s, settings.heartbeat_timeout_s)
     waited = time.perf_counter()
-    if not lock.acquire():
+    lock = take_slot(records.r, ctx.node_id, sub.spec.job.kind, l0_slots=settings.l0_slots, ttl_s=ttl_s)
+    if lock is None:
         log.info("node busy, sub-job back to the queue sub_job=%s node=%s", sub_id, ctx.node_id)
         metrics.observe_lock_wait(0.0, contended=True)
         raise RetryLater(settings.lock_retry_delay_s)
     metrics.observe_lock_wait(time.perf_counter() - waited, contended=False)
     ended: SubJobRecord | None = None
     try:
-        outcome, claimed = records.claim(
+        outcome, claimed = attempts.claim(
+            records,
             sub_id,
             node=ctx.node_id,
             pid=os.getpid(),
@@ -356,10 +347,10 @@ def _run_claimed(
 
     def tick() -> None:
         if not lock.renew():
-            stop.set(NodeLockLost(f"node lock of {ctx.node_id} lost while running"))
+            stop.set(NodeLockLost(f"node lock {lock.node_id} lost while running"))
         current = progress[0]
         try:
-            records.heartbeat(sub_id, attempt, token, current)
+            attempts.heartbeat(records, sub_id, attempt, token, current)
             stored[0] = current
         except StaleAttempt:
             superseded()
@@ -371,7 +362,7 @@ def _run_claimed(
         if current is stored[0]:
             return
         try:
-            records.report_progress(sub_id, attempt, token, current)
+            attempts.report_progress(records, sub_id, attempt, token, current)
             stored[0] = current
         except StaleAttempt:
             superseded()
@@ -388,18 +379,28 @@ def _run_claimed(
     def verify() -> None:
         stop.check()
         if not lock.owned():
-            raise NodeLockLost(f"node lock of {ctx.node_id} lost before the outcome was recorded")
+            raise NodeLockLost(f"node lock {lock.node_id} lost before the outcome was recorded")
         current = records.get_sub(sub_id)
         if current is None or not current.is_current(attempt, token):
             raise AttemptSuperseded(f"attempt {attempt} of sub-job {sub_id} is no longer current")
         if _cancel_requested(records, meta_id):
             raise JobCancelled("cancelled; nothing committed")
 
-    faults = _Faults(ctx, meta_id, claimed, stop, progress, token) if settings.faults_enabled else None
+    def hold(seconds: float) -> None:
+        before = progress[0]
+        progress[0] = before.model_copy(update={"phase": "paused"})
+        store_progress()  # at once: whoever holds it may wait to see it paused
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            stop.check()
+            time.sleep(0.05)
+        if progress[0].phase == "paused":
+            progress[0] = before
+
     # Every request of this attempt, from whichever of its threads, and only of this attempt.
     requests = RequestCounter()
-    counted = ctx.storage.observed_by(requests)
-    storage = counted if faults is None else _FaultyStorage(counted, faults.hit)
+    attempt_of = Attempt(meta_id=meta_id, sub_id=sub_id, number=attempt, node=ctx.node_id, pid=os.getpid())
+    storage = ctx.plugins.watching(ctx.storage.observed_by(requests), attempt_of, hold)
 
     hooks = Hooks(on_progress=on_progress, check_cancelled=stop.check)
     heartbeat = Heartbeat(settings.heartbeat_interval_s, tick, name=f"heartbeat-{sub_id}").start()
@@ -459,7 +460,7 @@ def _run_claimed(
             rec.stats.time_acquire_lock_secs = lock_wait_s
 
     try:
-        ended = records.finish(sub_id, attempt, token, state, change)
+        ended = attempts.finish(records, sub_id, attempt, token, state, change)
     except StaleAttempt:
         _delete_uploads(ctx, outcome)
         return None, {"sub_job_id": sub_id, "state": "superseded", "attempt": attempt}
@@ -471,7 +472,7 @@ def _run_claimed(
         len(ended.proposal.removed) if ended.proposal else 0, error,
     )  # fmt: skip
     if retry:
-        dispatch.enqueue_sub(records, ctx.publisher, sub_id, countdown=settings.lock_retry_delay_s)
+        dispatch.enqueue_sub(records, ctx.publisher, ended, countdown=settings.lock_retry_delay_s)
     result = {"sub_job_id": sub_id, "state": state.value, "attempt": attempt, "error": error}
     return ended, result
 
@@ -493,109 +494,12 @@ def _observe(ended: SubJobRecord, state: JobState, outcome: Any) -> None:
         )
 
 
-# ----------------------------------------------------------------------------- fault points
-
-FAULT_WHERE = ("in_download", "in_merge", "in_upload", "before_commit", "in_commit")
-"""Where the fault tests can hold or fail a job (``COMPACTOR_FAULTS_ENABLED`` only): a sub-job
-while a layer downloads, in the middle of the k-merge, or right after an output layer was
-uploaded; the meta job's finalize just before its commit, and right after the new manifest was
-written but before the job record says so. ``JobRecords.set_fault("pause_<where>", target,
-{"seconds": s})`` holds it there, ``"fail_<where>"`` raises InjectedFault; the target is a
-sub-job id or a meta job id."""
-
-
-class _Faults:
-    """Test-only pauses and failures of one sub-job attempt (``sub``) or of a meta job's
-    finalize (``sub`` None)."""
-
-    def __init__(
-        self,
-        ctx: Context,
-        meta_id: str,
-        sub: SubJobRecord | None = None,
-        stop: _Stop | None = None,
-        progress: list[JobProgress] | None = None,
-        token: str = "",
-    ) -> None:
-        self.ctx, self.meta_id, self.sub, self.token = ctx, meta_id, sub, token
-        self.stop, self.progress = stop, progress
-
-    def hit(self, where: str) -> None:
-        records, sub = self.ctx.records, self.sub
-        targets = [sub.id, self.meta_id] if sub is not None else [self.meta_id]
-        fault = records.take_fault(f"fail_{where}", targets)
-        if fault is not None:
-            raise InjectedFault(str(fault.get("message", f"injected failure {where.replace('_', ' ')}")))
-        fault = records.take_fault(f"pause_{where}", targets)
-        if fault is None:
-            return
-        seconds = float(fault.get("seconds", 5.0))
-        # Tests wait for this marker to know the job is held where they asked, then kill,
-        # freeze or disturb the node it names.
-        hit = {"node": self.ctx.node_id, "pid": os.getpid(), "attempt": sub.attempt if sub else 0, "at": now()}
-        records.r.set(f"compactor:fault-hit:pause_{where}:{targets[0]}", json.dumps(hit), ex=600)
-        log.warning("fault point: paused job=%s where=%s seconds=%s", targets[0], where, seconds)
-        if sub is None or self.progress is None or self.stop is None:
-            time.sleep(seconds)
-            return
-        before = self.progress[0]
-        self.progress[0] = before.model_copy(update={"phase": "paused"})
-        records.heartbeat(sub.id, sub.attempt, self.token, self.progress[0])
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            self.stop.check()
-            time.sleep(0.05)
-        if self.progress[0].phase == "paused":
-            self.progress[0] = before
-
-
-class _FaultyManifests(ManifestStore):
-    def __init__(self, inner: ManifestStore, hit: Callable[[str], None]) -> None:
-        super().__init__(inner.store, observer=inner.observer)
-        self._hit = hit
-
-    def create(self, manifest: Manifest) -> None:
-        super().create(manifest)
-        self._hit("in_commit")
-
-
-class _FaultyStorage(Storage):
-    """The process's Storage with the fault points of ``FAULT_WHERE`` on the engine's I/O."""
-
-    def __init__(self, inner: Storage, hit: Callable[[str], None]) -> None:
-        # Shares the process's clients and layer cache; only the hooks differ.
-        self.settings, self.objects, self.cache = inner.settings, inner.objects, inner.cache
-        self.manifests = _FaultyManifests(inner.manifests, hit)
-        self._hit = hit
-
-    def fetch(self, entry: LayerEntry, key_range: KeyRange | None = None) -> None:
-        self._hit("in_download")
-        super().fetch(entry, key_range)
-
-    def batches(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[pa.RecordBatch]:
-        batches = super().batches(entry, key_range)
-        first = next(batches, None)
-        if first is None:
-            return
-        yield first
-        self._hit("in_merge")
-        yield from batches
-
-    def upload(self, manifest: Manifest, name: LayerName, file: LayerFileInfo) -> LayerEntry:
-        entry = super().upload(manifest, name, file)
-        self._hit("in_upload")
-        return entry
-
-
 # ----------------------------------------------------------------------------- finalize
 
 
 def finalize_meta_job(ctx: Context, job_id: str) -> dict[str, Any]:
-    if ctx.settings.faults_enabled:
-        faults = _Faults(ctx, job_id)
-        meta = ctx.flow.finalize(job_id, _FaultyStorage(ctx.storage, faults.hit), lambda: faults.hit("before_commit"))
-    else:
-        meta = ctx.flow.finalize(job_id, ctx.storage, None)
+    attempt = Attempt(meta_id=job_id, sub_id=None, number=0, node=ctx.node_id, pid=os.getpid())
+    meta = ctx.flow.finalize(job_id, ctx.storage, ctx.plugins.checkpoint(attempt, time.sleep))
     return _meta_result(meta)
 
 
