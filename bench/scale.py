@@ -3,7 +3,7 @@
     python -m bench.scale KIND WORKERS TENANT TIMELINE MAX_JOB_BYTES CPUS DIRECTORY S3_PID
 
 Starts the embedded stack (``compactor.coordinator.local.embedded``: real Redis, ``WORKERS``
-nodes, each a ``compactor worker --queues gc,light``) against the store named by the
+nodes, each a ``compactor worker --queues gc,l0,light``) against the store named by the
 ``COMPACTOR_S3_*`` variables, caps each node's processes at ``CPUS`` CPUs (``bench.cgroups``; 0
 caps nothing), runs one meta job of ``KIND`` (``gc`` or ``l0``) over the timeline through the
 Celery path and prints one JSON object: wall time from publishing the plan task to the meta job's
