@@ -35,9 +35,6 @@ from compactor.storage.values import ValueKind
 # A plain append record: op name ``test``, NUL, flags 0, the append's length (u32 LE), the append.
 _PLAIN_PREFIX = b"test\x00\x00"
 _HEADER = 10
-# binary_slice without a stop fails on values shorter than the start (pyarrow 26).
-_NO_STOP = 2**31 - 1
-_EMPTY = pa.scalar(b"", pa.binary())
 _IMAGE = int(ValueKind.IMAGE)
 _RECORD = int(ValueKind.RECORD)
 
@@ -140,16 +137,60 @@ class _Rows:
         return found, first, last
 
 
+def _gather(arrays: list[pa.Array], source: np.ndarray, rows: np.ndarray, skip: np.ndarray | int = 0) -> pa.Array:
+    """``arrays[source[i]][rows[i]][skip[i]:]`` for each ``i``, as one binary array. The values
+    are described as a binary view array over the sources' data buffers (16 bytes per value,
+    built in NumPy) and copied once, by Arrow's cast to binary, instead of once per ``take``,
+    slice and join. ``skip`` is at most each value's length."""
+    starts = np.empty(len(rows), dtype=np.int64)
+    lengths = np.empty(len(rows), dtype=np.int64)
+    buffers = []
+    for i, array in enumerate(arrays):
+        offsets = np.frombuffer(array.buffers()[1], dtype=np.int32, count=len(array) + 1 + array.offset)
+        offsets = offsets[array.offset :]
+        mine = source == i
+        at = rows[mine]
+        starts[mine] = offsets[at]
+        lengths[mine] = offsets[at + 1] - offsets[at]
+        data = array.buffers()[2]
+        buffers.append(data if data is not None else pa.py_buffer(b""))
+    starts += skip
+    lengths -= skip
+    # A view holds its value inline up to 12 bytes, else the first 4 bytes, the buffer's number
+    # and the offset in it: the first 12 bytes of every value are read, the rest stays put.
+    window = np.arange(12)
+    inline = np.zeros((len(rows), 12), dtype=np.uint8)
+    for i, data in enumerate(buffers):
+        mine = np.flatnonzero(source == i)
+        if not len(mine) or not data.size:
+            continue
+        raw = np.frombuffer(data, dtype=np.uint8)
+        at = np.minimum(starts[mine, None] + window, raw.size - 1)
+        inline[mine] = np.where(window < lengths[mine, None], raw[at], 0)
+    words = inline.view(np.int32)
+    views = np.empty((len(rows), 4), dtype=np.int32)
+    views[:, 0] = lengths
+    views[:, 1] = words[:, 0]
+    long = lengths > 12
+    views[:, 2] = np.where(long, source, words[:, 1])
+    views[:, 3] = np.where(long, starts, words[:, 2])
+    out = pa.Array.from_buffers(pa.binary_view(), len(rows), [None, pa.py_buffer(views), *buffers])
+    return out.cast(pa.binary())
+
+
 def _replay_runs(values: pa.Array, first: np.ndarray, last: np.ndarray) -> pa.Array:
     """Redo of each run of rows: the image at ``first`` followed by the appended bytes of the
-    plain append records after it, up to ``last``."""
-    count = last - first
+    plain append records after it, up to ``last``. The pieces are gathered in order into one
+    buffer; each run is then a contiguous range of it."""
+    count = last - first + 1
     ends = np.cumsum(count)
-    index = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(first + 1 - (ends - count), count)
-    appends = pc.binary_slice(values.take(pa.array(index, pa.int64())), _HEADER, _NO_STOP)
-    offsets = np.concatenate(([0], ends)).astype(np.int32)
-    joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), appends), _EMPTY)
-    return pc.binary_join_element_wise(values.take(pa.array(first, pa.int64())), joined, _EMPTY)
+    rows = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(first - (ends - count), count)
+    skip = np.full(len(rows), _HEADER, dtype=np.int64)
+    skip[ends - count] = 0  # the image, whole
+    pieces = _gather([values], np.zeros(len(rows), dtype=np.int64), rows, skip)
+    offsets = np.frombuffer(pieces.buffers()[1], dtype=np.int32, count=len(pieces) + 1)
+    bounds = offsets[np.concatenate(([0], ends))]
+    return pa.Array.from_buffers(pa.binary(), len(first), [None, pa.py_buffer(bounds), pieces.buffers()[2]])
 
 
 def _kept_rows(buckets: np.ndarray, wants: np.ndarray, key_ids: np.ndarray) -> np.ndarray:
@@ -204,19 +245,22 @@ def retain_chunk(
     to_image_layer = (want_cuts == 0) & image_layer
     in_deltas = ~to_image_layer
     image_keys = keys.take(pa.array(starts[want_keys[to_image_layer]]))
-    image_values = built.filter(pa.array(to_image_layer))
+    image_values = _gather([built], np.zeros(int(to_image_layer.sum()), dtype=np.int64), np.flatnonzero(to_image_layer))
 
-    delta_keys = np.concatenate((key_ids[kept_index], want_keys[in_deltas]))
-    delta_lsns = np.concatenate((lsns[kept_index], cut_lsns[want_cuts[in_deltas]]))
-    delta_kinds = np.concatenate((kinds[kept_index], np.full(int(in_deltas.sum()), _IMAGE, dtype=kinds.dtype)))
-    delta_values = pa.concat_arrays([values.take(pa.array(kept_index)), built.filter(pa.array(in_deltas))])
+    in_delta_index = np.flatnonzero(in_deltas)
+    delta_keys = np.concatenate((key_ids[kept_index], want_keys[in_delta_index]))
+    delta_lsns = np.concatenate((lsns[kept_index], cut_lsns[want_cuts[in_delta_index]]))
+    delta_kinds = np.concatenate((kinds[kept_index], np.full(len(in_delta_index), _IMAGE, dtype=kinds.dtype)))
+    # Kept rows of ``values`` (source 0) and images built at cuts (source 1), in order.
+    delta_source = np.concatenate((np.zeros(len(kept_index), dtype=np.int64), np.ones(len(in_delta_index), np.int64)))
+    delta_rows = np.concatenate((kept_index, in_delta_index))
     order = np.lexsort((delta_kinds, delta_lsns, delta_keys))
     deltas = pa.Table.from_arrays(
         [
             keys.take(pa.array(starts[delta_keys[order]])),
             pa.array(delta_lsns[order], pa.uint64()),
             pa.array(delta_kinds[order], pa.uint8()),
-            delta_values.take(pa.array(order)),
+            _gather([values, built], delta_source[order], delta_rows[order]),
         ],
         schema=SCHEMA,
     )
