@@ -193,6 +193,18 @@ def _replay_runs(values: pa.Array, first: np.ndarray, last: np.ndarray) -> pa.Ar
     return pa.Array.from_buffers(pa.binary(), len(first), [None, pa.py_buffer(bounds), pieces.buffers()[2]])
 
 
+def _interleave(kept: np.ndarray, built: np.ndarray) -> np.ndarray:
+    """The order (indices into ``kept`` followed by ``built``) that sorts kept rows and images
+    built at cuts together by key and LSN, given each as ``key number * (cuts + 1) + bucket``,
+    both sorted. A cut that gets an image keeps no row of its bucket, so no kept row shares a
+    point with a built image and one binary search each way places every row (a lexsort over
+    key, LSN and kind cost about 1 ms per 10,000 rows)."""
+    order = np.empty(len(kept) + len(built), dtype=np.int64)
+    order[np.arange(len(kept)) + np.searchsorted(built, kept, side="left")] = np.arange(len(kept))
+    order[np.arange(len(built)) + np.searchsorted(kept, built, side="left")] = np.arange(len(built)) + len(kept)
+    return order
+
+
 def _kept_rows(buckets: np.ndarray, wants: np.ndarray, key_ids: np.ndarray) -> np.ndarray:
     """Rows kept as they are: above the horizon, or in a cut that gets no image."""
     ncuts = wants.shape[1]
@@ -254,7 +266,10 @@ def retain_chunk(
     # Kept rows of ``values`` (source 0) and images built at cuts (source 1), in order.
     delta_source = np.concatenate((np.zeros(len(kept_index), dtype=np.int64), np.ones(len(in_delta_index), np.int64)))
     delta_rows = np.concatenate((kept_index, in_delta_index))
-    order = np.lexsort((delta_kinds, delta_lsns, delta_keys))
+    width = ncuts + 1
+    kept_points = key_ids[kept_index] * width + buckets[kept_index]
+    want_points = want_keys * width + want_cuts
+    order = _interleave(kept_points, want_points[in_delta_index])
     deltas = pa.Table.from_arrays(
         [
             keys.take(pa.array(starts[delta_keys[order]])),
@@ -267,13 +282,13 @@ def retain_chunk(
 
     if verification:
         # Every image built, wherever it is placed, with the rows it replays.
+        order = _interleave(kept_points, want_points)
         output = _Output(
-            key_ids=np.concatenate((key_ids[kept_index], want_keys)),
-            lsns=np.concatenate((lsns[kept_index], cut_lsns[want_cuts])),
-            buckets=np.concatenate((buckets[kept_index], want_cuts)),
-            is_image=np.concatenate((is_image[kept_index], np.ones(len(want_keys), dtype=bool))),
-            first=np.concatenate((kept_index, first)),
-            last=np.concatenate((kept_index, last)),
+            key_ids=np.concatenate((key_ids[kept_index], want_keys))[order],
+            buckets=np.concatenate((buckets[kept_index], want_cuts))[order],
+            is_image=np.concatenate((is_image[kept_index], np.ones(len(want_keys), dtype=bool)))[order],
+            first=np.concatenate((kept_index, first))[order],
+            last=np.concatenate((kept_index, last))[order],
         )
         _verify(keys, starts, rows, cut_lsns, counts, output)
     image_bytes = int(lengths[is_image].sum())
@@ -290,11 +305,11 @@ def retain_chunk(
 
 @dataclass
 class _Output:
-    """The retained versions of a chunk as rows of the input: a kept version is its own input
-    row, an image built at a cut is the run of input rows its redo replayed."""
+    """The retained versions of a chunk, in key and LSN order, as rows of the input: a kept
+    version is its own input row, an image built at a cut is the run of input rows its redo
+    replayed."""
 
     key_ids: np.ndarray
-    lsns: np.ndarray
     buckets: np.ndarray
     is_image: np.ndarray
     first: np.ndarray
@@ -318,13 +333,12 @@ def _verify(
     point_cuts = np.concatenate((point_cuts, np.full(nkeys, ncuts)))
     _, want_first, want_last = original.runs(point_keys, point_cuts)
 
-    order = np.lexsort((output.lsns, output.key_ids))
-    out = _Rows(output.key_ids[order], output.buckets[order], output.is_image[order], ncuts + 1)
-    first, last = output.first[order], output.last[order]
+    out = _Rows(output.key_ids, output.buckets, output.is_image, ncuts + 1)
+    first, last = output.first, output.last
     found, base_row, last_row = out.runs(point_keys, point_cuts)
     base_row, last_row = np.maximum(base_row, 0), np.maximum(last_row, 0)
     # Rows after a base replay input rows that follow each other without a gap.
-    gaps = np.zeros(len(order), dtype=np.int64)
+    gaps = np.zeros(len(first), dtype=np.int64)
     gaps[1:] = first[1:] != last[:-1] + 1
     gaps = np.cumsum(gaps)
     same = found & (first[base_row] == want_first) & (last[last_row] == want_last) & (gaps[last_row] == gaps[base_row])
