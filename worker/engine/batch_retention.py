@@ -25,11 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from compactor.storage.errors import RedoError
 from compactor.storage.keys import format_key
-from compactor.storage.layer_file import SCHEMA
+from compactor.storage.layer_file import SCHEMA, payload_lengths, value_offsets
 from compactor.storage.values import ValueKind
 
 # A plain append record: op name ``test``, NUL, flags 0, the append's length (u32 LE), the append.
@@ -46,11 +45,6 @@ def key_starts(keys: np.ndarray) -> np.ndarray:
     return starts
 
 
-def _lengths(values: pa.Array) -> np.ndarray:
-    lengths: np.ndarray = pc.binary_length(values).to_numpy(zero_copy_only=False).astype(np.int64)
-    return lengths
-
-
 def _plain_append(values: pa.Array, lengths: np.ndarray) -> np.ndarray:
     """Rows whose payload is a well-formed plain append record: the first ten bytes of every
     payload are read straight from the array's data buffer."""
@@ -58,7 +52,7 @@ def _plain_append(values: pa.Array, lengths: np.ndarray) -> np.ndarray:
     data_buffer = values.buffers()[2]
     if data_buffer is None:
         return np.zeros(n, dtype=bool)
-    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32, count=n + 1 + values.offset)[values.offset :]
+    offsets = value_offsets(values)
     data = np.frombuffer(data_buffer, dtype=np.uint8)
     long_enough = lengths >= _HEADER
     if not long_enough.any():
@@ -84,7 +78,7 @@ def simple_keys(table: pa.Table, starts: np.ndarray, limit: int) -> np.ndarray:
     kinds = table.column("kind").to_numpy()
     lsns = table.column("lsn").to_numpy()
     values = table.column("value").combine_chunks()
-    lengths = _lengths(values)
+    lengths = payload_lengths(values)
     ok = (kinds == _IMAGE) | ((kinds == _RECORD) & _plain_append(values, lengths))
     # Two versions at one LSN (an image materialising a record) take the general path.
     repeated = np.zeros(len(lsns), dtype=bool)
@@ -146,8 +140,7 @@ def _gather(arrays: list[pa.Array], source: np.ndarray, rows: np.ndarray, skip: 
     lengths = np.empty(len(rows), dtype=np.int64)
     buffers = []
     for i, array in enumerate(arrays):
-        offsets = np.frombuffer(array.buffers()[1], dtype=np.int32, count=len(array) + 1 + array.offset)
-        offsets = offsets[array.offset :]
+        offsets = value_offsets(array)
         mine = source == i
         at = rows[mine]
         starts[mine] = offsets[at]
@@ -252,7 +245,7 @@ def retain_chunk(
         wants[:, i] = exists if i == 0 else exists & (pending > 0) & (pending >= delta_threshold)
         pending[wants[:, i]] = 0
 
-    lengths = _lengths(values)
+    lengths = payload_lengths(values)
     is_image = kinds == _IMAGE
     rows = _Rows(key_ids, buckets, is_image, ncuts + 1)
     want_keys, want_cuts = np.nonzero(wants)
