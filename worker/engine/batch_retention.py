@@ -154,20 +154,21 @@ def _gather(arrays: list[pa.Array], source: np.ndarray, rows: np.ndarray, skip: 
     window = np.arange(12)
     inline = np.zeros((len(rows), 12), dtype=np.uint8)
     for i, data in enumerate(buffers):
-        mine = np.flatnonzero(source == i)
-        if not len(mine) or data.size < 12:
-            if len(mine) and data.size:  # too short for a window: byte by byte
-                raw = np.frombuffer(data, dtype=np.uint8)
-                inline[mine] = raw[np.minimum(starts[mine, None] + window, raw.size - 1)]
+        mine = slice(None) if len(buffers) == 1 else np.flatnonzero(source == i)
+        at = starts[mine]
+        if not len(at) or not data.size:
             continue
         raw = np.frombuffer(data, dtype=np.uint8)
+        if raw.size < 12:  # too short for a window: byte by byte
+            inline[mine] = raw[np.minimum(at[:, None] + window, raw.size - 1)]
+            continue
         # Twelve bytes from each start as one row copy from a sliding view; a start within
         # twelve bytes of the end reads byte by byte instead.
-        at = starts[mine]
-        inline[mine] = np.lib.stride_tricks.sliding_window_view(raw, 12)[np.minimum(at, raw.size - 12)]
+        picked = np.lib.stride_tricks.sliding_window_view(raw, 12)[np.minimum(at, raw.size - 12)]
         near_end = np.flatnonzero(at > raw.size - 12)
-        inline[mine[near_end]] = raw[np.minimum(at[near_end, None] + window, raw.size - 1)]
-    inline[window >= lengths[:, None]] = 0  # bytes past a value's end
+        picked[near_end] = raw[np.minimum(at[near_end, None] + window, raw.size - 1)]
+        inline[mine] = picked
+    inline *= window < lengths[:, None]  # zero the bytes past a value's end
     words = inline.view(np.int32)
     views = np.empty((len(rows), 4), dtype=np.int32)
     views[:, 0] = lengths
