@@ -8,10 +8,3 @@ import os
 # the default, mimalloc, a worker compacting 1 GiB peaked at 485 MiB RSS; with jemalloc at
 # 389 MiB, at the same speed (docs/benchmarks.md). An operator's own choice wins.
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
-# jemalloc serves allocations of 8 MiB and more (row groups being written, merged chunks) from
-# an arena that purges them as soon as they are freed, so the next one faults every page in
-# again: 16 MiB allocated and freed in a loop cost 0.35 ms of system CPU per MB here. Never
-# purging pages already given back lazily (MADV_FREE, "muzzy") lets them be reused without a
-# fault, and the kernel still takes them back under memory pressure. An operator's own
-# JE_ARROW_MALLOC_CONF (jemalloc's options for Arrow's copy) wins.
-os.environ.setdefault("JE_ARROW_MALLOC_CONF", "muzzy_decay_ms:-1")
