@@ -36,6 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Final, NamedTuple, Protocol, Self, cast
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -174,9 +175,34 @@ def _row_bytes(batch: pa.RecordBatch) -> pa.Array:
     return pc.add(pc.binary_length(batch.column(3)).cast(pa.int64()), _ROW_OVERHEAD)
 
 
-def _batch_bytes(batch: pa.RecordBatch) -> int:
-    total: int = pc.sum(pc.binary_length(batch.column(3)).cast(pa.int64())).as_py() or 0
-    return total + _ROW_OVERHEAD * int(batch.num_rows)
+def _batch_bytes(batch: pa.RecordBatch | pa.Table) -> int:
+    return payload_bytes(batch.column(3)) + _ROW_OVERHEAD * int(batch.num_rows)
+
+
+def value_offsets(values: pa.Array) -> np.ndarray:
+    """The ``len(values) + 1`` offsets of a binary array (the layer schema's payloads) into its
+    data buffer: a view of the array's own buffer, nothing computed per value."""
+    buffer = values.buffers()[1]
+    if buffer is None or not len(values):
+        return np.zeros(1, dtype=np.int32)
+    return np.frombuffer(buffer, dtype=np.int32, count=len(values) + 1 + values.offset)[values.offset :]
+
+
+def payload_lengths(values: pa.Array) -> np.ndarray:
+    """The length of each value of a binary array, as int64."""
+    lengths: np.ndarray = np.diff(value_offsets(values)).astype(np.int64)
+    return lengths
+
+
+def payload_bytes(values: pa.Array | pa.ChunkedArray) -> int:
+    """The bytes of all values of a binary column: the span of each chunk's offsets, constant
+    time instead of a length per value."""
+    chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+    total = 0
+    for chunk in chunks:
+        offsets = value_offsets(chunk)
+        total += int(offsets[-1]) - int(offsets[0])
+    return total
 
 
 def _row(batch: pa.RecordBatch, i: int) -> tuple[bytes, int, int]:

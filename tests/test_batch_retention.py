@@ -17,7 +17,7 @@ from compactor.storage.keys import key_from_int
 from compactor.storage.layer_file import versions_to_batch
 from compactor.storage.redo import TestRecord as _TestRecord
 from compactor.storage.values import ValueKind, Version
-from compactor.worker.engine.batch_retention import key_starts, retain_chunk, simple_keys
+from compactor.worker.engine.batch_retention import _gather, key_starts, retain_chunk, simple_keys
 from compactor.worker.engine.merge import key_array, merged_chunks
 from compactor.worker.engine.retention import generate_key_retention, place
 
@@ -198,3 +198,29 @@ def test_split_writers_cut_at_the_same_keys_however_rows_arrive(
     assert by_rows == by_tables
     if sum(sizes) > 3 * 8192:  # incompressible rows: the target is reached
         assert len(by_rows[0]) > 1 and len(by_rows[1]) > 1
+
+
+@given(
+    st.lists(st.binary(max_size=40), min_size=1, max_size=12),
+    st.lists(st.binary(max_size=40), min_size=1, max_size=12),
+    st.integers(0, 3),
+    st.data(),
+)
+def test_gather_copies_the_values_asked_for(
+    first: list[bytes], second: list[bytes], cut: int, data: st.DataObject
+) -> None:
+    """Values of two arrays (the first a slice, as chunks often are), whole or without a prefix,
+    short enough to sit inline in a view and longer, in any order, one buffer out."""
+    arrays = [pa.array([b"xx", *first], pa.binary()).slice(1), pa.array(second, pa.binary())]
+    picks = data.draw(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 11)), max_size=20))
+    picks = [(s, r % len(arrays[s])) for s, r in picks]
+    values = [[first, second][s][r] for s, r in picks]
+    skip = [min(cut, len(v)) for v in values]
+    got = _gather(
+        arrays,
+        np.array([s for s, _ in picks], dtype=np.int64),
+        np.array([r for _, r in picks], dtype=np.int64),
+        np.array(skip, dtype=np.int64),
+    )
+    assert got.type == pa.binary()
+    assert got.to_pylist() == [v[k:] for v, k in zip(values, skip, strict=True)]

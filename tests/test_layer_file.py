@@ -24,6 +24,8 @@ from compactor.storage.layer_file import (
     LayerReader,
     LayerWriter,
     file_sha256,
+    payload_bytes,
+    payload_lengths,
     verify_file,
     versions_to_batch,
 )
@@ -661,3 +663,13 @@ def test_random_versions_round_trip_and_range_reads(
             assert reader.row_groups_read <= sum(
                 1 for first, last, _, _ in reader.row_groups if first < key_range.end and last >= key_range.start
             )
+
+
+def test_payload_sizes_read_the_offsets_of_slices_and_chunks() -> None:
+    values = pa.array([b"a", b"", b"abc", b"defgh", b"ij"], pa.binary())
+    part = values.slice(1, 3)
+    assert payload_lengths(part).tolist() == [0, 3, 5]
+    assert payload_lengths(values.slice(5)).tolist() == []
+    assert payload_bytes(part) == 8
+    assert payload_bytes(pa.chunked_array([part, values.slice(0, 1), values.slice(4, 0)])) == 9
+    assert payload_bytes(pa.array([], pa.binary())) == 0

@@ -30,11 +30,18 @@ from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from compactor.storage.errors import CompactorError, RedoError
 from compactor.storage.keys import KEY_MAX, KeyRange, format_key, key_next
-from compactor.storage.layer_file import LayerFileInfo, LayerReader, LayerSink, LayerWriter, batch_to_versions
+from compactor.storage.layer_file import (
+    LayerFileInfo,
+    LayerReader,
+    LayerSink,
+    LayerWriter,
+    batch_to_versions,
+    payload_bytes,
+    payload_lengths,
+)
 from compactor.storage.layer_name import LayerName
 from compactor.storage.manifest import LayerEntry, Manifest
 from compactor.storage.read_path import live_filter
@@ -366,7 +373,7 @@ def _merge_loop(
                         one_by_one.compact(list(history))
         progress.keys += len(starts) - 1
         progress.versions_in += table.num_rows
-        progress.bytes_in += pc.sum(pc.binary_length(table.column("value"))).as_py() or 0
+        progress.bytes_in += payload_bytes(table.column("value"))
         hooks.check_cancelled()
         hooks.on_progress(progress)
     return progress.keys
@@ -462,24 +469,28 @@ class _InColumns:
             )
         except RedoError as err:
             raise CompactionFailed(str(err)) from err
-        delta_lsns = kept.deltas.column("lsn")
+        delta_lsns = kept.deltas.column("lsn").to_numpy()
         delta_floor = plan.delta_lsn_range[0]
-        if delta_floor and pc.any(pc.less(delta_lsns, delta_floor)).as_py():
-            i = pc.index(pc.less(delta_lsns, delta_floor), True).as_py()
-            _no_base_below(kept.deltas.column("key")[i].as_py(), delta_lsns[i].as_py(), delta_floor)
+        below = np.flatnonzero(delta_lsns < delta_floor) if delta_floor else np.zeros(0, dtype=np.int64)
+        if len(below):
+            i = int(below[0])
+            _no_base_below(kept.deltas.column("key")[i].as_py(), int(delta_lsns[i]), delta_floor)
         counts.image_visited += kept.image_rows_in
         counts.image_visited_bytes += kept.image_bytes_in
         counts.wal_visited += kept.wal_rows_in
         counts.wal_visited_bytes += kept.wal_bytes_in
         counts.unique_keys += len(starts) - 1
-        delta_images = pc.equal(kept.deltas.column("kind"), _IMAGE_KIND)
-        delta_sizes = pc.binary_length(kept.deltas.column("value"))
-        image_bytes = pc.sum(pc.if_else(delta_images, delta_sizes, 0)).as_py() or 0
-        new_images = pc.sum(delta_images.cast(pa.int64())).as_py() or 0
+        delta_images = kept.deltas.column("kind").to_numpy() == _IMAGE_KIND
+        delta_values = kept.deltas.column("value")
+        delta_sizes = payload_lengths(
+            delta_values.combine_chunks() if delta_values.num_chunks != 1 else delta_values.chunk(0)
+        )
+        image_bytes = int(delta_sizes[delta_images].sum())
+        new_images = int(delta_images.sum())
         counts.image_produced += len(kept.image_keys) + new_images
-        counts.image_produced_bytes += (pc.sum(pc.binary_length(kept.image_values)).as_py() or 0) + image_bytes
+        counts.image_produced_bytes += payload_bytes(kept.image_values) + image_bytes
         counts.wal_produced += kept.deltas.num_rows - new_images
-        counts.wal_produced_bytes += (pc.sum(delta_sizes).as_py() or 0) - image_bytes
+        counts.wal_produced_bytes += int(delta_sizes.sum()) - image_bytes
         if plan.job.dry_run:
             return
         if images is not None:

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from compactor.storage.keys import KEY_MAX, KEY_SIZE, key_next
-from compactor.storage.layer_file import SCHEMA, LayerFileInfo, LayerSink, LayerWriter
+from compactor.storage.layer_file import SCHEMA, LayerFileInfo, LayerSink, LayerWriter, payload_lengths
 from compactor.storage.layer_name import LayerName
 from compactor.storage.values import ValueKind, Version
 from compactor.worker.engine.merge import key_array, key_at
@@ -31,7 +30,8 @@ _ROW_RAW = KEY_SIZE + 13
 
 def raw_sizes(table: pa.Table) -> np.ndarray:
     """Cumulative raw size before each row of ``table``, and after the last."""
-    sizes = pc.binary_length(table.column("value")).to_numpy(zero_copy_only=False).astype(np.int64) + _ROW_RAW
+    column = table.column("value")
+    sizes = payload_lengths(column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)) + _ROW_RAW
     before: np.ndarray = np.concatenate(([0], np.cumsum(sizes)))
     return before
 
