@@ -2,7 +2,6 @@
 store client, the read path and timeline import/export."""
 
 import ctypes
-import ctypes.util
 import os
 
 # Arrow picks its memory pool once, when pyarrow is first imported, and every layer read and
@@ -21,8 +20,9 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
     operator may set instead: theirs wins. A libc without ``mallopt`` (musl) is left alone."""
     if "MALLOC_ARENA_MAX" in os.environ:
         return
-    name = ctypes.util.find_library("c")
-    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    # The process's own symbols, libc's among them: no library search (find_library runs
+    # ldconfig, a millisecond or more at every start).
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is not None:
         m_arena_max = -8  # glibc's malloc.h
         mallopt(m_arena_max, arenas)

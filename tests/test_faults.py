@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from compactor.storage.keys import KEY_MAX, KEY_MIN
+from compactor.worker.runtime.plugins import POINTS
 from compactor.worker.runtime.records import JobState, SubJobRecord
 from tests.faultkit import (
     FaultStack,
@@ -45,9 +46,9 @@ from tests.timelines import TENANT, Timeline
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
-SUB_JOB_POINTS = ["in_download", "in_merge", "in_upload"]
 COMMIT_POINTS = ["before_commit", "in_commit"]  # finalize, after the last sub-job ended
-KILL_POINTS = SUB_JOB_POINTS + COMMIT_POINTS
+SUB_JOB_POINTS = [point for point in POINTS if point not in COMMIT_POINTS]
+KILL_POINTS = SUB_JOB_POINTS + COMMIT_POINTS  # every point the workers name
 SEEDS = [1, 2]
 
 

@@ -251,7 +251,7 @@ class Scheduler:
             assert breaker.open_until is not None
             return f"circuit breaker open for {breaker.open_until - at:.0f}s ({breaker.consecutive_failures} failures)"
         busy = set()
-        for queue in (dispatch.QUEUE_GC, dispatch.QUEUE_L0):
+        for queue in dispatch.SUB_JOB_QUEUES:
             inflight = self.records.get_inflight(tenant_id, timeline_id, queue)
             if inflight is None:
                 continue

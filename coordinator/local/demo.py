@@ -28,7 +28,7 @@ from compactor.coordinator.local.workload import child_timeline_id, generate, pr
 from compactor.storage.errors import CompactorError
 from compactor.storage.manifest import Manifest, TimelineSettings
 from compactor.storage.timeline import Storage
-from compactor.worker.runtime.dispatch import QUEUE_GC, QUEUE_L0, TASK_PLAN
+from compactor.worker.runtime.dispatch import SUB_JOB_QUEUES, TASK_PLAN
 from compactor.worker.runtime.payloads import CompactRequest
 from compactor.worker.runtime.records import JobRecords, JobState, MetaJobRecord, most_at_once
 from compactor.worker.runtime.redis_client import connect
@@ -270,7 +270,7 @@ class _Pipeline:
         if any(not meta.state.ended for meta in self.jobs()):
             return False
         for tl in self.timelines.values():
-            if any(self.records.get_inflight(TENANT, tl, queue) is not None for queue in (QUEUE_GC, QUEUE_L0)):
+            if any(self.records.get_inflight(TENANT, tl, queue) is not None for queue in SUB_JOB_QUEUES):
                 return False
             if decide(self.storage.manifest(TENANT, tl), kinds=KINDS).trigger:
                 return False

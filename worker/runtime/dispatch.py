@@ -21,7 +21,8 @@ TASK_FINALIZE = "compactor.finalize_meta_job"
 QUEUE_GC = "gc"
 QUEUE_L0 = "l0"
 QUEUE_LIGHT = "light"
-QUEUES = (QUEUE_GC, QUEUE_L0, QUEUE_LIGHT)
+SUB_JOB_QUEUES = (QUEUE_GC, QUEUE_L0)
+QUEUES = (*SUB_JOB_QUEUES, QUEUE_LIGHT)
 """gc: gc-compaction sub-jobs, one at a time per node (the node lock); l0: L0-compaction and
 image-creation sub-jobs, up to ``COMPACTOR_L0_SLOTS`` at a time per node, so that they never
 wait behind gc-compaction (the seed's separate L0 semaphore); light: creating, planning and
