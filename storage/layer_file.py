@@ -205,7 +205,7 @@ def payload_bytes(values: pa.Array | pa.ChunkedArray) -> int:
     return total
 
 
-def _row(batch: pa.RecordBatch, i: int) -> tuple[bytes, int, int]:
+def _row(batch: pa.RecordBatch | pa.Table, i: int) -> tuple[bytes, int, int]:
     return (batch.column(0)[i].as_py(), batch.column(1)[i].as_py(), batch.column(2)[i].as_py())
 
 
@@ -213,7 +213,7 @@ def _fmt_row(row: tuple[bytes, int, int]) -> str:
     return f"(key {format_key(row[0])}, lsn {row[1]}, kind {row[2]})"
 
 
-def _check_sorted(batch: pa.RecordBatch, previous: tuple[bytes, int, int] | None) -> None:
+def _check_sorted(batch: pa.RecordBatch | pa.Table, previous: tuple[bytes, int, int] | None) -> None:
     """Raise InvalidInput unless ``batch`` is strictly increasing by (key, lsn, kind) and starts
     after ``previous``. Vectorised: adjacent rows are compared column by column."""
     n = batch.num_rows
@@ -430,11 +430,11 @@ class LayerWriter:
     def _flush(self) -> None:
         if not self._batches:
             return
-        table = pa.Table.from_batches(self._batches, schema=SCHEMA).combine_chunks()
-        # combine_chunks gives one chunk unless the payload column passes 2 GiB.
-        for batch in table.to_batches():
-            _check_sorted(batch, self._last)
-            self._last = _row(batch, batch.num_rows - 1)
+        # The buffered batches stay chunks of one table: Parquet writes a row group from chunks
+        # as well as from one array, and concatenating them would copy every payload once more.
+        table = pa.Table.from_batches(self._batches, schema=SCHEMA)
+        _check_sorted(table, self._last)
+        self._last = _row(table, table.num_rows - 1)
         kinds = cast(dict[str, Any], pc.min_max(table.column(2)).as_py())
         if kinds["max"] > _MAX_KIND:
             raise InvalidInput(f"invalid value kind {kinds['max']} (known: 0 image, 1 record, 2 init record)")
