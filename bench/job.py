@@ -96,7 +96,7 @@ def run_copy(storage: Storage, job: CompactionJob, workdir: Path) -> dict[str, A
     start = time.perf_counter()
     for entry in plan.selected:
         t0 = time.perf_counter()
-        storage.fetch(entry)
+        storage.cache.fetch(entry)
         t1 = time.perf_counter()
         with storage.cache.reader(entry) as reader, LayerWriter(out / "layer.parquet") as writer:
             for batch in reader.iter_batches():

@@ -11,23 +11,34 @@ of the layer's size with the bytes at their own offsets. Such a *slice file* hol
 those row groups only; it is read for that key range alone, and the pages it holds are verified
 by their checksums (the whole file's sha256 cannot be, without the rest of it).
 
+A compaction does not wait for its layers to download before it merges them: it fetches them
+as a ``LayerDownload``, row group by row group (ranged GETs, in the order the merge needs them),
+into a sparse file that readers read while later groups are still on their way, each group once
+it has landed. A download that wanted every row group is the whole file: its sha256 (hashed as
+the groups land, in file order) is checked before it is renamed into place, so a whole file in
+the cache still means a verified one.
+
 The tail of a layer read for its footer is kept too (``*.tail``): every sub-job of a meta job that
 runs on a node reads the footers of the same layers, and a layer never changes, so only the first
 one asks the store for them.
 """
 
+from __future__ import annotations
+
 import hashlib
 import logging
 import os
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
-from compactor.storage.errors import CorruptLayer, NotFound, StoreError
+from compactor.storage.errors import CompactorError, CorruptLayer, NotFound
 from compactor.storage.keys import KeyRange
-from compactor.storage.layer_file import Footer, LayerReader, footer_from_tail, footer_length
+from compactor.storage.layer_file import Footer, LayerReader, RowGroup, file_sha256, footer_from_tail, footer_length
 from compactor.storage.manifest import LayerEntry
 from compactor.storage.object_store import ObjectStore
 from compactor.storage.values import Version
@@ -39,6 +50,24 @@ FOOTER_READ_BYTES = 64 * 1024
 # A slice needing more than this share of a layer's bytes downloads (and caches) the whole layer.
 SLICE_MAX_FRACTION = 0.5
 _PARQUET_MAGIC = b"PAR1"
+
+
+T = TypeVar("T")
+
+
+def missing_layer(entry: LayerEntry) -> CorruptLayer:
+    return CorruptLayer(f"missing layer {entry.name} (object {entry.object_key}): not in the bucket")
+
+
+def after_first(items: Iterator[T], then: Callable[[], None]) -> Iterator[T]:
+    """``items``, calling ``then`` once the first was taken (never if there is none)."""
+    for item in items:
+        yield item
+        break
+    else:
+        return
+    then()
+    yield from items
 
 
 class LayerCache:
@@ -102,16 +131,16 @@ class LayerCache:
         path = self.path_for(entry)
         if self._cached(path, entry):
             return path
-        if key_range is not None and not key_range.covers(entry.layer.key_range):
-            sliced = self._fetch_slice(entry, key_range)
-            if sliced is not None:
-                return sliced
         try:
+            if key_range is not None and not key_range.covers(entry.layer.key_range):
+                sliced = self._fetch_slice(entry, key_range)
+                if sliced is not None:
+                    return sliced
             self.store.download_file(entry.object_key, path, expected_size=entry.size, expected_sha256=entry.sha256)
         except NotFound:
-            raise CorruptLayer(f"missing layer {entry.name} (object {entry.object_key}): not in the bucket") from None
+            raise missing_layer(entry) from None
         except CorruptLayer as err:
-            raise CorruptLayer(f"corrupt layer {entry.name}: {err}") from None
+            raise err if entry.name in str(err) else CorruptLayer(f"corrupt layer {entry.name}: {err}") from None
         log.debug("layer cached name=%s object=%s size=%d", entry.name, entry.object_key, entry.size)
         if self.max_bytes is not None:
             self._trim(self.max_bytes, spare=path)
@@ -120,45 +149,56 @@ class LayerCache:
     def _fetch_slice(self, entry: LayerEntry, key_range: KeyRange) -> Path | None:
         """The slice file of ``key_range``, fetched if needed; None when its row groups are too
         large a part of the layer to be worth it."""
-        path = self._slice_path(entry, key_range)
+        download = self._slice(entry, key_range)
+        if download is None:
+            return None
+        while download.fetch_next(max_bytes=entry.size):
+            pass
+        return download.path
+
+    def download(
+        self, entry: LayerEntry, key_range: KeyRange | None = None, first_read: Callable[[], None] | None = None
+    ) -> LayerDownload:
+        """The layer's rows of ``key_range`` (all when None) on their way here: a slice file
+        when its row groups are at most ``SLICE_MAX_FRACTION`` of the layer, else the whole file.
+        Reads the footer from the object's tail first (unless cached); nothing more is fetched
+        until ``LayerDownload.fetch_next``."""
+        path = self.path_for(entry)
         if self._cached(path, entry):
-            return path
+            return LayerDownload(self, entry, path, first_read=first_read)
+        try:
+            if key_range is not None and not key_range.covers(entry.layer.key_range):
+                download = self._slice(entry, key_range, first_read)
+                if download is not None:
+                    return download
+            tail = self._tail(entry)
+        except NotFound:
+            raise missing_layer(entry) from None
+        footer = footer_from_tail(tail, f"{entry.name} (object {entry.object_key})")
+        return LayerDownload(self, entry, path, (footer, tail, list(range(len(footer.index)))), first_read)
+
+    def _slice(
+        self, entry: LayerEntry, key_range: KeyRange, first_read: Callable[[], None] | None = None
+    ) -> LayerDownload | None:
+        sliced = self._slice_path(entry, key_range)
+        if self._cached(sliced, entry):
+            return LayerDownload(self, entry, sliced, first_read=first_read)
         tail = self._tail(entry)
         footer = footer_from_tail(tail, f"{entry.name} (object {entry.object_key})")
         wanted = [
-            span
-            for group, span in zip(footer.index, footer.byte_ranges, strict=True)
+            i
+            for i, group in enumerate(footer.index)
             if group.first_key < key_range.end and group.last_key >= key_range.start
         ]
-        if sum(end - start for start, end in wanted) + footer.length > entry.size * SLICE_MAX_FRACTION:
+        slice_bytes = sum(footer.byte_ranges[i][1] - footer.byte_ranges[i][0] for i in wanted)
+        if slice_bytes + footer.length > entry.size * SLICE_MAX_FRACTION:
             return None
-        size = entry.size
-        partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-        try:
-            with open(partial, "wb") as f:
-                f.truncate(size)  # sparse: the row groups of other keys are never written
-                # The leading magic is a constant and the tail was read for the footer already;
-                # the row groups of a slice lie next to each other: one read covers them.
-                f.write(_PARQUET_MAGIC)
-                f.seek(size - len(tail))
-                f.write(tail)
-                start, end = (wanted[0][0], wanted[-1][1]) if wanted else (0, 0)  # none: no row to read
-                if end > start:
-                    data = self.store.get_range(entry.object_key, start, end - start)
-                    if len(data) != end - start:
-                        raise StoreError(f"short read of layer {entry.name}: {len(data)} of {end - start} bytes")
-                    f.seek(start)
-                    f.write(data)
-            os.replace(partial, path)
-        except NotFound:
-            raise CorruptLayer(f"missing layer {entry.name} (object {entry.object_key}): not in the bucket") from None
-        finally:
-            partial.unlink(missing_ok=True)
-        log.debug("layer slice cached name=%s keys=%s bytes=%d of %d", entry.name, key_range,
-                  end - start + len(tail), size)  # fmt: skip
+        return LayerDownload(self, entry, sliced, (footer, tail, wanted), first_read)
+
+    def _published(self, path: Path) -> None:
+        log.debug("layer cached path=%s", path)
         if self.max_bytes is not None:
             self._trim(self.max_bytes, spare=path)
-        return path
 
     def _trim(self, max_bytes: int, spare: Path) -> None:
         """Delete least recently used files until the cache fits ``max_bytes``. A reader that has
@@ -189,3 +229,187 @@ class LayerCache:
     def reader(self, entry: LayerEntry, key_range: KeyRange | None = None) -> LayerReader:
         """A reader for the keys of ``key_range`` only (all when None)."""
         return LayerReader(self.fetch(entry, key_range), name=entry.layer, object_key=entry.object_key)
+
+
+class DownloadAbandoned(CompactorError):
+    """A layer download stopped before every row group landed (its job ended or failed)."""
+
+
+class LayerDownload:
+    """A layer fetched row group by row group into a local file that readers read as the groups
+    land (module docstring). One thread calls ``fetch_next`` until it returns False; any thread
+    reads through ``reader``, whose row groups wait until they are here. A failure, or
+    ``abandon``, wakes every waiting reader with the error and deletes the partial file."""
+
+    def __init__(
+        self,
+        cache: LayerCache,
+        entry: LayerEntry,
+        final: Path,
+        fetch: tuple[Footer, bytes, list[int]] | None = None,
+        first_read: Callable[[], None] | None = None,
+    ) -> None:
+        """A download into ``final`` of the row groups ``fetch`` names (with the footer and
+        the tail it was read from); with no ``fetch``, ``final`` is already cached.
+        ``first_read`` is called once the first batch was read through ``batches``."""
+        self.entry = entry
+        self._first_read = first_read
+        self.path = final
+        self._cache = cache
+        self._final = final
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._fd: int | None = None
+        self._fetched = 0  # wanted groups written (by the fetching thread)
+        self._landed = 0  # wanted groups readers may read
+        self._groups: list[RowGroup] = []
+        self._spans: list[tuple[int, int]] = []
+        self._position: dict[int, int] = {}
+        self._hash: Any = None
+        self._footer = b""
+        if fetch is None:
+            self.whole = final == cache.path_for(entry)
+            return
+        footer, tail, wanted = fetch
+        self.whole = len(wanted) == len(footer.index)
+        self._groups = [footer.index[i] for i in wanted]
+        self._spans = [footer.byte_ranges[i] for i in wanted]
+        self._position = {group: position for position, group in enumerate(wanted)}
+        size = entry.size
+        # Hashing as the groups land needs them to tile the file between its magic and footer,
+        # as every layer written here does; otherwise the file is hashed once it is complete.
+        starts = [4, *(end for _, end in self._spans)]
+        ends = [*(start for start, _ in self._spans), size - footer.length]
+        if self.whole and starts == ends:
+            self._hash = hashlib.sha256(_PARQUET_MAGIC)
+        self._footer = tail[len(tail) - footer.length :]
+        self.path = final.with_name(f"{final.name}.{uuid.uuid4().hex}.partial")
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.ftruncate(self._fd, size)  # sparse until the groups land
+            os.pwrite(self._fd, _PARQUET_MAGIC, 0)
+            os.pwrite(self._fd, tail, size - len(tail))
+            if not self._spans:
+                self._verify()
+                self._publish()
+        except BaseException:
+            self._close(unlink=True)
+            raise
+
+    @property
+    def next_key(self) -> bytes | None:
+        """The first key of the next row group to fetch; None once every wanted group landed."""
+        return self._groups[self._fetched].first_key if self._fetched < len(self._spans) else None
+
+    def fetch_next(self, max_bytes: int) -> bool:
+        """Fetch the next wanted row group, with those right after it in the file up to about
+        ``max_bytes`` in all (one ranged GET); False once nothing is left to fetch."""
+        if self._fetched >= len(self._spans):
+            return False
+        try:
+            first = last = self._fetched
+            spans = self._spans
+            while (
+                last + 1 < len(spans)
+                and spans[last + 1][0] == spans[last][1]
+                and spans[last + 1][1] - spans[first][0] <= max_bytes
+            ):
+                last += 1
+            start, end = spans[first][0], spans[last][1]
+            try:
+                data = self._cache.store.get_range(self.entry.object_key, start, end - start)
+            except NotFound:
+                raise missing_layer(self.entry) from None
+            if len(data) != end - start:
+                raise CorruptLayer(
+                    f"short read of layer {self.entry.name}: {len(data)} of {end - start} bytes at {start}"
+                )
+            assert self._fd is not None
+            os.pwrite(self._fd, data, start)
+            if self._hash is not None:
+                self._hash.update(data)
+            self._fetched = last + 1
+            if self._fetched == len(spans):
+                self._verify()
+        except BaseException as err:
+            self.abandon(err)
+            raise
+        with self._cond:
+            self._landed = self._fetched
+            self._cond.notify_all()
+        if self._fetched < len(spans):
+            return True
+        # Readers go on while the file is made durable and renamed; their open files stay valid.
+        try:
+            self._publish()
+        except BaseException as err:
+            self.abandon(err)
+            raise
+        return False
+
+    def _verify(self) -> None:
+        """Every wanted group is here: a whole file must have the manifest's sha256."""
+        if not self.whole:
+            return
+        if self._hash is not None:
+            self._hash.update(self._footer)
+            digest = self._hash.hexdigest()
+        else:
+            digest = file_sha256(self.path)
+        if digest != self.entry.sha256.lower():
+            raise CorruptLayer(
+                f"corrupt layer {self.entry.name} (object {self.entry.object_key}): "
+                f"sha256 {digest}, expected {self.entry.sha256}"
+            )
+
+    def _publish(self) -> None:
+        assert self._fd is not None
+        if self.whole:
+            os.fsync(self._fd)  # a whole file in the cache is trusted by its size after a crash
+        with self._cond:
+            # Under the lock: a reader opens the file by the name it has at that moment.
+            os.replace(self.path, self._final)
+            self.path = self._final
+        self._close(unlink=False)
+        self._cache._published(self._final)
+
+    def abandon(self, error: BaseException | None = None) -> None:
+        """Stop: wake every waiting reader with ``error`` (or DownloadAbandoned) and delete the
+        partial file. Does nothing once the download is complete."""
+        with self._cond:
+            if self._fd is None or self._error is not None:
+                return
+            self._error = error or DownloadAbandoned(f"download of layer {self.entry.name} was abandoned")
+            self._cond.notify_all()
+        self._close(unlink=True)
+
+    def _close(self, *, unlink: bool) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if unlink:
+            self.path.unlink(missing_ok=True)
+
+    def wait_for(self, group: int, timeout: float) -> bool:
+        """Whether row group ``group`` of the file has landed, waiting up to ``timeout`` seconds
+        for it; raises the download's error if it failed."""
+        position = self._position.get(group)
+        with self._cond:
+            if position is None or position < self._landed:
+                return True
+            if self._error is None:
+                self._cond.wait(timeout)
+            if self._error is not None:
+                raise self._error
+            return position < self._landed
+
+    def batches(self, key_range: KeyRange, wait: Callable[[int], None]) -> Iterator[pa.RecordBatch]:
+        """The rows of ``key_range``, each row group read once ``wait(group)`` returned (after
+        ``wait_for`` said it landed)."""
+        with self._cond:
+            if self._error is not None:
+                raise self._error
+            # Under the lock: the file is opened by the name it has at that moment.
+            reader = LayerReader(self.path, name=self.entry.layer, object_key=self.entry.object_key, before_group=wait)
+        batches = reader.iter_batches(key_range)
+        return batches if self._first_read is None else after_first(batches, self._first_read)

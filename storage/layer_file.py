@@ -29,7 +29,7 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -644,9 +644,19 @@ class LayerReader:
     is released when the reader is garbage-collected.
     """
 
-    def __init__(self, path: Path, *, name: LayerName | None = None, object_key: str = "") -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        name: LayerName | None = None,
+        object_key: str = "",
+        before_group: Callable[[int], None] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.object_key = object_key
+        # Called with a row group's number before it is read: a file still being downloaded
+        # (``compactor.storage.layer_cache.LayerDownload``) holds it back until it has landed.
+        self._before_group = before_group
         self._label = str(name) if name is not None else self.path.name
         self._file: Any = None
         self._check_footer_frame()
@@ -764,6 +774,8 @@ class LayerReader:
         """Stream row group ``i`` in batches of about _READ_BATCH_BYTES, checked against its
         index entry: the entry was written from these very rows, so a mismatch means damage the
         page checksums cannot see (in the footer, which has none)."""
+        if self._before_group is not None:
+            self._before_group(i)
         group = self._index[i]
         self.row_groups_read += 1
         batch_rows = max(16, group.num_rows * _READ_BATCH_BYTES // max(group.raw_bytes, 1))

@@ -13,12 +13,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pyarrow as pa
-
 from compactor.storage.errors import InvalidInput, NotFound
 from compactor.storage.ids import validate_id
 from compactor.storage.keys import FULL_KEY_RANGE, KeyRange
-from compactor.storage.layer_cache import LayerCache
+from compactor.storage.layer_cache import LayerCache, LayerDownload, after_first
 from compactor.storage.layer_file import LayerFileInfo, LayerSink, LayerWriter, RowGroup
 from compactor.storage.layer_name import LayerName
 from compactor.storage.layout import new_layer_key
@@ -41,16 +39,6 @@ job there, or raise to fail it there."""
 
 def _nowhere(point: str) -> None:
     pass
-
-
-def _after_first(items: Iterator[T], then: Callable[[], None]) -> Iterator[T]:
-    for item in items:
-        yield item
-        break
-    else:
-        return  # empty: nothing was read
-    then()
-    yield from items
 
 
 class Storage:
@@ -112,21 +100,19 @@ class Storage:
     def needs_download(self, entry: LayerEntry) -> bool:
         return not self.cache.path_for(entry).exists()
 
-    def fetch(self, entry: LayerEntry, key_range: KeyRange | None = None) -> None:
+    def download(self, entry: LayerEntry, key_range: KeyRange) -> LayerDownload:
         self._reached("in_download")
-        self.cache.fetch(entry, key_range)
+        reached = self._reached
+        return self.cache.download(entry, key_range, None if reached is _nowhere else lambda: reached("in_merge"))
 
     def versions(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[Version]:
         return self.cache.versions(entry, key_range)
-
-    def batches(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[pa.RecordBatch]:
-        return self._merging(self.cache.batches(entry, key_range))
 
     def _merging(self, items: Iterator[T]) -> Iterator[T]:
         """``items``, reporting ``in_merge`` once the first was taken."""
         if self._reached is _nowhere:
             return items
-        return _after_first(items, lambda: self._reached("in_merge"))
+        return after_first(items, lambda: self._reached("in_merge"))
 
     def read_below(
         self, manifest: Manifest, key_range: KeyRange, lsn: int, exclude: set[str]

@@ -4,7 +4,7 @@ engine's writers and read back on upload, but nothing touches the network."""
 import hashlib
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 
@@ -40,6 +40,31 @@ class MemorySink:
     def abort(self) -> None:
         if self.state == "open":
             self.state = "aborted"
+
+
+class MemoryDownload:
+    """A layer of ``MemoryIO``: here already, read in small batches, so that keys span batches
+    as they do in real layer files."""
+
+    next_key = None
+
+    def __init__(self, io: "MemoryIO", entry: LayerEntry) -> None:
+        self.io = io
+        self.entry = entry
+
+    def fetch_next(self, max_bytes: int) -> bool:
+        return False
+
+    def wait_for(self, group: int, timeout: float) -> bool:
+        return True
+
+    def abandon(self, error: BaseException | None = None) -> None:
+        pass
+
+    def batches(self, key_range: KeyRange, wait: Callable[[int], None]) -> Iterator[pa.RecordBatch]:
+        versions = list(self.io.versions(self.entry, key_range))
+        for start in range(0, len(versions), 7):
+            yield versions_to_batch(versions[start : start + 7])
 
 
 class MemoryIO:
@@ -86,17 +111,12 @@ class MemoryIO:
     def needs_download(self, entry: LayerEntry) -> bool:
         return False
 
-    def fetch(self, entry: LayerEntry, key_range: KeyRange) -> None:
+    def download(self, entry: LayerEntry, key_range: KeyRange) -> "MemoryDownload":
         assert entry.object_key in self.objects, entry.object_key
+        return MemoryDownload(self, entry)
 
     def versions(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[Version]:
         return (v for v in self.objects[entry.object_key] if key_range.start <= v.key < key_range.end)
-
-    def batches(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[pa.RecordBatch]:
-        # Small batches, so that keys span batches as they do in real layer files.
-        versions = list(self.versions(entry, key_range))
-        for start in range(0, len(versions), 7):
-            yield versions_to_batch(versions[start : start + 7])
 
     def read_below(
         self, manifest: Manifest, key_range: KeyRange, lsn: int, exclude: set[str]

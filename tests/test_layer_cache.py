@@ -12,7 +12,7 @@ import pytest
 
 from compactor.storage.errors import CorruptLayer
 from compactor.storage.keys import KEY_MAX, KEY_MIN, KeyRange, key_from_int
-from compactor.storage.layer_cache import LayerCache
+from compactor.storage.layer_cache import DownloadAbandoned, LayerCache
 from compactor.storage.layer_file import LayerWriter
 from compactor.storage.layer_name import LayerName
 from compactor.storage.manifest import LayerEntry
@@ -128,3 +128,82 @@ def test_a_slice_between_two_row_groups_reads_nothing(store: ObjectStore, tmp_pa
     cache = LayerCache(store, tmp_path / "cache")
     assert list(cache.batches(entry, keys(150, 250))) == []
     assert not cache.path_for(entry).exists()
+
+
+# --- downloads read while they land ---------------------------------------------------------------
+
+
+def _rows(batches: object) -> list[bytes]:
+    return [key for batch in batches for key in batch.column(0).to_pylist()]  # type: ignore[attr-defined]
+
+
+def test_a_download_is_read_while_its_row_groups_land_and_ends_as_the_verified_whole_file(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    entry = layer(tmp_path, store)
+    cache = LayerCache(store, tmp_path / "cache")
+    download = cache.download(entry)
+    assert download.whole and download.next_key == key_from_int(0)
+    assert download.fetch_next(max_bytes=1)  # the first row group alone; the rest is not here
+    groups = len(cache.footer(entry).index)
+    assert groups >= 8
+    assert download.wait_for(0, 0) and not download.wait_for(groups - 1, 0)
+    waited: list[int] = []
+    read = download.batches(keys(0, N_KEYS), waited.append)
+    first = next(read)  # read before the rest of the layer is here
+    assert first.column(0)[0].as_py() == key_from_int(0)
+    assert not cache.path_for(entry).exists()
+    while download.fetch_next(max_bytes=1):
+        pass
+    rows = _rows([first, *read])
+    assert rows == [key_from_int(k) for k in range(N_KEYS)]
+    assert waited == list(range(groups))  # each group was waited for before it was read
+    # The file landed whole: it is the cached copy, its sha256 checked, no partial file left.
+    assert cache.fetch(entry) == cache.path_for(entry)
+    assert [p.name for p in (tmp_path / "cache").iterdir() if "partial" in p.name] == []
+
+
+def test_a_download_whose_object_is_not_the_manifests_fails_its_readers_and_caches_nothing(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    entry = layer(tmp_path, store).model_copy(update={"sha256": "0" * 64})
+    cache = LayerCache(store, tmp_path / "cache")
+    download = cache.download(entry)
+    failure: list[BaseException] = []
+
+    def read_last() -> None:
+        try:
+            while not download.wait_for(len(cache.footer(entry).index) - 1, 1.0):
+                pass
+        except CorruptLayer as err:
+            failure.append(err)
+
+    reader = threading.Thread(target=read_last)
+    reader.start()
+    with pytest.raises(CorruptLayer, match="sha256"):
+        while download.fetch_next(max_bytes=1):
+            pass
+    reader.join(timeout=30)
+    assert failure and "sha256" in str(failure[0])  # the waiting reader was woken with the error
+    assert list((tmp_path / "cache").glob("*.parquet*")) == []
+
+
+def test_an_abandoned_download_wakes_its_readers_and_leaves_no_file(store: ObjectStore, tmp_path: Path) -> None:
+    entry = layer(tmp_path, store)
+    cache = LayerCache(store, tmp_path / "cache")
+    download = cache.download(entry)
+    download.fetch_next(max_bytes=1)
+    woken = threading.Event()
+
+    def wait_last() -> None:
+        with pytest.raises(DownloadAbandoned):
+            while not download.wait_for(1, 1.0):
+                pass
+        woken.set()
+
+    waiter = threading.Thread(target=wait_last)
+    waiter.start()
+    download.abandon()
+    waiter.join(timeout=30)
+    assert woken.is_set()
+    assert list((tmp_path / "cache").glob("*.parquet*")) == []

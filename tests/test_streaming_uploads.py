@@ -4,8 +4,9 @@ the engine's outputs uploaded while the merge still runs, with nothing left behi
 import hashlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -14,6 +15,7 @@ from compactor.coordinator.local.workload import generate, preset
 from compactor.storage import layout
 from compactor.storage.errors import StoreError
 from compactor.storage.keys import KeyRange
+from compactor.storage.layer_cache import LayerDownload
 from compactor.storage.manifest import LayerEntry
 from compactor.storage.object_store import ObjectStore, RequestKind, StoreObserver
 from compactor.storage.settings import Settings
@@ -159,11 +161,24 @@ class _Observed(Storage):
         self.events = events
         self.fail = fail_after_upload_started
 
-    def batches(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[pa.RecordBatch]:
-        for batch in super().batches(entry, key_range):
-            if self.fail and self.events.count("multipart"):
+    def download(self, entry: LayerEntry, key_range: KeyRange) -> Any:
+        return _ObservedDownload(super().download(entry, key_range), self)
+
+
+class _ObservedDownload:
+    def __init__(self, download: LayerDownload, storage: _Observed) -> None:
+        self.download = download
+        self.storage = storage
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.download, name)
+
+    def batches(self, key_range: KeyRange, wait: Callable[[int], None]) -> Iterator[pa.RecordBatch]:
+        events = self.storage.events
+        for batch in self.download.batches(key_range, wait):
+            if self.storage.fail and events.count("multipart"):
                 raise RuntimeError("injected failure in the merge")
-            self.events.add("batch", batch.num_rows)
+            events.add("batch", batch.num_rows)
             yield batch
 
 

@@ -187,7 +187,7 @@ def run_l0(plan: L0Plan, io: LayerIO, settings: EngineSettings, hooks: Hooks | N
 
 def _streams(plan: L0Plan, io: LayerIO, downloads: _Downloads) -> list[Iterator[pa.RecordBatch]]:
     # Every L0 covers every key, so each one is a chain of its own.
-    return [_chain_batches(io, [entry], plan.keys, downloads.wait) for entry in plan.selected]
+    return [_chain_batches([entry], downloads) for entry in plan.selected]
 
 
 def _merge_into(

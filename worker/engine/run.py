@@ -7,10 +7,10 @@ committed here: the meta job combines the parts of all its sub-jobs into one com
 ``generate_key_retention`` and on to the split writers; memory holds one key's history plus the
 writers' buffers. Nothing here knows about Celery, Redis or manifests being committed.
 
-Transfers overlap the compute: the selected layers download on a background thread in the order
-the merge first needs them (the main loop waits only for a layer it is about to open; that wait
-is ``time_download_layer_secs``), and each output layer uploads on another thread as soon as it
-is cut. The k-merge moves whole keys between chains of key-disjoint layers (``_histories``), so
+Transfers overlap the compute: the selected layers download on a background thread row group by
+row group, in the order the merge needs them (the main loop waits only for a row group it is
+about to read, not for whole layers; that wait is ``time_download_layer_secs``), and each
+output layer streams to its upload while it is written. The k-merge moves whole keys between chains of key-disjoint layers (``_histories``), so
 the heap is as wide as the number of LSN bands and one layer per chain is open at a time.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -71,21 +72,41 @@ class CompactionFailed(CompactorError):
     """The job cannot complete; nothing it did is visible."""
 
 
+class Download(Protocol):
+    """An input layer on its way here (``compactor.storage.layer_cache.LayerDownload``)."""
+
+    @property
+    def next_key(self) -> bytes | None:
+        """The first key of the next row group to fetch; None when nothing is left."""
+        ...
+
+    def fetch_next(self, max_bytes: int) -> bool:
+        """Fetch the next row groups (about ``max_bytes``); False once nothing is left."""
+        ...
+
+    def wait_for(self, group: int, timeout: float) -> bool:
+        """Whether row group ``group`` has landed, waiting up to ``timeout`` seconds."""
+        ...
+
+    def abandon(self, error: BaseException | None = None) -> None: ...
+
+    def batches(self, key_range: KeyRange, wait: Callable[[int], None]) -> Iterator[pa.RecordBatch]:
+        """The layer's rows with keys in ``key_range`` as layer-schema batches, in order, each
+        row group read once ``wait(group)`` returned."""
+        ...
+
+
 class LayerIO(Protocol):
     """What the engine needs from storage."""
 
     def needs_download(self, entry: LayerEntry) -> bool: ...
 
-    def fetch(self, entry: LayerEntry, key_range: KeyRange) -> None:
-        """Make the layer's rows of ``key_range`` readable locally (download what holds them)."""
+    def download(self, entry: LayerEntry, key_range: KeyRange) -> Download:
+        """Start bringing the layer's rows of ``key_range`` here; its row groups are fetched as
+        ``Download.fetch_next`` is called."""
         ...
 
     def versions(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[Version]: ...
-
-    def batches(self, entry: LayerEntry, key_range: KeyRange) -> Iterator[pa.RecordBatch]:
-        """The layer's rows with keys in ``key_range`` as layer-schema batches, in order (after
-        ``fetch(entry, key_range)``, without downloading more)."""
-        ...
 
     def read_below(
         self, manifest: Manifest, key_range: KeyRange, lsn: int, exclude: set[str]
@@ -267,14 +288,10 @@ def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | Non
     return Result(proposal, stats, produced)
 
 
-def _chain_batches(
-    io: LayerIO, chain: list[LayerEntry], key_range: KeyRange, ready: Callable[[LayerEntry], None]
-) -> Iterator[pa.RecordBatch]:
-    """The rows of a chain's layers in the job's key range, one layer after the other (each
-    opened once it is local)."""
+def _chain_batches(chain: list[LayerEntry], downloads: _Downloads) -> Iterator[pa.RecordBatch]:
+    """The rows of a chain's layers in the job's key range, one layer after the other."""
     for entry in chain:
-        ready(entry)
-        yield from io.batches(entry, key_range)
+        yield from downloads.batches(entry)
 
 
 def _live_rows(table: pa.Table, live: list[KeyRange] | None) -> pa.Table:
@@ -325,9 +342,7 @@ def _main_loop(
     output = _KeyOutput(plan, settings, writers, verification, counts)
     decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-decode")
     try:
-        streams = [
-            _prefetched(_chain_batches(io, chain, plan.keys, downloads.wait), decoder) for chain in chains(plan.inputs)
-        ]
+        streams = [_prefetched(_chain_batches(chain, downloads), decoder) for chain in chains(plan.inputs)]
         keys = _merge_loop(output, io, hooks, timer, streams)
     finally:
         decoder.shutdown(wait=True, cancel_futures=True)
@@ -613,34 +628,81 @@ def _propose(
 
 
 class _Downloads:
-    """Fetches the selected layers on a background thread, in the order the merge first needs
-    them (by key), while the main loop reads those already here. ``wait`` blocks until a
-    layer is local and re-raises its download's error; ``waited`` sums the time blocked."""
+    """Fetches the selected layers on a background thread, row group by row group in the order
+    the merge needs them (the group with the lowest first key next, across all layers), so that
+    the merge starts once the first groups are here, not once whole layers are. ``batches``
+    reads a layer as its groups land; ``waited`` sums the time it blocked, and it re-raises the
+    error of a download that failed."""
+
+    # One ranged GET: a row group and those after it in its layer, up to about this many bytes.
+    FETCH_BYTES = 16 << 20
 
     def __init__(self, io: LayerIO, entries: list[LayerEntry], keys: KeyRange, hooks: Hooks) -> None:
+        self._io = io
+        self._keys = keys
         self._hooks = hooks
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-download")
+        self._stopping = threading.Event()
         order = sorted(entries, key=lambda entry: (entry.layer.key_range.start, entry.layer.lsn_start))
-        # Only what holds this sub-job's keys: a layer spanning many slices is not downloaded
-        # whole by every sub-job that reads it.
-        self._futures = {entry.name: self._pool.submit(io.fetch, entry, keys) for entry in order}
+        self._started: dict[str, Future[Download]] = {entry.name: Future() for entry in order}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-download")
+        self._pool.submit(self._run, order)
         self.waited = 0.0
 
-    def wait(self, entry: LayerEntry) -> None:
-        future = self._futures[entry.name]
-        if not future.done():
-            start = time.perf_counter()
-            while not futures_wait([future], timeout=1.0).done:
-                self._hooks.check_cancelled()
-            self.waited += time.perf_counter() - start
-        future.result()
+    def _run(self, order: list[LayerEntry]) -> None:
+        started: list[Download] = []
+        try:
+            for entry in order:
+                if self._stopping.is_set():
+                    return
+                # Only what holds this sub-job's keys: a layer spanning many slices is not
+                # downloaded whole by every sub-job that reads it.
+                download = self._io.download(entry, self._keys)
+                started.append(download)
+                self._started[entry.name].set_result(download)
+            pending = [download for download in started if download.next_key is not None]
+            while pending and not self._stopping.is_set():
+                download = min(pending, key=_next_key)
+                if not download.fetch_next(self.FETCH_BYTES):
+                    pending.remove(download)
+        except BaseException as err:
+            log.warning("layer download failed keys=%s error=%s", self._keys, err)
+            for future in self._started.values():
+                if not future.done():
+                    future.set_exception(err)
+            for download in started:
+                download.abandon(err)
+
+    def batches(self, entry: LayerEntry) -> Iterator[pa.RecordBatch]:
+        future = self._started[entry.name]
+        self._block(lambda: bool(futures_wait([future], timeout=1.0).done))
+        download = future.result()
+        yield from download.batches(self._keys, lambda group: self._wait(download, group))
+
+    def _wait(self, download: Download, group: int) -> None:
+        if not download.wait_for(group, 0):
+            self._block(lambda: download.wait_for(group, 1.0))
+
+    def _block(self, ready: Callable[[], bool]) -> None:
+        """Until ``ready()``, which waits a second at most, says so; cancellable meanwhile."""
+        start = time.perf_counter()
+        while not ready():
+            self._hooks.check_cancelled()
+        self.waited += time.perf_counter() - start
 
     def close(self) -> None:
-        """Cancel what has not started and wait for the rest (a failed download is only
-        reported to ``wait``)."""
-        for future in self._futures.values():
-            future.cancel()
+        """Stop fetching (what is not fetched yet is not needed any more) and drop the partial
+        files of unfinished downloads."""
+        self._stopping.set()
         self._pool.shutdown(wait=True)
+        for future in self._started.values():
+            if future.done() and future.exception() is None:
+                future.result().abandon()
+
+
+def _next_key(download: Download) -> bytes:
+    key = download.next_key
+    assert key is not None
+    return key
 
 
 class _Uploads:
