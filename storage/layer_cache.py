@@ -29,6 +29,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -262,6 +263,8 @@ class LayerDownload:
         self._fd: int | None = None
         self._fetched = 0  # wanted groups written (by the fetching thread)
         self._landed = 0  # wanted groups readers may read
+        self._seconds = 0.0  # spent fetching, and the bytes fetched
+        self._bytes = 0
         self._groups: list[RowGroup] = []
         self._spans: list[tuple[int, int]] = []
         self._position: dict[int, int] = {}
@@ -316,10 +319,13 @@ class LayerDownload:
             ):
                 last += 1
             start, end = spans[first][0], spans[last][1]
+            started = time.perf_counter()
             try:
                 data = self._cache.store.get_range(self.entry.object_key, start, end - start)
             except NotFound:
                 raise missing_layer(self.entry) from None
+            self._seconds += time.perf_counter() - started
+            self._bytes += len(data)
             if len(data) != end - start:
                 raise CorruptLayer(
                     f"short read of layer {self.entry.name}: {len(data)} of {end - start} bytes at {start}"
@@ -371,6 +377,8 @@ class LayerDownload:
             os.replace(self.path, self._final)
             self.path = self._final
         self._close(unlink=False)
+        # Fetching time only: the groups of other layers fetched in between are theirs.
+        self._cache.store.observer.download(self._seconds, self._bytes)
         self._cache._published(self._final)
 
     def abandon(self, error: BaseException | None = None) -> None:

@@ -3,9 +3,10 @@
 Each input is a *chain*: layers of one LSN range with disjoint key ranges, read one after the
 other as one key-sorted stream of record batches. The merge takes from every chain the rows
 below a common boundary key (the smallest last key buffered by a chain that has not ended), so
-each output chunk holds every version of its keys, and sorts the pieces by ``(key, lsn, kind)``
-in one vectorised step. Memory holds about one read batch (~1 MiB) per chain, plus the versions
-of a single key when one key spans batches.
+each output chunk holds every version of its keys, and merges the pieces into ``(key, lsn,
+kind)`` order in one vectorised step (binary searches between the chains' sorted runs). Memory
+holds about one read batch (~1 MiB) per chain, plus the versions of a single key when one key
+spans batches.
 """
 
 from __future__ import annotations
@@ -126,9 +127,10 @@ def merged_chunks(
     while live:
         open_ends = [chain.last_key() for chain in live if not chain.ended]
         boundary = min(open_ends) if open_ends else None
-        pieces = [piece for chain in live for piece in chain.take_below(boundary)]
+        taken = [chain.take_below(boundary) for chain in live]
+        pieces = [piece for chain_pieces in taken for piece in chain_pieces]
         if pieces:
-            yield _sorted(pieces, len(live) > 1)
+            yield _sorted(pieces, [sum(piece.num_rows for piece in chain_pieces) for chain_pieces in taken])
         elif boundary is not None:
             # Every buffered row left has the boundary key: that key spans batches.
             for chain in live:
@@ -143,8 +145,63 @@ def merged_chunks(
         live = [chain for chain in live if chain.buffered or not chain.ended]
 
 
-def _sorted(pieces: list[pa.RecordBatch], several: bool) -> pa.Table:
+def _sorted(pieces: list[pa.RecordBatch], runs: list[int]) -> pa.Table:
+    """The rows of ``pieces`` sorted by ``(key, lsn, kind)``: they come as ``runs`` (rows per
+    chain, in chain order), each sorted already."""
     table = pa.Table.from_batches(pieces, schema=SCHEMA).combine_chunks()
-    if not several:
+    if sum(1 for rows in runs if rows) < 2:
         return table  # one chain: already in order
-    return table.take(pc.sort_indices(table, sort_keys=_SORT))
+    order = _merge_order(table, runs)
+    if order is None:
+        return table.take(pc.sort_indices(table, sort_keys=_SORT))
+    return table.take(order)
+
+
+def _merge_order(table: pa.Table, runs: list[int]) -> np.ndarray | None:
+    """The order merging sorted ``runs`` by key, a key's rows in chain order: each row's place
+    is its place in its run plus the rows of the other runs before it (binary searches, no
+    sort). Chains come in LSN order, so a key's rows are then in LSN order too, except where
+    chains' LSN ranges overlap: checked, and None then (the caller sorts instead), as when the
+    keys differ before their last 8 bytes (``_key_codes``)."""
+    keys = key_array(table.column(0))
+    bounds = np.cumsum([0, *runs])
+    codes = _key_codes(keys, [(int(bounds[r]), int(bounds[r + 1])) for r in range(len(runs)) if runs[r]])
+    if codes is None:
+        return None
+    parts = [codes[bounds[r] : bounds[r + 1]] for r in range(len(runs))]
+    order = np.empty(len(keys), dtype=np.int64)
+    for r, part in enumerate(parts):
+        if not len(part):
+            continue
+        place = np.arange(len(part), dtype=np.int64)
+        for s, other in enumerate(parts):
+            if s != r and len(other):
+                place += np.searchsorted(other, part, side="right" if s < r else "left")
+        order[place] = np.arange(bounds[r], bounds[r + 1], dtype=np.int64)
+    merged = codes[order]
+    same = merged[1:] == merged[:-1]
+    if same.any():
+        lsns = table.column(1).to_numpy()[order]
+        kinds = table.column(2).to_numpy()[order]
+        later = (lsns[1:] > lsns[:-1]) | ((lsns[1:] == lsns[:-1]) & (kinds[1:] > kinds[:-1]))
+        if not later[same].all():
+            return None
+    return order
+
+
+_CODE_BYTES = 8
+
+
+def _key_codes(keys: np.ndarray, runs: list[tuple[int, int]]) -> np.ndarray | None:
+    """The keys as integers that order as they do: their last 8 bytes, big-endian, when every key
+    shares its first ``KEY_SIZE - 8`` bytes (a chunk of ~1 MiB mostly lies within one relation,
+    whose keys differ only in the block number); None otherwise. ``runs`` are ``[start, end)``
+    row ranges of sorted keys, so the smallest and largest key are among their ends."""
+    ends = np.concatenate([keys[[start, end - 1]] for start, end in runs])
+    prefix = KEY_SIZE - _CODE_BYTES
+    first = ends.view(np.uint8).reshape(-1, KEY_SIZE)[:, :prefix]
+    if not (first == first[0]).all():
+        return None
+    suffix = np.ascontiguousarray(keys.view(np.uint8).reshape(-1, KEY_SIZE)[:, prefix:])
+    codes: np.ndarray = suffix.view(">u8").ravel().astype(np.uint64)
+    return codes

@@ -10,8 +10,9 @@ writers' buffers. Nothing here knows about Celery, Redis or manifests being comm
 Transfers overlap the compute: the selected layers download on a background thread row group by
 row group, in the order the merge needs them (the main loop waits only for a row group it is
 about to read, not for whole layers; that wait is ``time_download_layer_secs``), and each
-output layer streams to its upload while it is written. The k-merge moves whole keys between chains of key-disjoint layers (``_histories``), so
-the heap is as wide as the number of LSN bands and one layer per chain is open at a time.
+output layer streams to its upload while it is written. The k-merge moves whole keys between
+chains of key-disjoint layers (``compactor.worker.engine.merge``), so it is as wide as the
+number of LSN bands and one layer per chain is open at a time.
 """
 
 from __future__ import annotations

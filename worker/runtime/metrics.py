@@ -30,7 +30,7 @@ Exposed names (what the dashboard and alerts query):
 ``compactor_replans_total``                 counter    jobs sent back to be planned again
 ``compactor_s3_requests_total{kind}``       counter    S3 requests sent, by kind (get, put, part, ...)
 ``compactor_s3_retries_total{operation}``   counter    S3 requests retried, by kind (get, put, ...)
-``compactor_layer_download_seconds``        histogram  time to fetch one layer file
+``compactor_layer_download_seconds``        histogram  time spent fetching one layer (or slice) file
 ==========================================  =========  ===============================================
 """
 
