@@ -4,7 +4,7 @@ Each input is a *chain*: layers of one LSN range with disjoint key ranges, read 
 other as one key-sorted stream of record batches. The merge takes from every chain the rows
 below a common boundary key (the smallest last key buffered by a chain that has not ended), so
 each output chunk holds every version of its keys, and merges the pieces into ``(key, lsn,
-kind)`` order in one vectorised step (binary searches between the chains' sorted runs). Memory
+kind)`` order in one vectorised step (a stable sort of the chains' sorted runs). Memory
 holds about one read batch (~1 MiB) per chain, plus the versions of a single key when one key
 spans batches.
 """
@@ -158,26 +158,17 @@ def _sorted(pieces: list[pa.RecordBatch], runs: list[int]) -> pa.Table:
 
 
 def _merge_order(table: pa.Table, runs: list[int]) -> np.ndarray | None:
-    """The order merging sorted ``runs`` by key, a key's rows in chain order: each row's place
-    is its place in its run plus the rows of the other runs before it (binary searches, no
-    sort). Chains come in LSN order, so a key's rows are then in LSN order too, except where
-    chains' LSN ranges overlap: checked, and None then (the caller sorts instead), as when the
-    keys differ before their last 8 bytes (``_key_codes``)."""
+    """The order merging sorted ``runs`` by key, a key's rows in chain order: a stable sort of
+    the keys as integers (``_key_codes``), which finds the runs and merges them. Chains come in
+    LSN order, so a key's rows are then in LSN order too, except where chains' LSN ranges
+    overlap: checked, and None then (the caller sorts by every column instead), as when the
+    keys differ before their last 8 bytes."""
     keys = key_array(table.column(0))
     bounds = np.cumsum([0, *runs])
     codes = _key_codes(keys, [(int(bounds[r]), int(bounds[r + 1])) for r in range(len(runs)) if runs[r]])
     if codes is None:
         return None
-    parts = [codes[bounds[r] : bounds[r + 1]] for r in range(len(runs))]
-    order = np.empty(len(keys), dtype=np.int64)
-    for r, part in enumerate(parts):
-        if not len(part):
-            continue
-        place = np.arange(len(part), dtype=np.int64)
-        for s, other in enumerate(parts):
-            if s != r and len(other):
-                place += np.searchsorted(other, part, side="right" if s < r else "left")
-        order[place] = np.arange(bounds[r], bounds[r + 1], dtype=np.int64)
+    order: np.ndarray = np.argsort(codes, kind="stable")
     merged = codes[order]
     same = merged[1:] == merged[:-1]
     if same.any():
