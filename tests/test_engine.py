@@ -17,7 +17,7 @@ from compactor.worker.engine.jobs import CommitProposal, CompactionJob
 from compactor.worker.engine.plan import plan_job
 from compactor.worker.engine.run import EngineSettings, run
 from tests.engine_memory import MemoryIO
-from tests.timelines import CHILD, PARENT, TENANT, Timeline, timelines
+from tests.timelines import CHILD, PARENT, TENANT, Layer, Timeline, Value, record, timelines
 
 N_KEYS = 9
 
@@ -209,3 +209,55 @@ def test_cutoff_zero_skips(cutoff: int, tmp_path: Path) -> None:
     assert plan_job(io.manifests[PARENT], CompactionJob(tenant_id=TENANT, timeline_id=PARENT)) == (
         "gc cutoff not set yet (0): nothing is compacted"
     )
+
+
+def test_an_output_named_like_a_kept_layer_is_dropped_only_if_its_versions_survive_whole(tmp_path: Path) -> None:
+    """Found by the property above: a delta holds a will_init record at (key 4, LSN 7) and an
+    image layer the image at the same point, which wins reads. A job selecting both writes the
+    delta again with the image in it; the output has the delta's name, and the image was taken
+    to survive in the delta because a version at (4, 7) is there, so the image layer went and
+    the read at LSN 7 changed. Versions are now compared whole."""
+
+    tl = Timeline(
+        timeline_id=PARENT,
+        layers=[
+            Layer(
+                kind="delta",
+                keys=(0, 3),
+                lsns=(0, 8),
+                values={
+                    0: [Value(lsn=0, image=b"Ik0@0;"), Value(lsn=1, image=b"Ik0@1;")],
+                    2: [
+                        Value(lsn=0, image=b"Ik2@0;"),
+                        Value(lsn=1, image=b"Ik2@1;"),
+                        Value(lsn=2, record=record(b"Nk2@2;", clear=True, will_init=True)),
+                    ],
+                },
+            ),
+            Layer(
+                kind="delta",
+                keys=(3, 5),
+                lsns=(0, 8),
+                values={
+                    3: [Value(lsn=0, image=b"Ik3@0;")],
+                    4: [
+                        Value(lsn=0, image=b"Ik4@0;"),
+                        Value(lsn=7, record=record(b"Nk4@7;", clear=True, will_init=True)),
+                    ],
+                },
+            ),
+            Layer(kind="image", keys=(0, 5), lsns=(7, 8), values={4: [Value(lsn=7, image=b"Sk4@7;")]}),
+        ],
+    )
+    io = MemoryIO()
+    io.load({PARENT: tl})
+    manifest = io.manifests[PARENT].successor(gc=GcInfo(cutoff=1, retain_lsns=[], leases=[0]))
+    io.manifests[PARENT] = manifest
+    before = {lsn: reads(io, manifest, lsn) for lsn in range(10)}
+    assert before[7][4] == b"Sk4@7;"
+    job = CompactionJob(
+        tenant_id=TENANT, timeline_id=PARENT, key_start=format_key(KEY_MIN), key_end=format_key(KEY_MAX),
+        lsn_start=1, lsn_end=2,
+    )  # fmt: skip
+    new, _ = compact_once(io, job, tmp_path, 300)
+    assert {lsn: reads(io, new, lsn) for lsn in range(10)} == before

@@ -17,6 +17,7 @@ number of LSN bands and one layer per chain is open at a time.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import threading
@@ -564,23 +565,30 @@ def _rewrite_straddling(
 
 def _survives_without(file: LayerFileInfo, existing: LayerEntry, plan: JobPlan, io: LayerIO) -> bool:
     """Whether every version in the output ``file`` is also in ``existing`` (the layer of the
-    same name, which stays) or in a layer this job does not remove."""
-    missing = {(v.key, v.lsn) for v in LayerReader(file.path).iter_versions()}
-    missing -= {(v.key, v.lsn) for v in io.versions(existing, existing.layer.key_range)}
+    same name, which stays) or in a layer this job does not remove. Versions are compared whole:
+    a layer holding a record where the output holds an image at the same key and LSN (the image
+    wins a read) does not keep that image."""
+    missing = {_identity(v) for v in LayerReader(file.path).iter_versions()}
+    missing -= {_identity(v) for v in io.versions(existing, existing.layer.key_range)}
     if not missing:
         return True
     selected = {entry.name for entry in plan.selected}
-    last = max(key for key, _ in missing)
-    span = KeyRange(min(key for key, _ in missing), key_next(last) if last != KEY_MAX else KEY_MAX)
+    last = max(key for key, *_ in missing)
+    span = KeyRange(min(key for key, *_ in missing), key_next(last) if last != KEY_MAX else KEY_MAX)
     for entry in plan.manifest.layers.values():
         stays = entry.name not in selected or (
             not entry.layer.is_delta and not plan.key_range.covers(entry.layer.key_range)
         )
         if stays and entry.name != existing.name and entry.layer.key_range.overlaps(span):
-            missing -= {(v.key, v.lsn) for v in io.versions(entry, span)}
+            missing -= {_identity(v) for v in io.versions(entry, span)}
             if not missing:
                 return True
     return False
+
+
+def _identity(version: Version) -> tuple[bytes, int, int, bytes]:
+    """A version as a set member: its payload by digest, so that a layer's worth stays small."""
+    return version.key, version.lsn, int(version.kind), hashlib.blake2b(version.payload, digest_size=16).digest()
 
 
 def _propose(
