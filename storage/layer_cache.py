@@ -102,6 +102,15 @@ class LayerCache:
         the object's tail, so that planning and slices never download whole layers for it."""
         return footer_from_tail(self._tail(entry), f"{entry.name} (object {entry.object_key})")
 
+    def _footer(self, entry: LayerEntry) -> tuple[Footer, bytes]:
+        """The layer's footer and the tail it was read from, for a download; a layer not in the
+        bucket is a CorruptLayer naming it."""
+        try:
+            tail = self._tail(entry)
+        except NotFound:
+            raise missing_layer(entry) from None
+        return footer_from_tail(tail, f"{entry.name} (object {entry.object_key})"), tail
+
     def _tail(self, entry: LayerEntry) -> bytes:
         """The layer file's last bytes, holding at least its whole footer when it is intact."""
         size = entry.size
@@ -132,16 +141,16 @@ class LayerCache:
         path = self.path_for(entry)
         if self._cached(path, entry):
             return path
+        if key_range is not None and not key_range.covers(entry.layer.key_range):
+            sliced = self._fetch_slice(entry, key_range)
+            if sliced is not None:
+                return sliced
         try:
-            if key_range is not None and not key_range.covers(entry.layer.key_range):
-                sliced = self._fetch_slice(entry, key_range)
-                if sliced is not None:
-                    return sliced
             self.store.download_file(entry.object_key, path, expected_size=entry.size, expected_sha256=entry.sha256)
         except NotFound:
             raise missing_layer(entry) from None
         except CorruptLayer as err:
-            raise err if entry.name in str(err) else CorruptLayer(f"corrupt layer {entry.name}: {err}") from None
+            raise CorruptLayer(f"corrupt layer {entry.name}: {err}") from None
         log.debug("layer cached name=%s object=%s size=%d", entry.name, entry.object_key, entry.size)
         if self.max_bytes is not None:
             self._trim(self.max_bytes, spare=path)
@@ -167,15 +176,11 @@ class LayerCache:
         path = self.path_for(entry)
         if self._cached(path, entry):
             return LayerDownload(self, entry, path, first_read=first_read)
-        try:
-            if key_range is not None and not key_range.covers(entry.layer.key_range):
-                download = self._slice(entry, key_range, first_read)
-                if download is not None:
-                    return download
-            tail = self._tail(entry)
-        except NotFound:
-            raise missing_layer(entry) from None
-        footer = footer_from_tail(tail, f"{entry.name} (object {entry.object_key})")
+        if key_range is not None and not key_range.covers(entry.layer.key_range):
+            download = self._slice(entry, key_range, first_read)
+            if download is not None:
+                return download
+        footer, tail = self._footer(entry)
         return LayerDownload(self, entry, path, (footer, tail, list(range(len(footer.index)))), first_read)
 
     def _slice(
@@ -184,8 +189,7 @@ class LayerCache:
         sliced = self._slice_path(entry, key_range)
         if self._cached(sliced, entry):
             return LayerDownload(self, entry, sliced, first_read=first_read)
-        tail = self._tail(entry)
-        footer = footer_from_tail(tail, f"{entry.name} (object {entry.object_key})")
+        footer, tail = self._footer(entry)
         wanted = [
             i
             for i, group in enumerate(footer.index)

@@ -159,9 +159,9 @@ def run_l0(plan: L0Plan, io: LayerIO, settings: EngineSettings, hooks: Hooks | N
         writer = L1Writer(settings.workdir, plan.lsn_range, plan.target_bytes, [], uploads.submit)
         try:
             try:
-                writer.holes = _holes(plan, io, downloads)
+                writer.holes = _holes(plan, downloads)
                 with PhaseTimer(stats, "time_main_loop_secs"):
-                    _merge_into(plan, io, hooks, stats, writer, downloads)
+                    _merge_into(plan, hooks, stats, writer, downloads)
             finally:
                 downloads.close()
                 stats.time_download_layer_secs += downloads.waited
@@ -185,16 +185,16 @@ def run_l0(plan: L0Plan, io: LayerIO, settings: EngineSettings, hooks: Hooks | N
     return Result(proposal, stats, added)
 
 
-def _streams(plan: L0Plan, io: LayerIO, downloads: _Downloads) -> list[Iterator[pa.RecordBatch]]:
+def _streams(plan: L0Plan, downloads: _Downloads) -> list[Iterator[pa.RecordBatch]]:
     # Every L0 covers every key, so each one is a chain of its own.
     return [_chain_batches([entry], downloads) for entry in plan.selected]
 
 
 def _merge_into(
-    plan: L0Plan, io: LayerIO, hooks: Hooks, stats: CompactionStatistics, writer: L1Writer, downloads: _Downloads
+    plan: L0Plan, hooks: Hooks, stats: CompactionStatistics, writer: L1Writer, downloads: _Downloads
 ) -> None:
     progress = Progress()
-    for table in merged_chunks(_streams(plan, io, downloads), MAX_KEY_HISTORY_BYTES, _too_much_history):
+    for table in merged_chunks(_streams(plan, downloads), MAX_KEY_HISTORY_BYTES, _too_much_history):
         writer.put_table(table)
         value_bytes = pc.sum(pc.binary_length(table.column("value"))).as_py() or 0
         stats.wal_keys_visited.num += table.num_rows
@@ -208,7 +208,7 @@ def _merge_into(
     stats.num_unique_keys_visited += progress.keys
 
 
-def _holes(plan: L0Plan, io: LayerIO, downloads: _Downloads) -> list[KeyRange]:
+def _holes(plan: L0Plan, downloads: _Downloads) -> list[KeyRange]:
     """The seed's holes among the slice's keys, by key start: gaps between neighbouring keys at
     least ``target / 8192`` keys wide that span ``MIN_HOLE_COVERAGE`` or more image-coverage
     pieces at the top of the layer map; the widest by coverage, at most one per layer of the run
@@ -219,7 +219,7 @@ def _holes(plan: L0Plan, io: LayerIO, downloads: _Downloads) -> list[KeyRange]:
         return []  # no gap inside the slice can span enough pieces: skip reading the keys
     keys = np.unique(
         np.concatenate(
-            [key_array(batch.column(0)) for stream in _streams(plan, io, downloads) for batch in stream]
+            [key_array(batch.column(0)) for stream in _streams(plan, downloads) for batch in stream]
             or [np.empty(0, dtype=KEY_DTYPE)]
         )
     )
