@@ -1,17 +1,21 @@
-"""The embedded S3 server's own answer to plain ranged GETs (``coordinator/local/s3server.py``):
-the same bytes and headers as moto's, read from the range alone."""
+"""The embedded S3 server (``coordinator/local/s3server.py``): its own answer to plain ranged GETs
+(the same bytes and headers as moto's, read from the range alone), and requests that run at once
+unless they are on the same object."""
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import boto3
 import pytest
 from moto import mock_aws
 
-from compactor.coordinator.local.s3server import _RangedGets
+from compactor.coordinator.local.s3server import _PerObject, _RangedGets
 from compactor.storage.errors import StoreError
 from compactor.storage.object_store import ObjectStore
 from tests.conftest import MIB
@@ -98,3 +102,60 @@ def test_ranged_reads_through_the_server(object_store: ObjectStore) -> None:
         object_store.get_range("layers/b-1", len(DATA), 5)  # moto's 416
     object_store.put_bytes("layers/b-1", b"replaced")  # the replaced object's buffer is closed
     assert object_store.get_range("layers/b-1", 2, 3) == b"pla"
+
+
+# --- one request per object at a time ------------------------------------------------------------
+
+
+class _Slow:
+    """Stands in for moto: each request takes a while, and the requests running at once are
+    recorded by what they are on."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: list[str] = []
+        self.seen_together: list[tuple[str, ...]] = []
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ["PATH_INFO"]
+        with self.lock:
+            self.running.append(path)
+            self.seen_together.append(tuple(sorted(self.running)))
+        time.sleep(0.05)
+        with self.lock:
+            self.running.remove(path)
+        start_response("200 OK", [])
+        return [path.encode()]
+
+
+def _run_at_once(app: _PerObject, environs: list[dict[str, Any]]) -> list[bytes]:
+    with ThreadPoolExecutor(len(environs)) as pool:
+        return list(pool.map(lambda environ: b"".join(app(environ, lambda *a: None)), environs))
+
+
+def test_requests_on_different_objects_run_at_once_and_on_one_object_one_at_a_time() -> None:
+    moto = _Slow()
+    app = _PerObject(moto)
+    a, b = _environ(f"/{BUCKET}/layers/a"), _environ(f"/{BUCKET}/layers/b")
+    assert _run_at_once(app, [a, b, a, b]) == [b"/ranged-gets/layers/a", b"/ranged-gets/layers/b"] * 2
+    together = [paths for paths in moto.seen_together if len(paths) > 1]
+    assert together, "requests on two objects never overlapped"
+    assert all(len(set(paths)) == len(paths) for paths in moto.seen_together), "one object had two requests at once"
+
+
+@pytest.mark.parametrize(
+    "alone",
+    [
+        _environ(f"/{BUCKET}", None, REQUEST_METHOD="POST", QUERY_STRING="delete"),  # on the bucket
+        _environ(f"/{BUCKET}/", None, QUERY_STRING="list-type=2"),
+        _environ("/layers/c", None, HTTP_HOST=f"{BUCKET}.localhost:9000"),  # virtual-hosted: bucket unknown
+        _environ(f"/{BUCKET}/layers/c", None, REQUEST_METHOD="PUT", HTTP_X_AMZ_COPY_SOURCE=f"/{BUCKET}/layers/a"),
+    ],
+)
+def test_a_request_on_a_bucket_or_two_objects_runs_alone(alone: dict[str, Any]) -> None:
+    moto = _Slow()
+    app = _PerObject(moto)
+    objects = [_environ(f"/{BUCKET}/layers/{n}") for n in "ab"]
+    _run_at_once(app, [*objects, alone, *objects])
+    assert all(alone["PATH_INFO"] not in paths or len(paths) == 1 for paths in moto.seen_together)
+    assert app._locks == {}, "a finished request left its object's lock behind"

@@ -12,8 +12,9 @@ Run directly (``python -m compactor.coordinator.local.s3server --port 9000``) it
 
 moto checks ``If-None-Match``/``If-Match`` and then writes as two steps, so two concurrent
 create-only PUTs can both succeed on its threaded server; real S3 and MinIO decide atomically.
-The server here runs every request's handler under one lock, which restores that atomicity (the
-manifest commit protocol depends on it) at no cost that matters on loopback.
+The server here runs the requests on one object one at a time, which restores that atomicity
+(the manifest commit protocol depends on it), and requests on different objects at once, as a
+real store does (``_PerObject``).
 
 moto also builds the body of a ranged GET by reading the whole object and slicing it: a 64 KiB
 footer read of a 128 MiB layer costs the server about 70 ms of CPU, as much as reading all of it,
@@ -35,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -54,8 +55,8 @@ _REGION = re.compile(r"Credential=[^/]+/\d{8}/(?P<region>[a-z0-9-]+)/")
 
 class _RangedGets:
     """Answers a plain ranged GET of an object from the stored bytes of that range alone, and
-    passes every other request to moto (module docstring). Must run under the server's lock: an
-    overwrite or a delete closes the replaced object's buffer."""
+    passes every other request to moto (module docstring). Must run under its object's lock
+    (``_PerObject``): an overwrite or a delete closes the replaced object's buffer."""
 
     def __init__(self, app: WsgiApp) -> None:
         self._app = app
@@ -126,23 +127,82 @@ def _is_address(host: str) -> bool:
     return True
 
 
-class _Serialized:
-    """Runs a WSGI app's handler (and the build of its response body) under one lock."""
+class _PerObject:
+    """Runs a WSGI app's handler (and the build of its response body) under a lock per object:
+    requests on one object run one at a time, requests on different objects at once (as S3
+    serves them), and a request on a bucket or the service runs alone.
+
+    One lock for every request made the server one request at a time: a part upload waited
+    while another layer's multipart upload completed (moto copies every part then), and the
+    uploader of one layer stalled the merge behind it. A request that reads another object too
+    (``x-amz-copy-source``) runs alone, as does one on an object of a virtual-hosted bucket
+    whose name this cannot tell from its path.
+    """
 
     def __init__(self, app: WsgiApp) -> None:
         self._app = app
-        self._lock = threading.Lock()
+        self._state = threading.Condition()
+        self._objects_busy = 0  # requests on objects now running
+        self._alone = False  # a request that runs alone is running
+        self._alone_waiting = 0  # ... or waiting: object requests wait behind it
+        self._locks: dict[str, list[Any]] = {}  # object -> [its lock, requests holding or waiting]
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-        with self._lock:
-            result = self._app(environ, start_response)
-            try:
-                body = b"".join(result)
-            finally:
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()
+        name = _object_of(environ)
+        if name is None:
+            with self._running_alone():
+                return self._handle(environ, start_response)
+        with self._state:
+            while self._alone or self._alone_waiting:
+                self._state.wait()
+            self._objects_busy += 1
+            entry = self._locks.setdefault(name, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                return self._handle(environ, start_response)
+        finally:
+            with self._state:
+                self._objects_busy -= 1
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._locks[name]
+                self._state.notify_all()
+
+    @contextlib.contextmanager
+    def _running_alone(self) -> Iterator[None]:
+        with self._state:
+            self._alone_waiting += 1
+            while self._alone or self._objects_busy:
+                self._state.wait()
+            self._alone_waiting -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._state:
+                self._alone = False
+                self._state.notify_all()
+
+    def _handle(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        result = self._app(environ, start_response)
+        try:
+            body = b"".join(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
         return [body]
+
+
+def _object_of(environ: dict[str, Any]) -> str | None:
+    """The bucket and key a path-style request is on; None for one on a bucket or the service,
+    and for one that must run alone."""
+    host = environ.get("HTTP_HOST", "").rsplit(":", 1)[0].strip("[]")
+    if not _is_address(host) or "HTTP_X_AMZ_COPY_SOURCE" in environ:
+        return None
+    bucket, _, key = environ.get("PATH_INFO", "").lstrip("/").partition("/")
+    return f"{bucket}/{key}" if bucket and key else None
 
 
 def serve(host: str = "127.0.0.1", port: int = 0, *, exit_on_stdin_eof: bool = False, verbose: bool = False) -> None:
@@ -155,7 +215,7 @@ def serve(host: str = "127.0.0.1", port: int = 0, *, exit_on_stdin_eof: bool = F
 
     if not verbose:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    app = _Serialized(_RangedGets(DomainDispatcherApplication(create_backend_app)))
+    app = _PerObject(_RangedGets(DomainDispatcherApplication(create_backend_app)))
     server = make_server(host, port, app, threaded=True, request_handler=MotoRequestHandler)
     url_host = f"[{host}]" if ":" in host else host
     print(f"{READY_PREFIX}http://{url_host}:{server.server_port}", flush=True)
