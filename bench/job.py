@@ -103,8 +103,8 @@ def run_copy(storage: Storage, job: CompactionJob, workdir: Path) -> dict[str, A
                 writer.add_batch(batch)
             info = writer.finish(entry.layer)
         t2 = time.perf_counter()
-        uploaded.append(storage.upload_layer(job.tenant_id, job.timeline_id, entry.layer, info.path, info.sha256))
-        info.path.unlink()
+        uploaded.append(storage.upload_layer(job.tenant_id, job.timeline_id, entry.layer, info))
+        info.remove_file()
         t3 = time.perf_counter()
         phases["download"] += t1 - t0
         phases["decode_encode"] += t2 - t1

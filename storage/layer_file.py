@@ -88,8 +88,8 @@ class RowGroup(NamedTuple):
 
 
 class LayerSink(Protocol):
-    """Where a :class:`LayerWriter` streams the bytes of its file as it writes them, besides
-    the local file: an upload to ``key`` that its owner completes once the file is finished (and
+    """Where a :class:`LayerWriter` streams the bytes of its file as it writes them (besides
+    the local file, if it has one): an upload to ``key`` that its owner completes once the file is finished (and
     named) and aborts otherwise. ``write`` is called by one thread at a time, maybe not the
     caller's (Parquet writes row groups on the writer's thread)."""
 
@@ -105,11 +105,17 @@ class LayerSink(Protocol):
 
 @dataclass(frozen=True)
 class LayerFileInfo:
-    path: Path
+    path: Path | None
+    """The local file; None for a layer written only to its ``sink``."""
     size: int
     sha256: str  # hex digest of the complete file
     sink: LayerSink | None = None
     """Where the file was streamed while written, if anywhere: its upload is not complete yet."""
+
+    def remove_file(self) -> None:
+        """Delete the local file, if there is one."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 # --- conversions -------------------------------------------------------------------------------
@@ -246,7 +252,7 @@ class _HashingSink:
     """File object handed to Parquet: hashes and counts the bytes on their way to disk (and to
     ``stream``), so the sha256 and size are known at close without reading the file back."""
 
-    def __init__(self, file: BinaryIO, stream: LayerSink | None) -> None:
+    def __init__(self, file: BinaryIO | None, stream: LayerSink | None) -> None:
         self._file = file
         self._stream = stream
         self._hash = hashlib.sha256()
@@ -255,9 +261,11 @@ class _HashingSink:
 
     def write(self, data: Any) -> int:
         self._hash.update(data)
-        n = self._file.write(data)
+        if self._file is not None:
+            self._file.write(data)
         if self._stream is not None:
             self._stream.write(data)
+        n = len(data)
         self.size += n
         return n
 
@@ -265,7 +273,8 @@ class _HashingSink:
         return self.size
 
     def flush(self) -> None:
-        self._file.flush()
+        if self._file is not None:
+            self._file.flush()
 
     def writable(self) -> bool:
         return True
@@ -290,12 +299,15 @@ class LayerWriter:
     context manager: an exception inside the block aborts and deletes the file.
 
     With a ``sink``, every byte of the file also goes there as it is written; ``abort`` aborts
-    the sink, and ``finish`` hands it on in the file's info, for its owner to complete.
+    the sink, and ``finish`` hands it on in the file's info, for its owner to complete. With a
+    sink and no ``path``, the layer is written to the sink alone: a layer that is uploaded as it
+    is written need not cost a local file as well (writing one costs as much CPU as its
+    Content-MD5).
     """
 
     def __init__(
         self,
-        path: Path,
+        path: Path | None,
         *,
         row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
         compression_level: int = DEFAULT_ZSTD_LEVEL,
@@ -303,10 +315,17 @@ class LayerWriter:
     ) -> None:
         if not 0 < row_group_bytes <= _MAX_GROUP_BYTES:
             raise ValueError(f"row_group_bytes must be in [1, {_MAX_GROUP_BYTES}]")
-        self.path = Path(path)
+        self.path = Path(path) if path is not None else None
+        if self.path is not None:
+            self._label = f"file {self.path}"
+        elif sink is not None:
+            self._label = f"upload {sink.key}"
+        else:
+            raise ValueError("a layer writer needs a path or a sink")
         self.row_group_bytes = row_group_bytes
         self._stream = sink
-        self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed by finish/abort
+        # Closed by finish/abort.
+        self._file: BinaryIO | None = open(self.path, "wb") if self.path is not None else None  # noqa: SIM115
         self._sink = _HashingSink(self._file, sink)
         try:
             self._writer: Any = pq.ParquetWriter(
@@ -324,8 +343,7 @@ class LayerWriter:
                 store_schema=False,
             )
         except BaseException:
-            self._file.close()
-            self.path.unlink(missing_ok=True)
+            self._close_file()
             if sink is not None:
                 sink.abort()
             raise
@@ -471,7 +489,7 @@ class LayerWriter:
             try:
                 self._writer.write_table(piece, row_group_size=piece.num_rows)
             except _ARROW_ERRORS as err:
-                raise OSError(f"cannot write layer file {self.path}: {one_line(err)}") from err
+                raise OSError(f"cannot write layer {self._label}: {one_line(err)}") from err
 
     def _wait(self) -> None:
         """Until the row group being written is out; re-raises its error."""
@@ -550,7 +568,8 @@ class LayerWriter:
             )
             self._writer.close()
             self._open = False
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
         except BaseException:
             self.abort()
             raise
@@ -589,16 +608,21 @@ class LayerWriter:
             # The writer may be in a failed state; the file is deleted anyway.
             with contextlib.suppress(Exception):
                 self._writer.close()
-        if not self._file.closed:
-            self._file.close()
-        self.path.unlink(missing_ok=True)
+        self._close_file()
         if self._stream is not None:
             self._stream.abort()
         self._batches, self._keys, self._values = [], [], []
 
+    def _close_file(self) -> None:
+        """Close and delete the local file, if any."""
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
     def _check_open(self) -> None:
         if not self._open:
-            raise ValueError(f"layer writer for {self.path} is closed")
+            raise ValueError(f"layer writer for {self._label} is closed")
 
     def __enter__(self) -> Self:
         return self

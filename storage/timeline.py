@@ -134,7 +134,7 @@ class Storage:
     def upload(self, manifest: Manifest, name: LayerName, file: LayerFileInfo) -> LayerEntry:
         """Complete the upload ``file`` was streamed to, or upload the file if it was not."""
         if file.sink is None:
-            entry = self.upload_layer(manifest.tenant_id, manifest.timeline_id, name, file.path, file.sha256)
+            entry = self.upload_layer(manifest.tenant_id, manifest.timeline_id, name, file)
         else:
             file.sink.complete()
             entry = LayerEntry(name=str(name), object_key=file.sink.key, size=file.size, sha256=file.sha256)
@@ -151,11 +151,13 @@ class Storage:
 
     # --- writing --------------------------------------------------------------------------
 
-    def upload_layer(self, tenant_id: str, timeline_id: str, name: LayerName, path: Path, sha256: str) -> LayerEntry:
-        """Upload a finished layer file under a fresh object key and describe it."""
+    def upload_layer(self, tenant_id: str, timeline_id: str, name: LayerName, file: LayerFileInfo) -> LayerEntry:
+        """Upload a finished local layer file under a fresh object key and describe it."""
+        if file.path is None:
+            raise ValueError(f"layer {name} was written to its upload only: there is no file to upload")
         key = new_layer_key(tenant_id, timeline_id)
-        self.objects.upload_file(path, key, metadata={"sha256": sha256, "layer": str(name)})
-        return LayerEntry(name=str(name), object_key=key, size=path.stat().st_size, sha256=sha256)
+        self.objects.upload_file(file.path, key, metadata={"sha256": file.sha256, "layer": str(name)})
+        return LayerEntry(name=str(name), object_key=key, size=file.path.stat().st_size, sha256=file.sha256)
 
     def write_layer(self, tenant_id: str, timeline_id: str, name: LayerName, versions: Iterable[Version]) -> LayerEntry:
         with tempfile.TemporaryDirectory(dir=self._scratch()) as tmp:
@@ -164,7 +166,7 @@ class Storage:
                 for version in versions:
                     writer.add(*version)
                 info = writer.finish(name)
-            return self.upload_layer(tenant_id, timeline_id, name, path, info.sha256)
+            return self.upload_layer(tenant_id, timeline_id, name, info)
 
     def _scratch(self) -> Path:
         scratch = self.settings.cache_dir / "scratch"

@@ -4,7 +4,9 @@ engine's writers and read back on upload, but nothing touches the network."""
 import hashlib
 import itertools
 import json
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -136,9 +138,15 @@ class MemoryIO:
         if isinstance(file.sink, MemorySink):
             file.sink.complete()
             key = file.sink.key
-            # What was streamed is the file, byte for byte.
-            assert hashlib.sha256(file.sink.data).hexdigest() == file.sha256
-        self.objects[key] = list(LayerReader(file.path, name=name).iter_versions())
+            # What was streamed is the layer, byte for byte.
+            assert hashlib.sha256(file.sink.data).hexdigest() == file.sha256 and len(file.sink.data) == file.size
+            with tempfile.NamedTemporaryFile() as streamed:
+                streamed.write(file.sink.data)
+                streamed.flush()
+                self.objects[key] = list(LayerReader(Path(streamed.name), name=name).iter_versions())
+        else:
+            assert file.path is not None
+            self.objects[key] = list(LayerReader(file.path, name=name).iter_versions())
         self.uploads += 1
         return LayerEntry(name=str(name), object_key=key, size=file.size, sha256=file.sha256)
 

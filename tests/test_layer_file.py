@@ -93,6 +93,48 @@ def test_tiny_image_layer_round_trip(tmp_path: Path) -> None:
         assert list(reader.iter_versions()) == [Version(k(5), 42, 0, b"page bytes")]
 
 
+class _Sink:
+    """A layer sink that keeps what it is given."""
+
+    key = "uploads/sink"
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.ended = ""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def complete(self) -> None:
+        self.ended = "completed"
+
+    def abort(self) -> None:
+        self.ended = "aborted"
+
+
+def test_a_layer_written_to_its_sink_alone_is_the_file_it_would_write(tmp_path: Path) -> None:
+    versions = delta_versions(330, payload=8000)
+    path = tmp_path / "file"
+    write(path, DELTA, versions, row_group_bytes=1 << 20)
+    sink = _Sink()
+    with LayerWriter(None, sink=sink, row_group_bytes=1 << 20) as writer:
+        for version in versions:
+            writer.add(*version)
+        info = writer.finish(DELTA)
+    # No local file, and the sink holds the layer, byte for byte as the file writer wrote it.
+    assert info.path is None and info.sink is sink and sink.ended == ""
+    assert bytes(sink.data) == path.read_bytes()
+    assert info.size == len(sink.data) and info.sha256 == hashlib.sha256(sink.data).hexdigest()
+    info.remove_file()  # nothing to remove
+    # Aborted, the sink is told; a writer needs somewhere to write.
+    with pytest.raises(RuntimeError), LayerWriter(None, sink=(aborted := _Sink())) as writer:
+        writer.add(*versions[0])
+        raise RuntimeError("stop")
+    assert aborted.ended == "aborted"
+    with pytest.raises(ValueError, match="path or a sink"):
+        LayerWriter(None)
+
+
 def test_tiny_delta_layer_round_trip(tmp_path: Path) -> None:
     payload = record(b"hello", will_init=True)
     path = tmp_path / "delta"

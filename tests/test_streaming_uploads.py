@@ -153,13 +153,16 @@ def test_layer_keys_do_not_depend_on_the_name() -> None:
 
 
 class _Observed(Storage):
-    """Storage that logs, beside its requests, each input batch the merge takes (and can fail
-    the job at one)."""
+    """Storage that logs, beside its requests, each input batch the merge takes and each time a
+    layer file was found in ``workdir`` then (and can fail the job at one)."""
 
-    def __init__(self, settings: Settings, events: Events, fail_after_upload_started: bool = False) -> None:
+    def __init__(
+        self, settings: Settings, events: Events, fail_after_upload_started: bool = False, workdir: Path | None = None
+    ) -> None:
         super().__init__(settings, store_observer=events)
         self.events = events
         self.fail = fail_after_upload_started
+        self.workdir = workdir
 
     def download(self, entry: LayerEntry, key_range: KeyRange) -> Any:
         return _ObservedDownload(super().download(entry, key_range), self)
@@ -179,6 +182,9 @@ class _ObservedDownload:
             if self.storage.fail and events.count("multipart"):
                 raise RuntimeError("injected failure in the merge")
             events.add("batch", batch.num_rows)
+            workdir = self.storage.workdir
+            if workdir is not None and any(workdir.rglob("*")):
+                events.add("local file", 0)
             yield batch
 
 
@@ -198,11 +204,13 @@ def layer_objects(storage: Storage) -> set[str]:
 
 def test_outputs_upload_while_the_merge_runs(timeline: Settings, tmp_path: Path) -> None:
     events = Events()
-    storage = _Observed(timeline, events)
+    storage = _Observed(timeline, events, workdir=tmp_path / "work")
     engine = EngineSettings(target_layer_bytes=6 * MIB, workdir=tmp_path / "work")
     outcome = compact(storage, CompactionJob(tenant_id=TENANT, timeline_id=TIMELINE), engine)
     assert outcome.stats is not None and outcome.stats.image_layer_produced.num >= 2
     kinds = [kind for kind, _ in events.log]
+    # Outputs go to the store alone: nothing was ever written to the work directory.
+    assert "local file" not in kinds
     last_batch = len(kinds) - 1 - kinds[::-1].index("batch")
     # The first output's multipart upload started before the merge took its last input batch
     # (the writer's thread starts it, and the piece is cut, before the main loop goes on).

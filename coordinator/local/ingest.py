@@ -176,7 +176,7 @@ class Ingest:
         with tempfile.TemporaryDirectory(dir=self.workdir) as tmp, LayerWriter(Path(tmp) / "l0.parquet") as writer:
             writer.add_rows(versions)
             info = writer.finish(name)
-            entry = self.storage.upload_layer(self.tenant_id, self.timeline_id, name, info.path, info.sha256)
+            entry = self.storage.upload_layer(self.tenant_id, self.timeline_id, name, info)
         self.l0_lsns.append(self.lsn)
         # The gc cutoff: the last LSN of the L0 flushed pitr_l0s flushes ago (none yet: unset).
         pitr = self.spec.pitr_l0s

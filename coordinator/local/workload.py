@@ -270,9 +270,9 @@ class Sink:
         name = self._name(end_key)
         info = writer.finish(name)
         try:
-            entry = self.storage.upload_layer(self.tenant_id, self.timeline_id, name, info.path, info.sha256)
+            entry = self.storage.upload_layer(self.tenant_id, self.timeline_id, name, info)
         finally:
-            info.path.unlink(missing_ok=True)
+            info.remove_file()
         self.entries.append(entry)
         self.on_layer(entry)
         self._start_key = end_key

@@ -369,4 +369,4 @@ class L1Writer:
             self._piece.writer.abort()
             self._piece = None
         for piece in self._produced:
-            piece.file.path.unlink(missing_ok=True)
+            piece.file.remove_file()

@@ -38,7 +38,6 @@ from compactor.storage.errors import CompactorError, RedoError
 from compactor.storage.keys import KEY_MAX, KeyRange, format_key, key_next
 from compactor.storage.layer_file import (
     LayerFileInfo,
-    LayerReader,
     LayerSink,
     LayerWriter,
     batch_to_versions,
@@ -224,11 +223,9 @@ def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | Non
             # The seed drops any output named like an existing layer, assuming gc-compaction only
             # ever removes data from it. An output can also hold more (keys of an image layer
             # this job removes, say): it is dropped only when every version it holds survives
-            # elsewhere, otherwise it replaces the layer of that name.
+            # elsewhere (``on_cut``), otherwise it replaces the layer of that name.
             existing = manifest.layers.get(str(name))
-            if existing is None or file is None:
-                return False
-            return existing.sha256 == file.sha256 or _survives_without(file, existing, plan, io)
+            return existing is not None and file is not None and existing.sha256 == file.sha256
 
         def on_cut(name: LayerName, file: LayerFileInfo) -> WriterResult:
             if discard(name, file):
@@ -236,6 +233,12 @@ def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | Non
                 return Discarded(name)
             piece = Produced(name, file)
             uploads.submit(piece)
+            existing = manifest.layers.get(str(name))
+            # Outputs are not kept locally, so the rare one named like a layer that stays is
+            # read back from the store to compare.
+            if existing is not None and _survives_without(uploads.entry(piece), existing, plan, io):
+                uploads.drop(piece)
+                return Discarded(name)
             return piece
 
         workdir = settings.workdir
@@ -563,12 +566,12 @@ def _rewrite_straddling(
     return out
 
 
-def _survives_without(file: LayerFileInfo, existing: LayerEntry, plan: JobPlan, io: LayerIO) -> bool:
-    """Whether every version in the output ``file`` is also in ``existing`` (the layer of the
-    same name, which stays) or in a layer this job does not remove. Versions are compared whole:
-    a layer holding a record where the output holds an image at the same key and LSN (the image
-    wins a read) does not keep that image."""
-    missing = {_identity(v) for v in LayerReader(file.path).iter_versions()}
+def _survives_without(output: LayerEntry, existing: LayerEntry, plan: JobPlan, io: LayerIO) -> bool:
+    """Whether every version in the uploaded ``output`` is also in ``existing`` (the layer of
+    the same name, which stays) or in a layer this job does not remove. Versions are compared
+    whole: a layer holding a record where the output holds an image at the same key and LSN (the
+    image wins a read) does not keep that image."""
+    missing = {_identity(v) for v in io.versions(output, output.layer.key_range)}
     missing -= {_identity(v) for v in io.versions(existing, existing.layer.key_range)}
     if not missing:
         return True
@@ -743,11 +746,20 @@ class _Uploads:
         try:
             return self._io.upload(self._manifest, piece.name, piece.file)
         finally:
-            piece.file.path.unlink(missing_ok=True)
+            piece.file.remove_file()
+
+    def entry(self, piece: Produced) -> LayerEntry:
+        """The upload of ``piece``, once it has ended."""
+        return self._pending[id(piece)][1].result()
+
+    def drop(self, piece: Produced) -> None:
+        """Delete the uploaded ``piece`` and forget it."""
+        self._io.delete_uploads([self.entry(piece)])
+        del self._pending[id(piece)]
 
     def entries(self, pieces: list[Produced]) -> list[LayerEntry]:
         try:
-            return [self._pending[id(piece)][1].result() for piece in pieces]
+            return [self.entry(piece) for piece in pieces]
         except BaseException:
             self.abort()
             raise

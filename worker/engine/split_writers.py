@@ -110,7 +110,7 @@ OpenSink = Callable[[], LayerSink]
 
 def drop_piece(file: LayerFileInfo) -> None:
     """Delete a piece that is not kept: its local file and what was streamed of it."""
-    file.path.unlink(missing_ok=True)
+    file.remove_file()
     if file.sink is not None:
         file.sink.abort()
 
@@ -131,8 +131,9 @@ class _Pieces:
 
     def new_writer(self) -> LayerWriter:
         self._count += 1
-        sink = self.open_sink() if self.open_sink is not None else None
-        return LayerWriter(self.workdir / f"piece-{id(self):x}-{self._count}.parquet", sink=sink)
+        if self.open_sink is not None:
+            return LayerWriter(None, sink=self.open_sink())
+        return LayerWriter(self.workdir / f"piece-{id(self):x}-{self._count}.parquet")
 
     def add(self, name: LayerName, writer: LayerWriter) -> None:
         file = writer.finish(name)
