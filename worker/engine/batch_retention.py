@@ -131,52 +131,41 @@ class _Rows:
         return found, first, last
 
 
-def _gather(arrays: list[pa.Array], source: np.ndarray, rows: np.ndarray, skip: np.ndarray | int = 0) -> pa.Array:
-    """``arrays[source[i]][rows[i]][skip[i]:]`` for each ``i``, as one binary array. The values
-    are described as a binary view array over the sources' data buffers (16 bytes per value,
+def _gather(values: pa.Array, rows: np.ndarray, skip: np.ndarray) -> pa.Array:
+    """``values[rows[i]][skip[i]:]`` for each ``i``, as one binary array. The values are
+    described as a binary view array over the data buffer of ``values`` (16 bytes per value,
     built in NumPy) and copied once, by Arrow's cast to binary, instead of once per ``take``,
     slice and join. ``skip`` is at most each value's length."""
-    starts = np.empty(len(rows), dtype=np.int64)
-    lengths = np.empty(len(rows), dtype=np.int64)
-    buffers = []
-    for i, array in enumerate(arrays):
-        offsets = value_offsets(array)
-        mine = source == i
-        at = rows[mine]
-        starts[mine] = offsets[at]
-        lengths[mine] = offsets[at + 1] - offsets[at]
-        data = array.buffers()[2]
-        buffers.append(data if data is not None else pa.py_buffer(b""))
-    starts += skip
-    lengths -= skip
+    offsets = value_offsets(values)
+    starts = offsets[rows] + skip
+    lengths = offsets[rows + 1] - starts
+    data = values.buffers()[2]
+    if data is None:
+        data = pa.py_buffer(b"")
     # A view holds its value inline up to 12 bytes, else the first 4 bytes, the buffer's number
     # and the offset in it: the first 12 bytes of every value are read, the rest stays put.
     window = np.arange(12)
     inline = np.zeros((len(rows), 12), dtype=np.uint8)
-    for i, data in enumerate(buffers):
-        mine = slice(None) if len(buffers) == 1 else np.flatnonzero(source == i)
-        at = starts[mine]
-        if not len(at) or not data.size:
-            continue
-        raw = np.frombuffer(data, dtype=np.uint8)
-        if raw.size < 12:  # too short for a window: byte by byte
-            inline[mine] = raw[np.minimum(at[:, None] + window, raw.size - 1)]
-            continue
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if not len(rows) or not raw.size:
+        pass  # nothing to read: every value is empty
+    elif raw.size < 12:  # too short for a window: byte by byte
+        inline[:] = raw[np.minimum(starts[:, None] + window, raw.size - 1)]
+    else:
         # Twelve bytes from each start as one row copy from a sliding view; a start within
         # twelve bytes of the end reads byte by byte instead.
-        picked = np.lib.stride_tricks.sliding_window_view(raw, 12)[np.minimum(at, raw.size - 12)]
-        near_end = np.flatnonzero(at > raw.size - 12)
-        picked[near_end] = raw[np.minimum(at[near_end, None] + window, raw.size - 1)]
-        inline[mine] = picked
+        inline[:] = np.lib.stride_tricks.sliding_window_view(raw, 12)[np.minimum(starts, raw.size - 12)]
+        near_end = np.flatnonzero(starts > raw.size - 12)
+        inline[near_end] = raw[np.minimum(starts[near_end, None] + window, raw.size - 1)]
     inline *= window < lengths[:, None]  # zero the bytes past a value's end
     words = inline.view(np.int32)
     views = np.empty((len(rows), 4), dtype=np.int32)
     views[:, 0] = lengths
     views[:, 1] = words[:, 0]
     long = lengths > 12
-    views[:, 2] = np.where(long, source, words[:, 1])
+    views[:, 2] = np.where(long, 0, words[:, 1])
     views[:, 3] = np.where(long, starts, words[:, 2])
-    out = pa.Array.from_buffers(pa.binary_view(), len(rows), [None, pa.py_buffer(views), *buffers])
+    out = pa.Array.from_buffers(pa.binary_view(), len(rows), [None, pa.py_buffer(views), data])
     return out.cast(pa.binary())
 
 
@@ -189,7 +178,7 @@ def _replay_runs(values: pa.Array, first: np.ndarray, last: np.ndarray) -> pa.Ar
     rows = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(first - (ends - count), count)
     skip = np.full(len(rows), _HEADER, dtype=np.int64)
     skip[ends - count] = 0  # the image, whole
-    pieces = _gather([values], np.zeros(len(rows), dtype=np.int64), rows, skip)
+    pieces = _gather(values, rows, skip)
     offsets = np.frombuffer(pieces.buffers()[1], dtype=np.int32, count=len(pieces) + 1)
     bounds = offsets[np.concatenate(([0], ends))]
     return pa.Array.from_buffers(pa.binary(), len(first), [None, pa.py_buffer(bounds), pieces.buffers()[2]])
@@ -252,21 +241,21 @@ def retain_chunk(
     found, first, last = rows.runs(want_keys, want_cuts)
     if not found.all():  # cannot happen for simple keys: each starts with an image
         raise RedoError(f"no base image for key {_key_text(keys, starts, want_keys[~found][0])}")
-    built = _replay_runs(values, first, last)
 
     kept_index = np.flatnonzero(_kept_rows(buckets, wants, key_ids))
     to_image_layer = (want_cuts == 0) & image_layer
     in_deltas = ~to_image_layer
     image_keys = keys.take(pa.array(starts[want_keys[to_image_layer]]))
-    image_values = _gather([built], np.zeros(int(to_image_layer.sum()), dtype=np.int64), np.flatnonzero(to_image_layer))
+    image_values = _replay_runs(values, first[to_image_layer], last[to_image_layer])
 
     in_delta_index = np.flatnonzero(in_deltas)
     delta_keys = np.concatenate((key_ids[kept_index], want_keys[in_delta_index]))
     delta_lsns = np.concatenate((lsns[kept_index], cut_lsns[want_cuts[in_delta_index]]))
     delta_kinds = np.concatenate((kinds[kept_index], np.full(len(in_delta_index), _IMAGE, dtype=kinds.dtype)))
-    # Kept rows of ``values`` (source 0) and images built at cuts (source 1), in order.
-    delta_source = np.concatenate((np.zeros(len(kept_index), dtype=np.int64), np.ones(len(in_delta_index), np.int64)))
-    delta_rows = np.concatenate((kept_index, in_delta_index))
+    # Kept rows are runs of one row: every delta value, kept or built, is replayed from the input
+    # in one gather, and no built image is copied twice.
+    delta_first = np.concatenate((kept_index, first[in_delta_index]))
+    delta_last = np.concatenate((kept_index, last[in_delta_index]))
     width = ncuts + 1
     kept_points = key_ids[kept_index] * width + buckets[kept_index]
     want_points = want_keys * width + want_cuts
@@ -276,7 +265,7 @@ def retain_chunk(
             keys.take(pa.array(starts[delta_keys[order]])),
             pa.array(delta_lsns[order], pa.uint64()),
             pa.array(delta_kinds[order], pa.uint8()),
-            _gather([values, built], delta_source[order], delta_rows[order]),
+            _replay_runs(values, delta_first[order], delta_last[order]),
         ],
         schema=SCHEMA,
     )
