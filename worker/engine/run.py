@@ -411,6 +411,11 @@ class _KeyOutput:
     writers: tuple[SplitImageWriter | None, SplitDeltaWriter]
     verification: bool
     counts: KeyValueCounters
+    delta_floor: int = field(init=False)  # the output deltas' lowest LSN (inclusive)
+
+    def __post_init__(self) -> None:
+        # Read once per job: the plan derives it from every selected layer's name.
+        self.delta_floor = self.plan.delta_lsn_range[0]
 
 
 class _KeyByKey:
@@ -457,7 +462,7 @@ class _KeyByKey:
             counts.image_produced_bytes += len(first_image.payload)
             if not plan.job.dry_run and images is not None:
                 images.put(key, first_image.payload)
-        delta_floor = plan.delta_lsn_range[0]
+        delta_floor = out.delta_floor
         for version in rest:
             if version.lsn < delta_floor:
                 _no_base_below(key, version.lsn, delta_floor)
@@ -490,7 +495,7 @@ class _InColumns:
         except RedoError as err:
             raise CompactionFailed(str(err)) from err
         delta_lsns = kept.deltas.column("lsn").to_numpy()
-        delta_floor = plan.delta_lsn_range[0]
+        delta_floor = out.delta_floor
         below = np.flatnonzero(delta_lsns < delta_floor) if delta_floor else np.zeros(0, dtype=np.int64)
         if len(below):
             i = int(below[0])
