@@ -1,5 +1,5 @@
 """Liveness under random kills (issue 12): three nodes, meta jobs submitted all along, worker main
-processes and pool processes SIGKILLed at random for 80 seconds, some of them while they hold a
+processes and pool processes SIGKILLed at random for two minutes, some of them while they hold a
 sub-job message they have not started (prefetched, or waiting out the countdown of a "node busy"
 bounce). Then no more kills: every meta job must end within the heartbeat timeout plus a minute,
 with exact reads, nothing referenced missing and no orphan after cleanup.
@@ -33,9 +33,7 @@ from tests.timelines import Timeline
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
-KILLING_S = 80.0
-# Each kind in turn, so that every kind is exercised however the kills fall in time.
-KILL_KINDS = ("main", "pool", "busy node")
+KILLING_S = 120.0
 HEARTBEAT_TIMEOUT_S = 2.5
 
 
@@ -82,7 +80,7 @@ def test_every_job_ends_soon_after_random_kills(fs: FaultStack) -> None:
             next_submit = now + rnd.uniform(2.0, 5.0)
         if now >= next_kill:
             node = rnd.choice(sorted(fs.stack.workers))
-            how = KILL_KINDS[kills % len(KILL_KINDS)]
+            how = rnd.choice(["main", "pool", "busy node"])
             if how == "busy node":
                 # A lock the node cannot take for a while: its sub-jobs bounce with a countdown and
                 # wait in its memory; then the whole node dies.
