@@ -29,7 +29,7 @@ from compactor.worker.engine.jobs import CompactionJob, SubJobSpec
 from compactor.worker.engine.statistics import s3_summary
 from compactor.worker.runtime import attempts, dispatch, plugins, tasks
 from compactor.worker.runtime.attempts import ClaimOutcome, StaleAttempt
-from compactor.worker.runtime.dispatch import TASK_FINALIZE, TASK_PLAN, TASK_QUEUES, TASK_RUN
+from compactor.worker.runtime.dispatch import TASK_COMPACT, TASK_FINALIZE, TASK_PLAN, TASK_QUEUES, TASK_RUN
 from compactor.worker.runtime.payloads import PAYLOADS, CompactRequest, sub_job_id
 from compactor.worker.runtime.plugins import Attempt, Hold, Plugin, Plugins
 from compactor.worker.runtime.records import JobProgress, JobRecords, JobState, MetaJobRecord, SubJobRecord
@@ -845,6 +845,43 @@ def test_a_message_held_by_a_dead_worker_is_sent_again(flow: tasks.Context) -> N
     assert records.held_by(sid) is None, "the new message has not reached anyone yet"
     scheduler.tick()
     assert len(published.of(TASK_RUN)) == 1, "sent again once, not every tick"
+
+
+def test_a_compact_request_held_by_a_dead_worker_is_sent_again_once(flow: tasks.Context) -> None:
+    """A meta job's submission that a worker received but never turned into a job is sent again
+    as soon as that worker process is gone, not while it lives; the resent message creates the
+    job and lets go of it, and a held request whose job exists is forgotten, not sent."""
+    records = flow.records
+    request = CompactRequest(tenant_id=TENANT, timeline_id=TL, job_id=os.urandom(16).hex())
+    job_id = request.job_id
+    assert job_id is not None
+    published = Published()
+    scheduler = Scheduler(flow.storage, records, published, flow.settings, auto_trigger=False)
+    records.hold_request(request, "node-1@host:4242")
+    records.keep_alive("node-1@host:4242", 30.0)
+    scheduler.tick()
+    assert published.of(TASK_COMPACT) == [], "a live worker holds the message"
+    records.gone("node-1@host:4242")
+    report = scheduler.tick()
+    assert published.of(TASK_COMPACT) == [request.model_dump(mode="json")]
+    assert report.repaired == [f"submit {job_id}"]
+    scheduler.tick()
+    assert len(published.of(TASK_COMPACT)) == 1, "sent again once, not every tick"
+
+    records.hold_request(request, "node-2@host:4343")  # the worker that receives the new message
+    result = tasks.compact_timeline(flow, published.of(TASK_COMPACT)[0])
+    assert result["job_id"] == job_id and records.get_meta(job_id) is not None
+    assert records.held_requests() == {}, "the task lets go of the message it handled"
+
+    records.hold_request(request, "node-3@host:4444")  # a late duplicate, its holder dead
+    report = scheduler.tick()
+    assert len(published.of(TASK_COMPACT)) == 1 and report.repaired == []
+    assert records.held_requests() == {}
+
+
+def test_a_compact_request_without_a_job_id_is_never_held(records: JobRecords) -> None:
+    with pytest.raises(InvalidInput, match="job id"):
+        records.hold_request(CompactRequest(tenant_id=TENANT, timeline_id=TL), "node-1@host:4242")
 
 
 def test_sub_jobs_count_their_requests_and_job_show_sums_them(

@@ -7,7 +7,8 @@ Each tick
    taken away (its attempt becomes ``preempted``, so the old worker's later reports are
    ignored) and enqueued again; the attempt cap in the record stops a job that keeps getting
    reclaimed. A waiting sub-job whose message a dead worker held (``worker.runtime.deliveries``)
-   is sent again. Steps lost to a crash between two writes are repeated: a waiting sub-job whose
+   is sent again, and so is a meta job's submission whose message a dead worker held before it
+   created the job. Steps lost to a crash between two writes are repeated: a waiting sub-job whose
    message never went out, an ended sub-job missing from the finished set, a finalize claimed
    but never run, a meta job never planned;
 2. **auto-trigger** - for every timeline in the bucket, ``trigger.decide`` among the kinds of
@@ -36,7 +37,7 @@ from compactor.storage.errors import CompactorError, one_line
 from compactor.storage.settings import Settings
 from compactor.storage.timeline import Storage
 from compactor.worker.runtime import attempts, dispatch, metrics
-from compactor.worker.runtime.dispatch import TASK_FINALIZE, TASK_PLAN, Publisher
+from compactor.worker.runtime.dispatch import TASK_COMPACT, TASK_FINALIZE, TASK_PLAN, Publisher
 from compactor.worker.runtime.payloads import CompactRequest, new_job_id
 from compactor.worker.runtime.records import JobRecords, JobState, MetaJobRecord, SubJobRecord, now
 
@@ -142,6 +143,21 @@ class Scheduler:
                 report.errors.append(f"{meta_id}: {one_line(err)}")
                 log.warning("liveness check failed job=%s error=%r", meta_id, one_line(err))
         metrics.set_jobs_in_state(states)
+        self._check_held_requests(report)
+
+    def _check_held_requests(self, report: TickReport) -> None:
+        """Send again a ``compact_timeline`` message whose holder died before it created the meta
+        job (it would wait for the broker's visibility timeout); forget one whose job exists."""
+        records = self.records
+        for job_id, held in records.held_requests().items():
+            if records.get_meta(job_id) is not None:
+                records.release_request(job_id)  # created; the task's own release was lost
+            elif not records.is_alive(held.holder):
+                log.warning("compact request lost with its worker, sent again job=%s holder=%s", job_id, held.holder)
+                # Before publishing: the worker that receives the new message holds it anew.
+                records.release_request(job_id)
+                self.publisher.publish(TASK_COMPACT, held.request.model_dump(mode="json"))
+                report.repaired.append(f"submit {job_id}")
 
     def _check_meta(self, meta_id: str, report: TickReport, states: dict[str, int]) -> None:
         meta = self.records.get_meta(meta_id)

@@ -8,6 +8,10 @@ notes every such message it receives (``JobRecords.mark_held``) and keeps a live
 own (``hostname:pid``, renewed every heartbeat interval, expiring after the heartbeat timeout);
 the scheduler sends a waiting sub-job again when the process that holds its message is gone.
 A duplicate is harmless: the claim ignores a sub-job that runs or has ended.
+
+A ``compact_timeline`` message (a meta job's submission) is held the same way until its task
+has created the meta job, with its payload (``JobRecords.hold_request``), since no record
+exists yet from which to send it again; a resent request with the same job id finds the job.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from pydantic import ValidationError
 
 from compactor.storage.errors import one_line
 from compactor.worker.runtime.app import current_settings
-from compactor.worker.runtime.dispatch import TASK_RUN
+from compactor.worker.runtime.dispatch import TASK_COMPACT, TASK_RUN
 from compactor.worker.runtime.node_lock import Heartbeat
-from compactor.worker.runtime.payloads import SubJobRef
+from compactor.worker.runtime.payloads import CompactRequest, SubJobRef
 from compactor.worker.runtime.records import JobRecords
 from compactor.worker.runtime.redis_client import connect
 
@@ -44,7 +48,12 @@ def _this_process(hostname: str) -> tuple[JobRecords, str]:
 
 
 def _received(request: Any, **_: Any) -> None:
-    if request.name != TASK_RUN or not isinstance(request.kwargs, dict):
+    if not isinstance(request.kwargs, dict):
+        return
+    if request.name == TASK_COMPACT:
+        _received_request(request)
+        return
+    if request.name != TASK_RUN:
         return
     try:
         # Payloads come from anyone who can reach the broker: only a valid id names a key.
@@ -57,6 +66,23 @@ def _received(request: Any, **_: Any) -> None:
     except redis.RedisError as err:
         # Without the mark the message waits for the no-progress timeout if this worker dies.
         log.warning("delivery not recorded sub_job=%s error=%r", sub_id, one_line(err))
+
+
+def _received_request(request: Any) -> None:
+    """A ``compact_timeline`` message that names its job id: held with its payload until the
+    task has created the meta job, so that the coordinator can send it again if this process
+    dies first. A request without a job id is not held: sent twice, it would make two jobs."""
+    try:
+        compact = CompactRequest.model_validate(request.kwargs)
+    except ValidationError:
+        return  # the task rejects it with a one-line error when it runs
+    if compact.job_id is None:
+        return
+    records, holder = _this_process(request.hostname)
+    try:
+        records.hold_request(compact, holder)
+    except redis.RedisError as err:
+        log.warning("delivery not recorded job=%s error=%r", compact.job_id, one_line(err))
 
 
 def _ready(sender: Any, **_: Any) -> None:

@@ -16,6 +16,8 @@ compactor:inflight:{tenant}/{tl}/{q}  meta job id in flight for the timeline and
 compactor:breaker:{tenant}/{tl}       BreakerState of the timeline
 compactor:node-lock:{node}            the node lock (compactor.worker.runtime.node_lock)
 compactor:held:{job_id}.{index}       the worker process that last received the sub-job's message
+compactor:held-requests               hash: meta job id -> HeldRequest, a compact_timeline message
+                                      received and not yet turned into a meta job
 compactor:alive:{hostname}:{pid}      a worker process's liveness (expires when it stops renewing)
 ```
 
@@ -34,9 +36,9 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from compactor.storage.errors import CompactorError, NotFound
+from compactor.storage.errors import CompactorError, InvalidInput, NotFound, one_line
 from compactor.storage.ids import validate_id
 from compactor.worker.engine.jobs import CommitProposal, SubJobSpec
 from compactor.worker.engine.statistics import CompactionStatistics, NumSize
@@ -238,6 +240,14 @@ class MetaJobRecord(Record):
     pending: bool = False  # l0: the byte bound left L0s for another job (the seed's CompactionOutcome::Pending)
 
 
+class HeldRequest(Record):
+    """A ``compact_timeline`` message that a worker process received and has not yet turned into
+    a meta job: sent again with the same job id if that process dies."""
+
+    holder: str  # hostname:pid
+    request: CompactRequest
+
+
 class BreakerState(Record):
     tenant_id: str
     timeline_id: str
@@ -286,6 +296,7 @@ def _key_alive(holder: str) -> str:
 _HELD_TTL_S = 24 * 3600
 
 KEY_JOBS = f"{PREFIX}jobs"
+KEY_HELD_REQUESTS = f"{PREFIX}held-requests"
 KEY_ACTIVE = f"{PREFIX}active"
 
 # Delete the in-flight marker only if it still names this meta job.
@@ -476,6 +487,30 @@ class JobRecords:
     def held_by(self, sub_id: str) -> str | None:
         raw = self.r.get(_key_held(sub_id))
         return _text(raw) if raw is not None else None
+
+    def hold_request(self, request: CompactRequest, holder: str) -> None:
+        """A worker process received ``compact_timeline`` for ``request``, which names its job
+        id: it holds the message until the meta job exists."""
+        if request.job_id is None:
+            raise InvalidInput("only a request with a job id can be sent again safely")
+        held = HeldRequest(holder=holder, request=request)
+        self.r.hset(KEY_HELD_REQUESTS, request.job_id, held.model_dump_json())
+
+    def release_request(self, job_id: str) -> None:
+        """The request of ``job_id`` needs no holder any more (its meta job exists, or it was
+        rejected, or it is about to be sent again)."""
+        self.r.hdel(KEY_HELD_REQUESTS, job_id)
+
+    def held_requests(self) -> dict[str, HeldRequest]:
+        """Every held request by job id; an entry that does not parse is logged and skipped."""
+        out: dict[str, HeldRequest] = {}
+        for raw_id, raw in self.r.hgetall(KEY_HELD_REQUESTS).items():
+            job_id = _text(raw_id)
+            try:
+                out[job_id] = HeldRequest.model_validate_json(raw)
+            except ValidationError as err:
+                log.warning("held request unreadable job=%s error=%r", job_id, one_line(err))
+        return out
 
     def keep_alive(self, holder: str, ttl_s: float) -> None:
         """Say that the worker process ``holder`` is alive for another ``ttl_s`` seconds."""

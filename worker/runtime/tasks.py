@@ -222,6 +222,10 @@ def compact_timeline(ctx: Context, payload: dict[str, Any]) -> dict[str, Any]:
     except CompactorError as err:
         log.error("compact request rejected error=%r", one_line(err))
         return {"job_id": payload.get("job_id"), "state": "rejected", "error": one_line(err)}
+    finally:
+        # The message has been handled: nothing is left to send again if this process dies.
+        if isinstance(job_id := payload.get("job_id"), str):
+            ctx.records.release_request(job_id)
     return _meta_result(meta)
 
 
