@@ -9,7 +9,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -825,6 +825,26 @@ def test_dry_run_reports_the_projected_size_after(flow: tasks.Context) -> None:
     assert projected.retention_ratio == pytest.approx(real["retention_ratio"], rel=0.4)
 
 
+def sent_again_once_its_holder_dies(
+    scheduler: Scheduler, published: Published, hold: Callable[[str], None], task: str, message: dict[str, Any]
+) -> list[str]:
+    """``hold(holder)`` says a worker process holds ``message``: not sent again while that
+    process lives, sent again on the first tick after it is gone, and only once. Returns what
+    that tick reported it repaired."""
+    records = scheduler.records
+    holder = "node-1@host:4242"
+    hold(holder)
+    records.keep_alive(holder, 30.0)
+    scheduler.tick()
+    assert published.of(task) == [], "a live worker holds the message"
+    records.gone(holder)
+    repaired = scheduler.tick().repaired
+    assert published.of(task) == [message]
+    scheduler.tick()
+    assert len(published.of(task)) == 1, "sent again once, not every tick"
+    return repaired
+
+
 def test_a_message_held_by_a_dead_worker_is_sent_again(flow: tasks.Context) -> None:
     """A waiting sub-job whose message a worker received but never ran is sent again as soon as
     that worker process is gone, long before the no-progress timeout; not while it lives."""
@@ -835,16 +855,11 @@ def test_a_message_held_by_a_dead_worker_is_sent_again(flow: tasks.Context) -> N
     scheduler = Scheduler(flow.storage, records, published, flow.settings, auto_trigger=False)
     dispatch.enqueue_sub(records, published, records.get_sub(sid))
     published.messages.clear()
-    records.mark_held(sid, "node-1@host:4242")
-    records.keep_alive("node-1@host:4242", 30.0)
-    scheduler.tick()
-    assert published.of(TASK_RUN) == [], "a live worker holds the message"
-    records.gone("node-1@host:4242")
-    report = scheduler.tick()
-    assert published.of(TASK_RUN) == [{"sub_job_id": sid}] and report.repaired == [f"enqueue {sid}"]
+    repaired = sent_again_once_its_holder_dies(
+        scheduler, published, lambda holder: records.mark_held(sid, holder), TASK_RUN, {"sub_job_id": sid}
+    )
+    assert repaired == [f"enqueue {sid}"]
     assert records.held_by(sid) is None, "the new message has not reached anyone yet"
-    scheduler.tick()
-    assert len(published.of(TASK_RUN)) == 1, "sent again once, not every tick"
 
 
 def test_a_compact_request_held_by_a_dead_worker_is_sent_again_once(flow: tasks.Context) -> None:
@@ -857,16 +872,14 @@ def test_a_compact_request_held_by_a_dead_worker_is_sent_again_once(flow: tasks.
     assert job_id is not None
     published = Published()
     scheduler = Scheduler(flow.storage, records, published, flow.settings, auto_trigger=False)
-    records.hold_request(request, "node-1@host:4242")
-    records.keep_alive("node-1@host:4242", 30.0)
-    scheduler.tick()
-    assert published.of(TASK_COMPACT) == [], "a live worker holds the message"
-    records.gone("node-1@host:4242")
-    report = scheduler.tick()
-    assert published.of(TASK_COMPACT) == [request.model_dump(mode="json")]
-    assert report.repaired == [f"submit {job_id}"]
-    scheduler.tick()
-    assert len(published.of(TASK_COMPACT)) == 1, "sent again once, not every tick"
+    repaired = sent_again_once_its_holder_dies(
+        scheduler,
+        published,
+        lambda holder: records.hold_request(request, holder),
+        TASK_COMPACT,
+        request.model_dump(mode="json"),
+    )
+    assert repaired == [f"submit {job_id}"]
 
     records.hold_request(request, "node-2@host:4343")  # the worker that receives the new message
     result = tasks.compact_timeline(flow, published.of(TASK_COMPACT)[0])
