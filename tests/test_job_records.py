@@ -32,7 +32,14 @@ from compactor.worker.runtime.attempts import ClaimOutcome, StaleAttempt
 from compactor.worker.runtime.dispatch import TASK_COMPACT, TASK_FINALIZE, TASK_PLAN, TASK_QUEUES, TASK_RUN
 from compactor.worker.runtime.payloads import PAYLOADS, CompactRequest, sub_job_id
 from compactor.worker.runtime.plugins import Attempt, Hold, Plugin, Plugins
-from compactor.worker.runtime.records import JobProgress, JobRecords, JobState, MetaJobRecord, SubJobRecord
+from compactor.worker.runtime.records import (
+    KEY_HELD_REQUESTS,
+    JobProgress,
+    JobRecords,
+    JobState,
+    MetaJobRecord,
+    SubJobRecord,
+)
 from compactor.worker.runtime.redis_client import celery_redis_url, check_connectivity, redact_url, redis_py_url
 from tests.conftest import make_s3_settings
 from tests.faultplugin import FaultPoints, set_fault
@@ -890,6 +897,27 @@ def test_a_compact_request_held_by_a_dead_worker_is_sent_again_once(flow: tasks.
     report = scheduler.tick()
     assert len(published.of(TASK_COMPACT)) == 1 and report.repaired == []
     assert records.held_requests() == {}
+
+
+def test_an_unreadable_held_request_is_dropped_once_and_never_sent(
+    flow: tasks.Context, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A held request that does not parse (written by another version, or damaged) cannot be
+    sent again: the first look logs and drops it, later ticks neither log it nor send anything,
+    and a readable request beside it is still handled."""
+    records = flow.records
+    request = CompactRequest(tenant_id=TENANT, timeline_id=TL, job_id=os.urandom(16).hex())
+    records.hold_request(request, "node-1@host:4242")  # its holder is not alive
+    records.r.hset(KEY_HELD_REQUESTS, "f" * 32, b'{"request": {"tenant_id": 1')
+    published = Published()
+    scheduler = Scheduler(flow.storage, records, published, flow.settings, auto_trigger=False)
+    with caplog.at_level("ERROR"):
+        scheduler.tick()
+        scheduler.tick()
+    dropped = [r for r in caplog.records if "held request unreadable" in r.getMessage()]
+    assert len(dropped) == 1 and "f" * 32 in dropped[0].getMessage()
+    assert published.of(TASK_COMPACT) == [request.model_dump(mode="json")]
+    assert records.r.hkeys(KEY_HELD_REQUESTS) == []
 
 
 def test_a_compact_request_without_a_job_id_is_never_held(records: JobRecords) -> None:

@@ -502,14 +502,16 @@ class JobRecords:
         self.r.hdel(KEY_HELD_REQUESTS, job_id)
 
     def held_requests(self) -> dict[str, HeldRequest]:
-        """Every held request by job id; an entry that does not parse is logged and skipped."""
+        """Every held request by job id. An entry that does not parse is logged and dropped: it
+        could never be sent again, and kept it would be logged on every look."""
         out: dict[str, HeldRequest] = {}
         for raw_id, raw in self.r.hgetall(KEY_HELD_REQUESTS).items():
             job_id = _text(raw_id)
             try:
                 out[job_id] = HeldRequest.model_validate_json(raw)
             except ValidationError as err:
-                log.warning("held request unreadable job=%s error=%r", job_id, one_line(err))
+                log.error("held request unreadable, dropped job=%s error=%r", job_id, one_line(err))
+                self.r.hdel(KEY_HELD_REQUESTS, raw_id)
         return out
 
     def keep_alive(self, holder: str, ttl_s: float) -> None:
