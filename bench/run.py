@@ -285,6 +285,12 @@ def requests_per_gb(run: dict[str, Any]) -> float:
     return sum(requests.values()) / (float(run["input_bytes"]) / 1e9)
 
 
+def _usage_text(run: dict[str, Any]) -> str:
+    """The worker's CPU split and page faults, for the log."""
+    return (f"worker CPU {run['cpu_s']:.2f}s (user {run['cpu_user_s']:.2f}, system {run['cpu_system_s']:.2f}), "
+            f"{run['minor_faults']:,} minor page faults")  # fmt: skip
+
+
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(runs, key=lambda r: r["wall_s"])
     best = dict(ordered[len(ordered) // 2])
@@ -302,10 +308,10 @@ def measure_workload(bench: Bench, spec: WorkloadSpec, repeat: int, unverified: 
         timeline = bench.reset(manifest)
         result = bench.run_job("compact", timeline, f"{spec.name}-{spec.size_bytes}-{r}")
         bench.log(f"    compact: {result['mb_s']:.1f} MB/s ({result['wall_s']:.2f}s), "
-                  f"{requests_per_gb(result):.0f} S3 requests per GB")  # fmt: skip
+                  f"{requests_per_gb(result):.0f} S3 requests per GB, {_usage_text(result)}")  # fmt: skip
         compacts.append(result)
         copy = bench.run_job("copy", bench.reset(manifest), f"{spec.name}-{spec.size_bytes}-copy-{r}")
-        bench.log(f"    copy-through: {copy['mb_s']:.1f} MB/s ({copy['wall_s']:.2f}s)")
+        bench.log(f"    copy-through: {copy['mb_s']:.1f} MB/s ({copy['wall_s']:.2f}s), {_usage_text(copy)}")
         copies.append(copy)
     compaction, copy = _median_run(compacts), _median_run(copies)
     extra: dict[str, Any] = {}
