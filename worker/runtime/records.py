@@ -511,7 +511,7 @@ class JobRecords:
                 out[job_id] = HeldRequest.model_validate_json(raw)
             except ValidationError as err:
                 log.error("held request unreadable, dropped job=%s error=%r", job_id, one_line(err))
-                self.r.hdel(KEY_HELD_REQUESTS, raw_id)
+                self.release_request(job_id)
         return out
 
     def keep_alive(self, holder: str, ttl_s: float) -> None:
