@@ -2,6 +2,7 @@
 stays valid, and compacting twice changes nothing."""
 
 import itertools
+import threading
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compactor.storage.keys import KEY_MAX, KEY_MIN, KeyRange, format_key, key_from_int, key_to_int
+from compactor.storage.layer_file import LayerFileInfo
 from compactor.storage.layer_map import check_valid_layermap
+from compactor.storage.layer_name import LayerName
 from compactor.storage.lsn import LSN_MAX
-from compactor.storage.manifest import GcInfo, Manifest
+from compactor.storage.manifest import GcInfo, LayerEntry, Manifest
 from compactor.worker.engine.commit import apply, validate
 from compactor.worker.engine.jobs import CommitProposal, CompactionJob
 from compactor.worker.engine.plan import plan_job
@@ -197,6 +200,27 @@ def test_seed_doc_example_end_to_end(tmp_path: Path) -> None:
     assert reads(io, new, 0x40) == {1: b"ABCD"}
     assert reads(io, new, 0x50) == {1: b"ABCDE"}
     assert reads(io, new, 0x60) == {1: b"ABCDEF"}
+
+
+def test_the_image_and_delta_layers_cut_at_the_end_complete_together(tmp_path: Path) -> None:
+    """Both writers close when the main loop ends; a store completes an upload in time that grows
+    with its size, so the job must not complete the two one after the other. Each completion
+    here waits until the other has started: one after the other, the first waits out the
+    barrier and the job fails."""
+    both_completing = threading.Barrier(2, timeout=10)
+
+    class SlowToComplete(MemoryIO):
+        def upload(self, manifest: Manifest, name: LayerName, file: LayerFileInfo) -> LayerEntry:
+            both_completing.wait()
+            return super().upload(manifest, name, file)
+
+    values = [Value(0x10, image=b"A")] + [Value(lsn, record=record(b"B")) for lsn in (0x20, 0x30, 0x40)]
+    layer = Layer("delta", (0, 4), (0x10, 0x50), {1: values})
+    io = SlowToComplete()
+    io.load({PARENT: Timeline(PARENT, [layer], cutoff=0x40, retain_lsns=[0x20])})
+    new, changed = compact_once(io, CompactionJob(tenant_id=TENANT, timeline_id=PARENT), tmp_path, 1 << 20)
+    assert changed and sorted(n.is_delta for n in new.layer_names()) == [False, True]
+    assert [reads(io, new, lsn) for lsn in (0x20, 0x30, 0x40)] == [{1: b"AB"}, {1: b"ABB"}, {1: b"ABBB"}]
 
 
 @pytest.mark.parametrize("cutoff", [0])

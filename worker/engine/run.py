@@ -213,7 +213,7 @@ def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | Non
         # Layers download in the background while the main loop reads those already here, and
         # each output layer uploads as soon as it is cut: transfers overlap the compute.
         downloads = _Downloads(io, plan.inputs, plan.keys, hooks)
-        uploads = _Uploads(io, manifest)
+        uploads = _Uploads(io, manifest, writers=2)
 
         def discard(name: LayerName, file: LayerFileInfo | None = None) -> bool:
             if job.dry_run:
@@ -728,11 +728,17 @@ class _Uploads:
     and the completion), or, for a piece written without one, the whole file is uploaded
     there. Each local file is deleted once its upload ends, whatever the outcome. ``entries``
     waits for the uploads and returns them in the order asked for; ``abort`` deletes every
-    object uploaded and every file left, and aborts every upload not completed."""
+    object uploaded and every file left, and aborts every upload not completed.
 
-    def __init__(self, io: LayerIO, manifest: Manifest) -> None:
+    ``writers`` is how many writers may cut at once, each with a completion thread of its
+    own: a gc-compaction's image and delta writers both close when the main loop ends, and a
+    store completes an upload in time that grows with its size (moto copies every part), so
+    one thread made the job wait for both completions one after the other."""
+
+    def __init__(self, io: LayerIO, manifest: Manifest, writers: int = 1) -> None:
         self._io = io
         self._manifest = manifest
+        self._writers = writers
         self._pool: ThreadPoolExecutor | None = None
         self._pending: dict[int, tuple[Produced, Future[LayerEntry]]] = {}
 
@@ -744,7 +750,7 @@ class _Uploads:
             if future.done() and future.exception() is not None:
                 future.result()  # an earlier upload failed: stop now rather than at the end
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-upload")
+            self._pool = ThreadPoolExecutor(max_workers=self._writers, thread_name_prefix="layer-upload")
         self._pending[id(piece)] = (piece, self._pool.submit(self._upload, piece))
 
     def _upload(self, piece: Produced) -> LayerEntry:
