@@ -258,6 +258,28 @@ def test_image_on_a_branch_reads_through_the_ancestor(tmp_path: Path) -> None:
     assert every_read(io, new, 45) == reads
 
 
+def test_an_empty_range_taken_over_again_finds_its_layer_made(tmp_path: Path) -> None:
+    """Key 0 has no value at the image LSN, so the first image range is empty and the next one
+    takes it over (Neon's rule), making ``[0, 2)``. A forced job at the same LSN cuts ``[0, 1)``
+    and ``[1, 2)`` and takes over the same way: that layer exists already and is not made twice
+    (found by the random-orders test: the commit refused a second layer of the same name)."""
+    layers = [
+        Layer("delta", (1, 4), (0, 2), {2: [Value(0, image=b"a")], 3: [Value(0, image=b"b"), Value(1, image=b"c")]}),
+        Layer("image", (0, 4), (2, 3), {3: [Value(2, image=b"d")]}),
+        l0((5, 7), {1: [Value(5, image=b"e")]}),
+    ]
+    io = load({PARENT: Timeline(PARENT, layers)}, compaction_target_size=200, image_creation_threshold=1)
+    before = every_read(io, io.manifests[PARENT], 7)
+    first, _ = compact(io, job("image"), tmp_path)
+    taken_over = "000000000000000000000000000000000000-000000000000000000000000000000000002__0000000000000006"
+    assert taken_over in first.layers
+    second, plan = compact(io, job("image", force=True), tmp_path)
+    assert isinstance(plan, ImagePlan) and KeyRange(key_from_int(0), key_from_int(1)) in plan.images
+    added = set(second.layers) - set(first.layers)
+    assert added and taken_over not in added and second.layers[taken_over] == first.layers[taken_over]
+    assert every_read(io, second, 7) == before
+
+
 def test_redo_failure_fails_and_changes_nothing(tmp_path: Path) -> None:
     bad = record(b"!", only_if=b"never")
     layers = [Layer("delta", (0, 4), (10, 20), {1: [Value(11, image=b"a"), Value(12, record=bad)]})]

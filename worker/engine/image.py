@@ -19,9 +19,9 @@ Planning (pure, on one manifest, so every sub-job derives the same plan):
 Running (one sub-job, the image ranges inside its slice): values at the image LSN come from the
 read path in bulk (on a branch, through the ancestor); a redo failure fails the job. A range with
 no key at the image LSN is not written, and the next range of the sub-job, if it starts where
-that one ends, starts where that one started (Neon's rule for an empty partition). Nothing is
-removed: reads below the image LSN never see the new layers, and reads at or above it get the
-value the older layers give.
+that one ends, starts where that one started (Neon's rule for an empty partition), unless an
+earlier job at the same LSN made that layer already. Nothing is removed: reads below the image
+LSN never see the new layers, and reads at or above it get the value the older layers give.
 """
 
 from __future__ import annotations
@@ -181,6 +181,12 @@ def run_image(plan: ImagePlan, io: LayerIO, settings: EngineSettings, hooks: Hoo
                 if carried is not None and carried.end == image.start:
                     image = KeyRange(carried.start, image.end)
                 name = LayerName.image(image.start, image.end, plan.lsn)
+                if str(name) in manifest.layers:
+                    # Only a range that took over an empty one can be there (the plan leaves out
+                    # those that are): an earlier job made it, with these keys at this LSN, and
+                    # the commit refuses a second layer of the same name.
+                    carried = None
+                    continue
                 with LayerWriter(settings.workdir / f"image-{id(plan):x}-{number}.parquet") as writer:
                     try:
                         for key, value in io.read(manifest, plan.lsn, image):
