@@ -39,7 +39,15 @@ import pyarrow as pa
 
 from compactor.storage.errors import CompactorError, CorruptLayer, NotFound
 from compactor.storage.keys import KeyRange
-from compactor.storage.layer_file import Footer, LayerReader, RowGroup, file_sha256, footer_from_tail, footer_length
+from compactor.storage.layer_file import (
+    READ_BATCH_BYTES,
+    Footer,
+    LayerReader,
+    RowGroup,
+    file_sha256,
+    footer_from_tail,
+    footer_length,
+)
 from compactor.storage.manifest import LayerEntry
 from compactor.storage.object_store import ObjectStore
 from compactor.storage.values import Version
@@ -415,13 +423,15 @@ class LayerDownload:
                 raise self._error
             return position < self._landed
 
-    def batches(self, key_range: KeyRange, wait: Callable[[int], None]) -> Iterator[pa.RecordBatch]:
-        """The rows of ``key_range``, each row group read once ``wait(group)`` returned (after
-        ``wait_for`` said it landed)."""
+    def batches(
+        self, key_range: KeyRange, wait: Callable[[int], None], batch_bytes: int = READ_BATCH_BYTES
+    ) -> Iterator[pa.RecordBatch]:
+        """The rows of ``key_range`` in batches of about ``batch_bytes``, each row group read once
+        ``wait(group)`` returned (after ``wait_for`` said it landed)."""
         with self._cond:
             if self._error is not None:
                 raise self._error
             # Under the lock: the file is opened by the name it has at that moment.
             reader = LayerReader(self.path, name=self.entry.layer, object_key=self.entry.object_key, before_group=wait)
-        batches = reader.iter_batches(key_range)
+        batches = reader.iter_batches(key_range, batch_bytes)
         return batches if self._first_read is None else after_first(batches, self._first_read)

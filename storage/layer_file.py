@@ -18,8 +18,9 @@ versions (every single-bit flip of a small file is tested). The sha256 kept in t
 
 The writer buffers about ``row_group_bytes`` of versions before handing them to Parquet as one
 row group. The reader skips row groups whose index entry misses the requested key range and
-streams the others in batches of about 1 MiB, so memory does not grow with the layer, and a
-k-way merge holding one open reader per input layer costs a few MiB per layer.
+streams the others in batches of about ``READ_BATCH_BYTES`` (1 MiB, or what the caller asks), so
+memory does not grow with the layer, and a k-way merge holding one open reader per input layer
+costs a batch or two per layer.
 """
 
 import bisect
@@ -73,7 +74,8 @@ _MAX_GROUP_ROWS: Final = 1 << 20
 # A row group is concatenated into one Arrow batch, whose binary column holds at most 2 GiB.
 _MAX_GROUP_BYTES: Final = 1 << 30
 _PARQUET_MAGIC: Final = b"PAR1"
-_READ_BATCH_BYTES: Final = 1 << 20
+READ_BATCH_BYTES: Final = 1 << 20
+"""About how many bytes of versions each batch a reader yields holds, unless asked otherwise."""
 _READ_BUFFER_BYTES: Final = 256 << 10
 # Errors pyarrow raises for unreadable input: ArrowException covers ArrowInvalid (a ValueError)
 # and ArrowIOError (an OSError); thrift and CRC failures surface as plain OSError.
@@ -773,9 +775,11 @@ class LayerReader:
 
     # -- iteration --
 
-    def iter_batches(self, key_range: KeyRange | None = None) -> Iterator[pa.RecordBatch]:
+    def iter_batches(
+        self, key_range: KeyRange | None = None, batch_bytes: int = READ_BATCH_BYTES
+    ) -> Iterator[pa.RecordBatch]:
         """Record batches in ``SCHEMA`` holding exactly the rows with keys in ``key_range``
-        (all rows if None), in order, streamed in batches of about 1 MiB."""
+        (all rows if None), in order, streamed in batches of about ``batch_bytes``."""
         if self._file is None:
             raise ValueError(f"layer reader for {self.path} is closed")
         if key_range is not None and not self.name.key_range.overlaps(key_range):
@@ -788,21 +792,21 @@ class LayerReader:
                     continue
                 if group.first_key >= key_range.end:
                     return  # rows are sorted: nothing later can match
-            yield from self._iter_row_group(i, key_range)
+            yield from self._iter_row_group(i, key_range, batch_bytes)
 
     def iter_versions(self, key_range: KeyRange | None = None) -> Iterator[Version]:
         # Chained in C: no Python frame per version.
         return itertools.chain.from_iterable(map(batch_to_versions, self.iter_batches(key_range)))
 
-    def _iter_row_group(self, i: int, key_range: KeyRange | None) -> Iterator[pa.RecordBatch]:
-        """Stream row group ``i`` in batches of about _READ_BATCH_BYTES, checked against its
+    def _iter_row_group(self, i: int, key_range: KeyRange | None, batch_bytes: int) -> Iterator[pa.RecordBatch]:
+        """Stream row group ``i`` in batches of about ``batch_bytes``, checked against its
         index entry: the entry was written from these very rows, so a mismatch means damage the
         page checksums cannot see (in the footer, which has none)."""
         if self._before_group is not None:
             self._before_group(i)
         group = self._index[i]
         self.row_groups_read += 1
-        batch_rows = max(16, group.num_rows * _READ_BATCH_BYTES // max(group.raw_bytes, 1))
+        batch_rows = max(16, group.num_rows * batch_bytes // max(group.raw_bytes, 1))
         seen = 0
         last_key: bytes | None = None
         try:

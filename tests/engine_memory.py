@@ -63,7 +63,8 @@ class MemoryDownload:
     def abandon(self, error: BaseException | None = None) -> None:
         pass
 
-    def batches(self, key_range: KeyRange, wait: Callable[[int], None]) -> Iterator[pa.RecordBatch]:
+    def batches(self, key_range: KeyRange, wait: Callable[[int], None], batch_bytes: int) -> Iterator[pa.RecordBatch]:
+        self.io.batch_bytes[self.entry.name] = batch_bytes
         versions = list(self.io.versions(self.entry, key_range))
         for start in range(0, len(versions), 7):
             yield versions_to_batch(versions[start : start + 7])
@@ -75,6 +76,7 @@ class MemoryIO:
         self.manifests: dict[str, Manifest] = {}
         self.uploads = 0
         self.sinks: list[MemorySink] = []
+        self.batch_bytes: dict[str, int] = {}  # the read batch the engine asked of each layer
 
     def load(self, tls: dict[str, Timeline]) -> None:
         for tl_id, tl in tls.items():

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from compactor.storage.keys import KEY_MAX, KEY_MIN, KeyRange, key_from_int, key_to_int
+from compactor.storage.layer_file import READ_BATCH_BYTES
 from compactor.storage.layer_map import check_valid_layermap
 from compactor.storage.manifest import Manifest
 from compactor.worker.engine.commit import apply, validate
@@ -16,6 +17,7 @@ from compactor.worker.engine.image import ImagePlan
 from compactor.worker.engine.jobs import CommitProposal, CompactionJob, JobKind
 from compactor.worker.engine.kinds import plan_any, run_any
 from compactor.worker.engine.l0 import L0Plan
+from compactor.worker.engine.merge import READ_AHEAD_BYTES
 from compactor.worker.engine.run import CompactionFailed, EngineSettings
 from tests.engine_memory import MemoryIO
 from tests.test_engine import gc_setup, must_survive
@@ -87,6 +89,20 @@ def stack(count: int, start: int = 10, width: int = 10) -> list[Layer]:
 
 
 # ----------------------------------------------------------------------------- L0 rules
+
+
+def test_a_merge_of_many_layers_reads_small_batches_and_of_few_large_ones(tmp_path: Path) -> None:
+    """The merge holds a batch or two of every input: what it reads ahead stays about
+    ``READ_AHEAD_BYTES`` however many L0s there are, and few inputs get batches of 4 MiB."""
+    many = load({PARENT: Timeline(PARENT, stack(30))}, compaction_threshold=2)
+    compact(many, job("l0"), tmp_path)
+    assert len(many.batch_bytes) == 30 and set(many.batch_bytes.values()) == {READ_BATCH_BYTES}
+    few = load({PARENT: Timeline(PARENT, stack(3))}, compaction_threshold=2)
+    compact(few, job("l0"), tmp_path)
+    assert len(few.batch_bytes) == 3 and set(few.batch_bytes.values()) == {4 * READ_BATCH_BYTES}
+    eight = load({PARENT: Timeline(PARENT, stack(8))}, compaction_threshold=2)
+    compact(eight, job("l0"), tmp_path)
+    assert set(eight.batch_bytes.values()) == {READ_AHEAD_BYTES // 8}
 
 
 def test_below_threshold_nothing_unless_forced(tmp_path: Path) -> None:

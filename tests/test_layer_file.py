@@ -636,6 +636,19 @@ def test_streamed_write_and_read_use_bounded_memory(tmp_path: Path) -> None:
     assert path.stat().st_size > 2 * 8 * group  # the file alone is twice the largest bound
 
 
+def test_batches_are_about_the_size_asked(tmp_path: Path) -> None:
+    """One 24 MiB row group read in batches of 1 and of 4 MiB: 24 and 6 batches (one more for
+    the rest), each of about the size asked."""
+    path = tmp_path / "wide"
+    write(path, BIG, list(page_stream(24 * MIB)), row_group_bytes=32 * MIB)
+    for asked in (MIB, 4 * MIB):
+        with LayerReader(path, name=BIG) as reader:
+            sizes = [payload_bytes(batch.column("value")) for batch in reader.iter_batches(batch_bytes=asked)]
+        assert 24 * MIB // asked <= len(sizes) <= 24 * MIB // asked + 1
+        # Rows are counted by their payload plus a fixed overhead each: a little below the size.
+        assert all(0.95 * asked < size <= asked for size in sizes[:-1]), (asked, sizes)
+
+
 def test_open_iterators_hold_a_read_batch_not_a_row_group(tmp_path: Path) -> None:
     """A k-way merge keeps one iterator per input layer open: each may hold about one read
     batch (~1 MiB) and a page or two, whatever the row-group size of the file."""

@@ -176,9 +176,9 @@ class _ObservedDownload:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.download, name)
 
-    def batches(self, key_range: KeyRange, wait: Callable[[int], None]) -> Iterator[pa.RecordBatch]:
+    def batches(self, key_range: KeyRange, wait: Callable[[int], None], batch_bytes: int) -> Iterator[pa.RecordBatch]:
         events = self.storage.events
-        for batch in self.download.batches(key_range, wait):
+        for batch in self.download.batches(key_range, wait, batch_bytes):
             if self.storage.fail and events.count("multipart"):
                 raise RuntimeError("injected failure in the merge")
             events.add("batch", batch.num_rows)

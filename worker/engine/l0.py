@@ -49,7 +49,7 @@ from compactor.worker.engine.run import (
     LayerIO,
     Progress,
     Result,
-    _chain_batches,
+    _chain_streams,
     _Downloads,
     _too_much_history,
     _Uploads,
@@ -187,7 +187,7 @@ def run_l0(plan: L0Plan, io: LayerIO, settings: EngineSettings, hooks: Hooks | N
 
 def _streams(plan: L0Plan, downloads: _Downloads) -> list[Iterator[pa.RecordBatch]]:
     # Every L0 covers every key, so each one is a chain of its own.
-    return [_chain_batches([entry], downloads) for entry in plan.selected]
+    return _chain_streams([[entry] for entry in plan.selected], downloads)
 
 
 def _merge_into(

@@ -50,7 +50,7 @@ from compactor.storage.read_path import live_filter
 from compactor.storage.values import ValueKind, Version, image
 from compactor.worker.engine.batch_retention import key_starts, retain_chunk, simple_keys
 from compactor.worker.engine.jobs import CommitProposal
-from compactor.worker.engine.merge import KEY_DTYPE, chains, key_array, merged_chunks
+from compactor.worker.engine.merge import KEY_DTYPE, chain_batch_bytes, chains, key_array, merged_chunks
 from compactor.worker.engine.plan import JobPlan
 from compactor.worker.engine.retention import DELTA_THRESHOLD, generate_key_retention, place
 from compactor.worker.engine.split_writers import (
@@ -91,9 +91,9 @@ class Download(Protocol):
 
     def abandon(self, error: BaseException | None = None) -> None: ...
 
-    def batches(self, key_range: KeyRange, wait: Callable[[int], None]) -> Iterator[pa.RecordBatch]:
-        """The layer's rows with keys in ``key_range`` as layer-schema batches, in order, each
-        row group read once ``wait(group)`` returned."""
+    def batches(self, key_range: KeyRange, wait: Callable[[int], None], batch_bytes: int) -> Iterator[pa.RecordBatch]:
+        """The layer's rows with keys in ``key_range`` as layer-schema batches of about
+        ``batch_bytes``, in order, each row group read once ``wait(group)`` returned."""
         ...
 
 
@@ -293,10 +293,16 @@ def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | Non
     return Result(proposal, stats, produced)
 
 
-def _chain_batches(chain: list[LayerEntry], downloads: _Downloads) -> Iterator[pa.RecordBatch]:
-    """The rows of a chain's layers in the job's key range, one layer after the other."""
-    for entry in chain:
-        yield from downloads.batches(entry)
+def _chain_streams(chain_list: list[list[LayerEntry]], downloads: _Downloads) -> list[Iterator[pa.RecordBatch]]:
+    """For each chain, the rows of its layers in the job's key range, one layer after the other,
+    in batches sized for a merge of that many chains."""
+    batch_bytes = chain_batch_bytes(len(chain_list))
+
+    def stream(chain: list[LayerEntry]) -> Iterator[pa.RecordBatch]:
+        for entry in chain:
+            yield from downloads.batches(entry, batch_bytes)
+
+    return [stream(chain) for chain in chain_list]
 
 
 def _live_rows(table: pa.Table, live: list[KeyRange] | None) -> pa.Table:
@@ -347,7 +353,7 @@ def _main_loop(
     output = _KeyOutput(plan, settings, writers, verification, counts)
     decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-decode")
     try:
-        streams = [_prefetched(_chain_batches(chain, downloads), decoder) for chain in chains(plan.inputs)]
+        streams = [_prefetched(stream, decoder) for stream in _chain_streams(chains(plan.inputs), downloads)]
         keys = _merge_loop(output, io, hooks, timer, streams)
     finally:
         decoder.shutdown(wait=True, cancel_futures=True)
@@ -689,11 +695,11 @@ class _Downloads:
             for download in started:
                 download.abandon(err)
 
-    def batches(self, entry: LayerEntry) -> Iterator[pa.RecordBatch]:
+    def batches(self, entry: LayerEntry, batch_bytes: int) -> Iterator[pa.RecordBatch]:
         future = self._started[entry.name]
         self._block(lambda: bool(futures_wait([future], timeout=1.0).done))
         download = future.result()
-        yield from download.batches(self._keys, lambda group: self._wait(download, group))
+        yield from download.batches(self._keys, lambda group: self._wait(download, group), batch_bytes)
 
     def _wait(self, download: Download, group: int) -> None:
         if not download.wait_for(group, 0):
