@@ -62,7 +62,7 @@ READ_AHEAD_BYTES: Final = 20 << 20
 def chain_batch_bytes(chains: int) -> int:
     """The read batch of each of ``chains`` chains: ``READ_AHEAD_BYTES`` shared out, at least
     ``READ_BATCH_BYTES`` and at most four times that. Every batch costs the merge and retention
-    the same Python and kernel calls whatever its size (4 MiB batches took 6-11% less worker CPU
+    the same Python and kernel calls whatever its size (4 MiB batches took 9-14% less worker CPU
     per job than 1 MiB ones on five chains, docs/benchmarks.md), while the merge holds a batch
     or two of every chain: an L0 compaction of twenty L0s still reads 1 MiB batches."""
     return min(4 * READ_BATCH_BYTES, max(READ_BATCH_BYTES, READ_AHEAD_BYTES // max(chains, 1)))
