@@ -39,15 +39,7 @@ import pyarrow as pa
 
 from compactor.storage.errors import CompactorError, CorruptLayer, NotFound
 from compactor.storage.keys import KeyRange
-from compactor.storage.layer_file import (
-    READ_BATCH_BYTES,
-    Footer,
-    LayerReader,
-    RowGroup,
-    file_sha256,
-    footer_from_tail,
-    footer_length,
-)
+from compactor.storage.layer_file import Footer, LayerReader, RowGroup, file_sha256, footer_from_tail, footer_length
 from compactor.storage.manifest import LayerEntry
 from compactor.storage.object_store import ObjectStore
 from compactor.storage.values import Version
@@ -423,9 +415,7 @@ class LayerDownload:
                 raise self._error
             return position < self._landed
 
-    def batches(
-        self, key_range: KeyRange, wait: Callable[[int], None], batch_bytes: int = READ_BATCH_BYTES
-    ) -> Iterator[pa.RecordBatch]:
+    def batches(self, key_range: KeyRange, wait: Callable[[int], None], batch_bytes: int) -> Iterator[pa.RecordBatch]:
         """The rows of ``key_range`` in batches of about ``batch_bytes``, each row group read once
         ``wait(group)`` returned (after ``wait_for`` said it landed)."""
         with self._cond:

@@ -28,6 +28,7 @@ MIB = 1024 * 1024
 settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
 # Tests keep retries cheap; production defaults are 0.25 s / 10 s.
 TEST_BACKOFF = {"backoff_base_s": 0.01, "backoff_max_s": 0.05}
 

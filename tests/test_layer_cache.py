@@ -13,7 +13,7 @@ import pytest
 from compactor.storage.errors import CorruptLayer
 from compactor.storage.keys import KEY_MAX, KEY_MIN, KeyRange, key_from_int
 from compactor.storage.layer_cache import DownloadAbandoned, LayerCache
-from compactor.storage.layer_file import LayerWriter
+from compactor.storage.layer_file import READ_BATCH_BYTES, LayerWriter
 from compactor.storage.layer_name import LayerName
 from compactor.storage.manifest import LayerEntry
 from compactor.storage.object_store import ObjectStore, RequestKind, StoreObserver
@@ -149,7 +149,7 @@ def test_a_download_is_read_while_its_row_groups_land_and_ends_as_the_verified_w
     assert groups >= 8
     assert download.wait_for(0, 0) and not download.wait_for(groups - 1, 0)
     waited: list[int] = []
-    read = download.batches(keys(0, N_KEYS), waited.append)
+    read = download.batches(keys(0, N_KEYS), waited.append, READ_BATCH_BYTES)
     first = next(read)  # read before the rest of the layer is here
     assert first.column(0)[0].as_py() == key_from_int(0)
     assert not cache.path_for(entry).exists()
