@@ -52,13 +52,14 @@ def uploads_in_progress(store: ObjectStore) -> list[str]:
     return [upload.key for upload in store.list_uploads("")]
 
 
-def test_stream_becomes_a_multipart_upload_part_by_part(object_store: ObjectStore) -> None:
+@pytest.mark.parametrize("piece", [700_000, 11 * MIB], ids=["pieces straddling parts", "pieces of several parts"])
+def test_stream_becomes_a_multipart_upload_part_by_part(object_store: ObjectStore, piece: int) -> None:
     events = Events()
     object_store.observer = events
     data = os.urandom(12 * MIB)
     upload = object_store.open_upload("streamed/big")
-    for start in range(0, len(data), 700_000):
-        upload.write(data[start : start + 700_000])
+    for start in range(0, len(data), piece):
+        upload.write(data[start : start + piece])
     # The upload started with the first full part; parts go on their own threads.
     assert events.count("multipart") == 1
     assert uploads_in_progress(object_store) == ["streamed/big"]
