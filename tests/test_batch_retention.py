@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compactor.storage.errors import RedoError
-from compactor.storage.keys import key_from_int
+from compactor.storage.keys import KEY_SIZE, key_from_int
 from compactor.storage.layer_file import versions_to_batch
 from compactor.storage.redo import TestRecord as _TestRecord
 from compactor.storage.values import ValueKind, Version
-from compactor.worker.engine.batch_retention import _gather, key_starts, retain_chunk, simple_keys
-from compactor.worker.engine.merge import key_array, merged_chunks
+from compactor.worker.engine.batch_retention import _gather, retain_chunk, simple_keys
+from compactor.worker.engine.merge import key_array, key_starts, merged_chunks
 from compactor.worker.engine.retention import generate_key_retention, place
 
 
@@ -162,6 +162,22 @@ def test_merge_yields_whole_keys_in_order(
     assert merged == sorted(v for chain in spread for v in chain)
     keys_per_chunk = [set(chunk.column("key").to_pylist()) for chunk in chunks]
     assert sum(len(k) for k in keys_per_chunk) == len(set().union(*keys_per_chunk))
+
+
+@given(st.lists(st.integers(0, KEY_SIZE - 1).flatmap(lambda at: st.tuples(st.just(at), st.integers(0, 255))),
+                max_size=40))  # fmt: skip
+def test_key_starts_finds_keys_differing_in_any_byte(changes: list[tuple[int, int]]) -> None:
+    """Each key of a sorted run differs from the one before it in one byte, anywhere in the key
+    (each of the words ``key_starts`` compares, and their edges), or repeats it."""
+    keys = [bytes(KEY_SIZE)]
+    for at, value in changes:
+        key = bytearray(keys[-1])
+        key[at] = max(key[at], value)  # a repeat when it cannot grow there
+        keys.append(bytes(key))
+    keys.sort()
+    array = np.array(keys, dtype=f"S{KEY_SIZE}")
+    expected = [i for i in range(len(keys)) if i == 0 or keys[i] != keys[i - 1]] + [len(keys)]
+    assert key_starts(array).tolist() == expected
 
 
 @settings(max_examples=60, deadline=None)

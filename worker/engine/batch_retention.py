@@ -38,13 +38,6 @@ _IMAGE = int(ValueKind.IMAGE)
 _RECORD = int(ValueKind.RECORD)
 
 
-def key_starts(keys: np.ndarray) -> np.ndarray:
-    """Row index where each key begins, and the row count at the end."""
-    changes = np.flatnonzero(keys[1:] != keys[:-1]) + 1
-    starts: np.ndarray = np.concatenate(([0], changes, [len(keys)])).astype(np.int64)
-    return starts
-
-
 def _plain_append(values: pa.Array, lengths: np.ndarray) -> np.ndarray:
     """Rows whose payload is a well-formed plain append record: the first ten bytes of every
     payload are read straight from the array's data buffer."""

@@ -36,10 +36,9 @@ from compactor.storage.keys import FULL_KEY_RANGE, KEY_SIZE, KeyRange, key_next,
 from compactor.storage.layer_file import LayerWriter
 from compactor.storage.layer_name import LayerName
 from compactor.storage.manifest import LayerEntry, Manifest
-from compactor.worker.engine.batch_retention import key_starts
 from compactor.worker.engine.coverage import image_coverage
 from compactor.worker.engine.jobs import CommitProposal, CompactionJob, ReadSet
-from compactor.worker.engine.merge import KEY_DTYPE, key_array, key_at, merged_chunks
+from compactor.worker.engine.merge import KEY_DTYPE, key_array, key_at, key_starts, merged_chunks
 from compactor.worker.engine.plan import PlanningError, keeping_read_set
 from compactor.worker.engine.run import (
     MAX_KEY_HISTORY_BYTES,

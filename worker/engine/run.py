@@ -48,9 +48,9 @@ from compactor.storage.layer_name import LayerName
 from compactor.storage.manifest import LayerEntry, Manifest
 from compactor.storage.read_path import live_filter
 from compactor.storage.values import ValueKind, Version, image
-from compactor.worker.engine.batch_retention import key_starts, retain_chunk, simple_keys
+from compactor.worker.engine.batch_retention import retain_chunk, simple_keys
 from compactor.worker.engine.jobs import CommitProposal
-from compactor.worker.engine.merge import KEY_DTYPE, chain_batch_bytes, chains, key_array, merged_chunks
+from compactor.worker.engine.merge import KEY_DTYPE, chain_batch_bytes, chains, key_array, key_starts, merged_chunks
 from compactor.worker.engine.plan import JobPlan
 from compactor.worker.engine.retention import DELTA_THRESHOLD, generate_key_retention, place
 from compactor.worker.engine.split_writers import (

@@ -18,7 +18,7 @@ from compactor.storage.keys import KEY_MAX, KEY_SIZE, key_next
 from compactor.storage.layer_file import SCHEMA, LayerFileInfo, LayerSink, LayerWriter, payload_lengths
 from compactor.storage.layer_name import LayerName
 from compactor.storage.values import ValueKind, Version
-from compactor.worker.engine.merge import key_array, key_at
+from compactor.worker.engine.merge import key_array, key_at, key_starts
 
 # The seed's per-value estimate for deltas: key, LSN and about 80 bytes of value.
 _DELTA_ROW_ESTIMATE = KEY_SIZE + 8 + 80
@@ -227,8 +227,7 @@ class SplitDeltaWriter:
         if not table.num_rows:
             return
         keys = key_array(table.column("key"))
-        starts = np.concatenate(([0], np.flatnonzero(keys[1:] != keys[:-1]) + 1))
-        _feed(table, keys, starts, self._checks, self._writer_for)
+        _feed(table, keys, key_starts(keys)[:-1], self._checks, self._writer_for)
         self._last_key = key_at(keys, len(keys) - 1)
 
     def finish(self, discard: Discard) -> list[WriterResult]:
