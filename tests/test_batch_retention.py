@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -138,14 +139,15 @@ def test_verification_catches_a_lost_record(monkeypatch: pytest.MonkeyPatch, dro
     ),
     chains=st.integers(1, 4),
     batch=st.integers(1, 9),
+    chunk_bytes=st.sampled_from([0, 2000, 1 << 20]),
     data=st.data(),
 )
 def test_merge_yields_whole_keys_in_order(
-    rows: list[tuple[int, int]], chains: int, batch: int, data: st.DataObject
+    rows: list[tuple[int, int]], chains: int, batch: int, chunk_bytes: int, data: st.DataObject
 ) -> None:
     """Rows spread over chains (each key-sorted, cut into small batches) come out sorted, each
     key in exactly one chunk, whether the chains' LSNs overlap (the merge falls back to a sort)
-    or not."""
+    or not, and whether chunks are cut as soon as every chain holds a batch or later."""
     spread: list[list[Version]] = [[] for _ in range(chains)]
     for key, lsn in rows:
         spread[data.draw(st.integers(0, chains - 1))].append(image(key, lsn, b"%d" % lsn))
@@ -157,11 +159,39 @@ def test_merge_yields_whole_keys_in_order(
     def too_much(key: bytes, size: int) -> None:
         raise AssertionError("no limit here")
 
-    chunks = list(merged_chunks(streams, 1 << 30, too_much))
+    chunks = list(merged_chunks(streams, 1 << 30, too_much, chunk_bytes))
     merged = [Version(*row.values()) for chunk in chunks for row in chunk.to_pylist()]
     assert merged == sorted(v for chain in spread for v in chain)
     keys_per_chunk = [set(chunk.column("key").to_pylist()) for chunk in chunks]
     assert sum(len(k) for k in keys_per_chunk) == len(set().union(*keys_per_chunk))
+
+
+@pytest.mark.parametrize("chains", [1, 3, 6])
+def test_merge_cuts_chunks_of_about_chunk_bytes(chains: int) -> None:
+    """The chains buffer ``chunk_bytes`` before a chunk is cut, so every chunk but the last holds
+    that much less what lies above its boundary (a batch of each other chain) and what the
+    count of a sliced batch's whole buffers overstates (a batch of each chain)."""
+    rows_per_batch, batches_per_chain, target_batches = 10, 30, 16
+    keys = random.Random(chains).sample(range(100_000), chains * rows_per_batch * batches_per_chain)
+    spread = [sorted(keys[i::chains]) for i in range(chains)]
+
+    def batches(chain: list[int]) -> list[pa.RecordBatch]:
+        return [
+            versions_to_batch([image(key, 5, bytes(100)) for key in chain[i : i + rows_per_batch]])
+            for i in range(0, len(chain), rows_per_batch)
+        ]
+
+    streams = [iter(batches(chain)) for chain in spread]
+    batch_bytes = batches(spread[0])[0].get_total_buffer_size()
+
+    def too_much(key: bytes, size: int) -> None:
+        raise AssertionError("no limit here")
+
+    chunks = list(merged_chunks(streams, 1 << 30, too_much, target_batches * batch_bytes))
+    rows = [chunk.num_rows for chunk in chunks]
+    assert sum(rows) == len(keys)
+    least = (target_batches - (2 * chains - 1)) * rows_per_batch
+    assert all(n >= least for n in rows[:-1]), rows
 
 
 @given(st.lists(st.integers(0, KEY_SIZE - 1).flatmap(lambda at: st.tuples(st.just(at), st.integers(0, 255))),
@@ -178,6 +208,44 @@ def test_key_starts_finds_keys_differing_in_any_byte(changes: list[tuple[int, in
     array = np.array(keys, dtype=f"S{KEY_SIZE}")
     expected = [i for i in range(len(keys)) if i == 0 or keys[i] != keys[i - 1]] + [len(keys)]
     assert key_starts(array).tolist() == expected
+
+
+class _Decoding:
+    """Batches as from a decode-ahead stream whose next batch is, or is not yet, here."""
+
+    def __init__(self, batches: list[pa.RecordBatch], here: bool) -> None:
+        self._batches = iter(batches)
+        self._here = here
+
+    def __iter__(self) -> _Decoding:
+        return self
+
+    def __next__(self) -> pa.RecordBatch:
+        return next(self._batches)
+
+    def ready(self) -> bool:
+        return self._here
+
+
+@pytest.mark.parametrize("here", [True, False], ids=["decoded ahead", "still on its way"])
+def test_merge_grows_chunks_only_from_batches_already_here(here: bool) -> None:
+    """A chunk never waits for input still on its way: with no batch decoded ahead, chunks are
+    cut as soon as every chain holds one, as with no chunk size at all."""
+    spread = [list(range(chain, 600, 3)) for chain in range(3)]
+
+    def streams(ready: bool) -> list[Iterator[pa.RecordBatch]]:
+        batches = [[versions_to_batch([image(key, 5, b"v") for key in keys[i : i + 10]]) for i in range(0, 200, 10)]
+                   for keys in spread]  # fmt: skip
+        return [_Decoding(chain, ready) for chain in batches]
+
+    def too_much(key: bytes, size: int) -> None:
+        raise AssertionError("no limit here")
+
+    grown = list(merged_chunks(streams(here), 1 << 30, too_much, 1 << 20))
+    cut_at_once = list(merged_chunks(streams(True), 1 << 30, too_much, 0))
+    assert sum(chunk.num_rows for chunk in grown) == 600
+    assert len(cut_at_once) > 10
+    assert len(grown) == (1 if here else len(cut_at_once))
 
 
 @settings(max_examples=60, deadline=None)

@@ -203,10 +203,15 @@ def layer_objects(storage: Storage) -> set[str]:
     return {info.key for info in storage.objects.list_keys(layout.layers_prefix(TENANT, TIMELINE))}
 
 
+def engine_settings(tmp_path: Path) -> EngineSettings:
+    # Chunks of a MiB, not the default 32: the merge would read the whole timeline first.
+    return EngineSettings(target_layer_bytes=6 * MIB, workdir=tmp_path / "work", chunk_bytes=MIB)
+
+
 def test_outputs_upload_while_the_merge_runs(timeline: Settings, tmp_path: Path) -> None:
     events = Events()
     storage = _Observed(timeline, events, workdir=tmp_path / "work")
-    engine = EngineSettings(target_layer_bytes=6 * MIB, workdir=tmp_path / "work")
+    engine = engine_settings(tmp_path)
     outcome = compact(storage, CompactionJob(tenant_id=TENANT, timeline_id=TIMELINE), engine)
     assert outcome.stats is not None and outcome.stats.image_layer_produced.num >= 2
     kinds = [kind for kind, _ in events.log]
@@ -226,7 +231,7 @@ def test_failed_sub_job_leaves_no_multipart_upload(timeline: Settings, tmp_path:
     events = Events()
     storage = _Observed(timeline, events, fail_after_upload_started=True)
     before = layer_objects(storage)
-    engine = EngineSettings(target_layer_bytes=6 * MIB, workdir=tmp_path / "work")
+    engine = engine_settings(tmp_path)
     with pytest.raises(RuntimeError, match="injected"):
         compact(storage, CompactionJob(tenant_id=TENANT, timeline_id=TIMELINE), engine)
     assert events.count("multipart") >= 2, "no upload was in progress when the job failed"

@@ -160,7 +160,7 @@ def run_l0(plan: L0Plan, io: LayerIO, settings: EngineSettings, hooks: Hooks | N
             try:
                 writer.holes = _holes(plan, downloads)
                 with PhaseTimer(stats, "time_main_loop_secs"):
-                    _merge_into(plan, hooks, stats, writer, downloads)
+                    _merge_into(plan, hooks, stats, writer, downloads, settings.chunk_bytes)
             finally:
                 downloads.close()
                 stats.time_download_layer_secs += downloads.waited
@@ -190,10 +190,15 @@ def _streams(plan: L0Plan, downloads: _Downloads) -> list[Iterator[pa.RecordBatc
 
 
 def _merge_into(
-    plan: L0Plan, hooks: Hooks, stats: CompactionStatistics, writer: L1Writer, downloads: _Downloads
+    plan: L0Plan,
+    hooks: Hooks,
+    stats: CompactionStatistics,
+    writer: L1Writer,
+    downloads: _Downloads,
+    chunk_bytes: int,
 ) -> None:
     progress = Progress()
-    for table in merged_chunks(_streams(plan, downloads), MAX_KEY_HISTORY_BYTES, _too_much_history):
+    for table in merged_chunks(_streams(plan, downloads), MAX_KEY_HISTORY_BYTES, _too_much_history, chunk_bytes):
         writer.put_table(table)
         value_bytes = pc.sum(pc.binary_length(table.column("value"))).as_py() or 0
         stats.wal_keys_visited.num += table.num_rows

@@ -1,19 +1,20 @@
 """The k-merge of the selected layers, as Arrow tables of whole keys.
 
 Each input is a *chain*: layers of one LSN range with disjoint key ranges, read one after the
-other as one key-sorted stream of record batches. The merge takes from every chain the rows
-below a common boundary key (the smallest last key buffered by a chain that has not ended), so
-each output chunk holds every version of its keys, and merges the pieces into ``(key, lsn,
-kind)`` order in one vectorised step (a stable sort of the chains' sorted runs). Memory
-holds about one read batch per chain (``chain_batch_bytes``: 1-4 MiB, about 20 MiB in all), plus
-the versions of a single key when one key spans batches.
+other as one key-sorted stream of record batches. The merge buffers the batches already decoded
+until the chains hold ``CHUNK_BYTES``, always of the chain whose buffered rows end first, then
+takes from every chain the rows below a common boundary key (the smallest last key buffered by a
+chain that has not ended), so each output chunk holds every version of its keys, and merges the
+pieces into ``(key, lsn, kind)`` order in one vectorised step (a stable sort of the chains'
+sorted runs). Memory holds ``CHUNK_BYTES`` and a read batch per chain (``chain_batch_bytes``: 1-4 MiB, about
+20 MiB in all) at most, plus the versions of a single key when one key spans batches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
@@ -101,11 +102,28 @@ def key_array(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.frombuffer(data, dtype=KEY_DTYPE, count=len(column) + column.offset)[column.offset :]
 
 
+@runtime_checkable
+class Prefetched(Protocol):
+    """A stream of batches that can tell whether taking the next one would wait."""
+
+    def __next__(self) -> pa.RecordBatch: ...
+
+    def ready(self) -> bool:
+        """Whether the next batch (or the stream's end) is here already."""
+        ...
+
+
+def _always() -> bool:
+    return True
+
+
 @dataclass
 class _Chain:
     batches: Iterator[pa.RecordBatch]
     buffered: list[pa.RecordBatch]
     ended: bool = False
+    ready: Callable[[], bool] = _always
+    """Whether ``pull`` would not wait (``Prefetched.ready``; always, for other streams)."""
 
     def pull(self) -> bool:
         """Buffer the next non-empty batch; False once the chain has ended."""
@@ -146,17 +164,51 @@ class _Chain:
         return out
 
 
+CHUNK_BYTES: Final = 32 << 20
+"""What the chains buffer before a chunk is cut, at least: a chunk is then about this big less
+what lies above its boundary. Every chunk costs the merge, retention and the writers the same
+NumPy and Arrow calls whatever its size; cutting as soon as every chain held a batch made chunks
+of 1.8 MB on average (``pages``: 148 of them), and 32 MiB took 5-13% of the main thread's CPU
+off an engine run (docs/benchmarks.md)."""
+
+
+def _fill(live: list[_Chain], target: int) -> None:
+    """Buffer more of the chain whose buffered rows end first, while the chains hold less than
+    ``target`` bytes in all and that chain's next batch is here already: its last key is the
+    next chunk's boundary, so the chunk grows with every batch it takes, and it never waits for
+    input still on its way (progress and cancellation stay as prompt as the input is)."""
+    buffered = sum(chain.buffered_bytes() for chain in live)
+    while buffered < target:
+        growing = [chain for chain in live if not chain.ended]
+        if not growing:
+            return
+        first = min(growing, key=_Chain.last_key)
+        if not first.ready():
+            return
+        if first.pull():
+            buffered += first.buffered[-1].get_total_buffer_size()
+
+
 def merged_chunks(
-    streams: list[Iterator[pa.RecordBatch]], limit: int, too_much: Callable[[bytes, int], None]
+    streams: list[Iterator[pa.RecordBatch]],
+    limit: int,
+    too_much: Callable[[bytes, int], None],
+    chunk_bytes: int,
 ) -> Iterator[pa.Table]:
     """Tables of whole keys in key order, each sorted by ``(key, lsn, kind)``, from key-sorted
-    streams of layer-schema batches (one per chain, in chain order). A stream that buffers more
-    than ``limit`` bytes for a single key calls ``too_much(key, bytes)``, which must raise."""
-    live = [_Chain(iter(stream), []) for stream in streams]
+    streams of layer-schema batches (one per chain, in chain order), cut once the chains buffer
+    ``chunk_bytes`` or the batch to take next is not here yet (``Prefetched``). A stream that
+    buffers more than ``limit`` bytes for a single key calls ``too_much(key, bytes)``, which
+    must raise."""
+    live = [
+        _Chain(iter(stream), [], ready=stream.ready if isinstance(stream, Prefetched) else _always)
+        for stream in streams
+    ]
     for chain in live:
         chain.pull()
     live = [chain for chain in live if not chain.ended]
     while live:
+        _fill(live, chunk_bytes)
         open_ends = [chain.last_key() for chain in live if not chain.ended]
         boundary = min(open_ends) if open_ends else None
         taken = [chain.take_below(boundary) for chain in live]

@@ -50,7 +50,15 @@ from compactor.storage.read_path import live_filter
 from compactor.storage.values import ValueKind, Version, image
 from compactor.worker.engine.batch_retention import retain_chunk, simple_keys
 from compactor.worker.engine.jobs import CommitProposal
-from compactor.worker.engine.merge import KEY_DTYPE, chain_batch_bytes, chains, key_array, key_starts, merged_chunks
+from compactor.worker.engine.merge import (
+    CHUNK_BYTES,
+    KEY_DTYPE,
+    chain_batch_bytes,
+    chains,
+    key_array,
+    key_starts,
+    merged_chunks,
+)
 from compactor.worker.engine.plan import JobPlan
 from compactor.worker.engine.retention import DELTA_THRESHOLD, generate_key_retention, place
 from compactor.worker.engine.split_writers import (
@@ -158,6 +166,8 @@ class EngineSettings:
     target_layer_bytes: int = 128 * 1024 * 1024
     workdir: Path = Path("/tmp/compactor-work")
     delta_threshold: int = DELTA_THRESHOLD
+    chunk_bytes: int = CHUNK_BYTES
+    """What the merge buffers before it cuts a chunk (``compactor.worker.engine.merge``)."""
 
 
 @dataclass
@@ -353,7 +363,9 @@ def _main_loop(
     output = _KeyOutput(plan, settings, writers, verification, counts)
     decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-decode")
     try:
-        streams = [_prefetched(stream, decoder) for stream in _chain_streams(chains(plan.inputs), downloads)]
+        streams: list[Iterator[pa.RecordBatch]] = [
+            _Prefetched(stream, decoder) for stream in _chain_streams(chains(plan.inputs), downloads)
+        ]
         keys = _merge_loop(output, io, hooks, timer, streams)
     finally:
         decoder.shutdown(wait=True, cancel_futures=True)
@@ -361,13 +373,27 @@ def _main_loop(
     return keys
 
 
-def _prefetched(stream: Iterator[pa.RecordBatch], decoder: ThreadPoolExecutor) -> Iterator[pa.RecordBatch]:
+class _Prefetched:
     """``stream`` with its next batch decoded on ``decoder`` while the caller works on this one
-    (Parquet decoding releases the GIL)."""
-    upcoming = decoder.submit(next, stream, None)
-    while (batch := upcoming.result()) is not None:
-        upcoming = decoder.submit(next, stream, None)
-        yield batch
+    (Parquet decoding releases the GIL); a ``merge.Prefetched``."""
+
+    def __init__(self, stream: Iterator[pa.RecordBatch], decoder: ThreadPoolExecutor) -> None:
+        self._stream = stream
+        self._decoder = decoder
+        self._upcoming = decoder.submit(next, stream, None)
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        return self
+
+    def __next__(self) -> pa.RecordBatch:
+        batch = self._upcoming.result()
+        if batch is None:
+            raise StopIteration
+        self._upcoming = self._decoder.submit(next, self._stream, None)
+        return batch
+
+    def ready(self) -> bool:
+        return self._upcoming.done()
 
 
 def _merge_loop(
@@ -381,7 +407,7 @@ def _merge_loop(
     in_columns = _InColumns(output)
     progress = Progress()
 
-    for chunk in merged_chunks(streams, limit, _too_much_history):
+    for chunk in merged_chunks(streams, limit, _too_much_history, output.settings.chunk_bytes):
         if not progress.versions_in:
             timer.mark("time_to_first_kv_pair_secs")
         table = _live_rows(chunk, live)
