@@ -371,9 +371,14 @@ def _run_claimed(
         except StaleAttempt:
             superseded()
 
+    # A plugin holds one of the attempt's threads (``hold``). The main loop may go on meanwhile
+    # with what it has (a decode-ahead thread is held, say): the record says paused all along.
+    held = threading.Event()
+
     def on_progress(p: Progress) -> None:
+        phase = "paused" if held.is_set() else "compacting"
         progress[0] = JobProgress(
-            phase="compacting", keys=p.keys, versions_in=p.versions_in, bytes_in=p.bytes_in, bytes_out=p.bytes_out
+            phase=phase, keys=p.keys, versions_in=p.versions_in, bytes_in=p.bytes_in, bytes_out=p.bytes_out
         )
         at = time.monotonic()
         if report_state is not None and at - last_state_report[0] >= PROGRESS_INTERVAL_S:
@@ -391,15 +396,18 @@ def _run_claimed(
             raise JobCancelled("cancelled; nothing committed")
 
     def hold(seconds: float) -> None:
-        before = progress[0]
-        progress[0] = before.model_copy(update={"phase": "paused"})
+        before = progress[0].phase
+        held.set()
+        progress[0] = progress[0].model_copy(update={"phase": "paused"})
         store_progress()  # at once: whoever holds it may wait to see it paused
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            stop.check()
-            time.sleep(0.05)
-        if progress[0].phase == "paused":
-            progress[0] = before
+        try:
+            while time.monotonic() < deadline:
+                stop.check()
+                time.sleep(0.05)
+        finally:
+            held.clear()
+            progress[0] = progress[0].model_copy(update={"phase": before})
 
     # Every request of this attempt, from whichever of its threads, and only of this attempt.
     requests = RequestCounter()
