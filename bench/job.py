@@ -28,6 +28,7 @@ from compactor.storage.timeline import Storage
 from compactor.worker.engine.jobs import CompactionJob
 from compactor.worker.engine.kinds import plan_any
 from compactor.worker.engine.run import EngineSettings
+from compactor.worker.runtime.allocator import keep_freed_memory
 from compactor.worker.runtime.runner import compact
 
 MIB = 1 << 20
@@ -134,6 +135,7 @@ def run_copy(storage: Storage, job: CompactionJob, workdir: Path) -> dict[str, A
 
 def main(argv: list[str]) -> None:
     mode, tenant, timeline, workdir_arg, *kind = argv
+    keep_freed_memory()  # as a worker process does (compactor.worker.runtime.app)
     workdir = Path(workdir_arg)
     settings = Settings(cache_dir=workdir / "cache")
     storage = Storage(settings)

@@ -32,7 +32,7 @@ from celery.worker.consumer import Consumer as _CeleryConsumer
 
 from compactor.storage.errors import one_line
 from compactor.storage.settings import Settings
-from compactor.worker.runtime import metrics
+from compactor.worker.runtime import allocator, metrics
 from compactor.worker.runtime.dispatch import QUEUE_GC, QUEUE_LIGHT, QUEUES, TASK_QUEUES
 from compactor.worker.runtime.redis_client import celery_redis_url
 
@@ -133,6 +133,11 @@ def reset_connections() -> None:
         del local.backend
 
 
+def _keep_freed_memory(**_: Any) -> None:
+    # In the worker's parent, before the pool forks: its children inherit malloc's settings.
+    allocator.keep_freed_memory()
+
+
 def _collect_pool_metrics(**_: Any) -> None:
     # In the worker's parent, before the pool forks: its children inherit the switch.
     if current_settings().metrics_port is not None:
@@ -147,6 +152,7 @@ def _stop_collecting_pool_metrics(**_: Any) -> None:
     metrics.stop_exporting_pool_processes()
 
 
+signals.worker_init.connect(_keep_freed_memory)
 signals.worker_init.connect(_collect_pool_metrics)
 signals.worker_process_shutdown.connect(_pool_process_exited)
 signals.worker_shutdown.connect(_stop_collecting_pool_metrics)
