@@ -206,7 +206,7 @@ def _merge_into(
         progress.keys += len(key_starts(key_array(table.column("key")))) - 1
         progress.versions_in += table.num_rows
         progress.bytes_in += value_bytes
-        # After every merged chunk (a few MB), as the gc engine does.
+        # After every merged chunk (32 MiB at most), as the gc engine does.
         hooks.check_cancelled()
         hooks.on_progress(progress)
     stats.num_unique_keys_visited += progress.keys

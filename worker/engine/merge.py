@@ -6,8 +6,9 @@ until the chains hold ``CHUNK_BYTES``, always of the chain whose buffered rows e
 takes from every chain the rows below a common boundary key (the smallest last key buffered by a
 chain that has not ended), so each output chunk holds every version of its keys, and merges the
 pieces into ``(key, lsn, kind)`` order in one vectorised step (a stable sort of the chains'
-sorted runs). Memory holds ``CHUNK_BYTES`` and a read batch per chain (``chain_batch_bytes``: 1-4 MiB, about
-20 MiB in all) at most, plus the versions of a single key when one key spans batches.
+sorted runs). Memory holds ``CHUNK_BYTES`` and a read batch per chain (``chain_batch_bytes``:
+1-4 MiB, about 20 MiB in all) at most, plus the versions of a single key when one key spans
+batches.
 """
 
 from __future__ import annotations

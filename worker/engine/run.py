@@ -153,8 +153,8 @@ class Progress:
 
 @dataclass
 class Hooks:
-    """Called from the main loop after every merged chunk (whole keys from one record batch of
-    a layer, a few MB at most), so that progress is never staler than one chunk: report
+    """Called from the main loop after every merged chunk (whole keys, 32 MiB of batches already
+    decoded at most), so that progress is never staler than one chunk: report
     progress, stop when cancelled. Both must be cheap; throttling is the caller's."""
 
     on_progress: Callable[[Progress], None] = lambda progress: None
