@@ -9,6 +9,13 @@ import os
 # the default, mimalloc, a worker compacting 1 GiB peaked at 485 MiB RSS; with jemalloc at
 # 389 MiB, at the same speed (docs/benchmarks.md). An operator's own choice wins.
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
+# Arrow's jemalloc gives freed pages back to the kernel within a second, and a freed block of 16
+# MiB or more at once, so the merged chunks of a job kept writing into fresh pages: a `branchy`
+# compaction took 260,000 page faults, twice its copy-through, and 15% more worker CPU than with
+# freed pages kept for reuse (docs/benchmarks.md). Only "never" keeps the big blocks; what a
+# process keeps is bounded by its peak, which did not move. Read when jemalloc starts, at Arrow's
+# first allocation; an operator's own configuration wins.
+os.environ.setdefault("JE_ARROW_MALLOC_CONF", "dirty_decay_ms:-1")
 
 
 def _limit_malloc_arenas(arenas: int = 2) -> None:

@@ -1,4 +1,4 @@
-"""glibc's malloc, told to keep what a worker process frees for its next allocations.
+"""glibc's malloc, told to keep what a worker process frees while a sub-job runs.
 
 A compaction allocates and frees NumPy arrays of a few MB for every merged chunk. By default
 glibc serves a block above its mmap threshold (128 KiB at first, adapting up to 32 MiB) with a
@@ -7,10 +7,13 @@ free there, so chunk after chunk touched fresh pages: a `pages` compaction took 
 minor page faults than its copy-through, and its worker spent as much more system CPU as user
 CPU. Keeping freed memory (the heap trimmed above 512 MiB free only, blocks up to 32 MiB, glibc's
 most, from the heap) took 9% of the worker CPU off a `pages` job (docs/benchmarks.md); peak RSS
-did not move, but memory a job freed stays with the process for the next job.
+did not move. When a sub-job ends its process trims the heap, so an idle worker does not hold
+what the job freed.
 
-Arrow's buffers come from jemalloc and are not concerned. A C library other than glibc (musl has
-``mallopt`` as a stub) is left as it is.
+Arrow's buffers come from jemalloc, told to keep freed pages where Arrow's pool is chosen
+(``compactor.storage``); they stay with the process, bounded by its peak, because pyarrow's
+``release_unused`` does not purge jemalloc's arenas (measured with pyarrow 26: RSS unchanged).
+A C library other than glibc (musl has ``mallopt`` as a stub) is left as it is.
 """
 
 from __future__ import annotations
@@ -44,3 +47,14 @@ def keep_freed_memory() -> bool:
     if not taken:
         log.info("malloc left as it is: the C library refused its thresholds")
     return taken
+
+
+def give_back_freed_memory() -> None:
+    """Return the free memory of glibc's heaps to the kernel (``malloc_trim``). Call it when a
+    sub-job ends, not during one: the next chunk would fault the pages in again."""
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    malloc_trim(0)

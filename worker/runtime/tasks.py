@@ -46,6 +46,7 @@ from compactor.storage.settings import Settings
 from compactor.storage.timeline import Checkpoint, Storage
 from compactor.worker.engine.run import EngineSettings, Hooks, Progress
 from compactor.worker.runtime import (
+    allocator,
     attempts,
     deliveries,  # noqa: F401  (connects the worker's delivery signals)
     dispatch,
@@ -576,6 +577,10 @@ def _run_sub_job_task(task: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         log.warning("redis unavailable, sub-job back to the queue sub_job=%s error=%r", ref.sub_job_id, one_line(err))
         delay = context().settings.lock_retry_delay_s
         raise task.retry(countdown=delay) from None
+    finally:
+        # The attempt's memory stayed with the process for its chunks (allocator); the process
+        # may now wait idle for a long time.
+        allocator.give_back_freed_memory()
     return _ended(task, result)
 
 
