@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,24 @@ MMAP_THRESHOLD_BYTES = 32 << 20
 """glibc's largest mmap threshold on 64-bit systems (``HEAP_MAX_SIZE / 2``)."""
 
 
+def _libc(name: str, *argtypes: Any) -> Any:
+    """The C library's function ``name`` from the process's own symbols (no library search),
+    or None when it has none."""
+    try:
+        function = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = list(argtypes)
+    return function
+
+
 def keep_freed_memory() -> bool:
     """Set this process's malloc to keep freed memory; whether the C library took it. Call it
     once, before the process forks its pool (children inherit the setting)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:
         log.info("malloc left as it is: the C library has no mallopt")
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     taken: bool = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
     taken = taken and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
@@ -52,9 +62,6 @@ def keep_freed_memory() -> bool:
 def give_back_freed_memory() -> None:
     """Return the free memory of glibc's heaps to the kernel (``malloc_trim``). Call it when a
     sub-job ends, not during one: the next chunk would fault the pages in again."""
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return
-    malloc_trim.argtypes = [ctypes.c_size_t]
-    malloc_trim(0)
+    malloc_trim = _libc("malloc_trim", ctypes.c_size_t)
+    if malloc_trim is not None:
+        malloc_trim(0)
