@@ -196,6 +196,14 @@ def value_offsets(values: pa.Array) -> np.ndarray:
     return np.frombuffer(buffer, dtype=np.int32, count=len(values) + 1 + values.offset)[values.offset :]
 
 
+def one_array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """A column as one array: its only chunk as it is (``combine_chunks`` copies even that), or
+    its chunks joined."""
+    if isinstance(column, pa.Array):
+        return column
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
 def payload_lengths(values: pa.Array) -> np.ndarray:
     """The length of each value of a binary array, as int64."""
     lengths: np.ndarray = np.diff(value_offsets(values)).astype(np.int64)

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from compactor.storage.errors import RedoError
 from compactor.storage.keys import format_key
-from compactor.storage.layer_file import SCHEMA, payload_lengths, value_offsets
+from compactor.storage.layer_file import SCHEMA, one_array, payload_lengths, value_offsets
 from compactor.storage.values import ValueKind
 
 # A plain append record: op name ``test``, NUL, flags 0, the append's length (u32 LE), the append.
@@ -70,7 +70,7 @@ def simple_keys(table: pa.Table, starts: np.ndarray, limit: int) -> np.ndarray:
         return np.zeros(0, dtype=bool)
     kinds = table.column("kind").to_numpy()
     lsns = table.column("lsn").to_numpy()
-    values = table.column("value").combine_chunks()
+    values = one_array(table.column("value"))
     lengths = payload_lengths(values)
     ok = (kinds == _IMAGE) | ((kinds == _RECORD) & _plain_append(values, lengths))
     # Two versions at one LSN (an image materialising a record) take the general path.
@@ -208,10 +208,10 @@ def retain_chunk(
     first cut go to ``image_keys``/``image_values`` when the job writes an image layer (and lead
     their key's deltas otherwise). Raises ``RedoError`` if verification finds a difference."""
     nkeys = len(starts) - 1
-    keys = table.column("key").combine_chunks()
+    keys = one_array(table.column("key"))
     lsns = table.column("lsn").to_numpy()
     kinds = table.column("kind").to_numpy()
-    values = table.column("value").combine_chunks()
+    values = one_array(table.column("value"))
     key_ids = np.repeat(np.arange(nkeys, dtype=np.int64), np.diff(starts))
     cut_lsns = np.array(cuts, dtype=np.uint64)
     ncuts = len(cuts)

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from compactor.storage.keys import KEY_SIZE, KeyRange
-from compactor.storage.layer_file import READ_BATCH_BYTES, SCHEMA
+from compactor.storage.layer_file import READ_BATCH_BYTES, SCHEMA, one_array
 from compactor.storage.manifest import LayerEntry
 
 KEY_DTYPE = f"S{KEY_SIZE}"
@@ -95,8 +95,7 @@ def key_at(keys: np.ndarray, i: int) -> bytes:
 
 def key_array(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """A fixed-width key column as a NumPy ``S`` array (zero-copy for one chunk)."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    column = one_array(column)
     data = column.buffers()[1]
     if data is None:
         return np.empty(0, dtype=KEY_DTYPE)

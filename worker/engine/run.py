@@ -41,6 +41,7 @@ from compactor.storage.layer_file import (
     LayerSink,
     LayerWriter,
     batch_to_versions,
+    one_array,
     payload_bytes,
     payload_lengths,
 )
@@ -538,10 +539,7 @@ class _InColumns:
         counts.wal_visited_bytes += kept.wal_bytes_in
         counts.unique_keys += len(starts) - 1
         delta_images = kept.deltas.column("kind").to_numpy() == _IMAGE_KIND
-        delta_values = kept.deltas.column("value")
-        delta_sizes = payload_lengths(
-            delta_values.combine_chunks() if delta_values.num_chunks != 1 else delta_values.chunk(0)
-        )
+        delta_sizes = payload_lengths(one_array(kept.deltas.column("value")))
         image_bytes = int(delta_sizes[delta_images].sum())
         new_images = int(delta_images.sum())
         counts.image_produced += len(kept.image_keys) + new_images

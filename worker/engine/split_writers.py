@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from compactor.storage.keys import KEY_MAX, KEY_SIZE, key_next
-from compactor.storage.layer_file import SCHEMA, LayerFileInfo, LayerSink, LayerWriter, payload_lengths
+from compactor.storage.layer_file import SCHEMA, LayerFileInfo, LayerSink, LayerWriter, one_array, payload_lengths
 from compactor.storage.layer_name import LayerName
 from compactor.storage.values import ValueKind, Version
 from compactor.worker.engine.merge import key_array, key_at, key_starts
@@ -30,8 +30,7 @@ _ROW_RAW = KEY_SIZE + 13
 
 def raw_sizes(table: pa.Table) -> np.ndarray:
     """Cumulative raw size before each row of ``table``, and after the last."""
-    column = table.column("value")
-    sizes = payload_lengths(column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)) + _ROW_RAW
+    sizes = payload_lengths(one_array(table.column("value"))) + _ROW_RAW
     before: np.ndarray = np.concatenate(([0], np.cumsum(sizes)))
     return before
 
