@@ -75,6 +75,7 @@ def measure_kinds(bench: Bench, kinds: list[str], size: int, l0_bytes: int, repe
     l0s = [e for e in manifest.layers.values() if e.layer.is_l0]
     bench.log(f"  generated {len(l0s)} L0s of {sum(e.size for e in l0s) / MB:.0f} MB over "
               f"{sum(e.size for e in manifest.layers.values()) / MB:.0f} MB of layers in {gen_s:.1f}s")  # fmt: skip
+    bench.warm_up(manifest, "kinds", kind=kinds[0])
     rows = []
     for kind in kinds:
         plan = plan_any(manifest, CompactionJob(tenant_id=TENANT, timeline_id=manifest.timeline_id, kind=kind))
