@@ -51,6 +51,12 @@ FOOTER_READ_BYTES = 64 * 1024
 # A slice needing more than this share of a layer's bytes downloads (and caches) the whole layer.
 SLICE_MAX_FRACTION = 0.5
 _PARQUET_MAGIC = b"PAR1"
+# A ranged GET's bytes go to the file in pieces of this size. In one write each (up to a whole
+# GET), the first job after a timeline was generated paid 1.37-1.56 s of system CPU against
+# 0.72-1.15 s in pieces of 64 KiB to 1 MiB, and later jobs now and then 0.75-1.13 s against at
+# most 0.57 s (docs/benchmarks.md): the kernel gives a big write big page-cache folios, which on
+# a VM that hands free memory back to its host are costlier to fill. download_file writes so.
+_WRITE_PIECE = 1 << 20
 
 
 T = TypeVar("T")
@@ -236,6 +242,15 @@ class LayerCache:
         return LayerReader(self.fetch(entry, key_range), name=entry.layer, object_key=entry.object_key)
 
 
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    """``data`` written at ``offset`` of ``fd``, in pieces of at most ``_WRITE_PIECE`` bytes (a
+    write may take less than it was given)."""
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done : done + _WRITE_PIECE], offset + done)
+
+
 class DownloadAbandoned(CompactorError):
     """A layer download stopped before every row group landed (its job ended or failed)."""
 
@@ -335,7 +350,7 @@ class LayerDownload:
                     f"short read of layer {self.entry.name}: {len(data)} of {end - start} bytes at {start}"
                 )
             assert self._fd is not None
-            os.pwrite(self._fd, data, start)
+            _write_at(self._fd, data, start)
             if self._hash is not None:
                 self._hash.update(data)
             self._fetched = last + 1

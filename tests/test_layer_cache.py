@@ -34,19 +34,19 @@ class Bytes(StoreObserver):
             self.requests += 1
 
 
-def layer(tmp_path: Path, store: ObjectStore, damage_key: int | None = None) -> LayerEntry:
-    """A delta over keys [0, 400) in row groups of about 40 keys each, uploaded; with
+def layer(tmp_path: Path, store: ObjectStore, damage_key: int | None = None, n_keys: int = N_KEYS) -> LayerEntry:
+    """A delta over keys [0, n_keys) in row groups of about 40 keys each, uploaded; with
     ``damage_key``, bytes in the middle of that key's row group are flipped after the upload's
     checksum was taken (damage at rest)."""
     name = LayerName.delta(KEY_MIN, KEY_MAX, 10, 20)
     path = tmp_path / "layer.parquet"
     with LayerWriter(path, row_group_bytes=40 * 2100) as writer:
-        for k in range(N_KEYS):
+        for k in range(n_keys):
             writer.add(key_from_int(k), 11, ValueKind.IMAGE, random.Random(k).randbytes(2048))  # incompressible
         info = writer.finish(name)
     if damage_key is not None:
         data = bytearray(path.read_bytes())
-        offset = int(len(data) * (damage_key + 0.5) / N_KEYS)
+        offset = int(len(data) * (damage_key + 0.5) / n_keys)
         data[offset : offset + 64] = bytes(b ^ 0xFF for b in data[offset : offset + 64])
         path.write_bytes(bytes(data))
     key = f"tenants/t/timelines/l/layers/{name}-{'d' if damage_key is not None else 'x'}"
@@ -161,6 +161,18 @@ def test_a_download_is_read_while_its_row_groups_land_and_ends_as_the_verified_w
     # The file landed whole: it is the cached copy, its sha256 checked, no partial file left.
     assert cache.fetch(entry) == cache.path_for(entry)
     assert [p.name for p in (tmp_path / "cache").iterdir() if "partial" in p.name] == []
+
+
+def test_a_download_in_gets_bigger_than_a_write_lands_byte_for_byte(store: ObjectStore, tmp_path: Path) -> None:
+    """A ranged GET of the whole 2.6 MiB layer goes to the file in pieces: every byte where it
+    belongs (the sha256 is taken of the bytes received, not of the file)."""
+    entry = layer(tmp_path, store, n_keys=1300)
+    assert entry.size > 2.5 * (1 << 20)
+    cache = LayerCache(store, tmp_path / "cache")
+    download = cache.download(entry)
+    while download.fetch_next(max_bytes=entry.size):
+        pass
+    assert cache.path_for(entry).read_bytes() == (tmp_path / "layer.parquet").read_bytes()
 
 
 def test_a_download_whose_object_is_not_the_manifests_fails_its_readers_and_caches_nothing(
