@@ -255,12 +255,11 @@ class Bench:
         return timeline
 
     def warm_up(self, manifest: Manifest, label: str, kind: str = "gc") -> None:
-        """One compaction of ``manifest``'s timeline whose figures are thrown away. On a VM whose
-        host backs guest memory only when it is first touched, the first process to write after a
-        timeline was generated paid for the page cache it was given: 0.4 to 0.6 s more system CPU
-        on a 256 MiB ``pages`` job (``copy_folio_from_iter_atomic``, 10.6% of its samples against
-        none in the next run; writing and deleting 2 GiB first took the difference away), and
-        with two repeats the median is that run (docs/benchmarks.md)."""
+        """One compaction of ``manifest``'s timeline whose figures are thrown away. On a VM that
+        hands free memory back to its host, the first process after a timeline was generated
+        fills memory the host must back again: 0.3 to 1 s more system CPU on a 256 MiB ``pages``
+        job than the runs after it (writing and deleting 2 GiB first took the difference away),
+        and with two repeats the reported run is the slower one (docs/benchmarks.md)."""
         run = self.run_job("compact", self.reset(manifest), f"{label}-warm-up", kind=kind)
         self.log(f"    warm-up compaction, not kept: {run['wall_s']:.2f}s, {_usage_text(run)}")
 
