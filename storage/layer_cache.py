@@ -54,8 +54,9 @@ _PARQUET_MAGIC = b"PAR1"
 # A ranged GET's bytes go to the file in pieces of this size. In one write each (up to a whole
 # GET), the first job after a timeline was generated paid 1.37-1.56 s of system CPU against
 # 0.72-1.15 s in pieces of 64 KiB to 1 MiB, and later jobs now and then 0.75-1.13 s against at
-# most 0.57 s (docs/benchmarks.md): the kernel gives a big write big page-cache folios, which on
-# a VM that hands free memory back to its host are costlier to fill. download_file writes so.
+# most 0.57 s (docs/benchmarks.md). The difference was the copy into the page cache
+# (copy_folio_from_iter_atomic: 10.6% of a first run's samples, 0.7% in pieces), on a VM that
+# hands free memory back to its host. download_file writes in pieces of the same size.
 _WRITE_PIECE = 1 << 20
 
 
