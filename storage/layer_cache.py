@@ -41,7 +41,7 @@ from compactor.storage.errors import CompactorError, CorruptLayer, NotFound
 from compactor.storage.keys import KeyRange
 from compactor.storage.layer_file import Footer, LayerReader, RowGroup, file_sha256, footer_from_tail, footer_length
 from compactor.storage.manifest import LayerEntry
-from compactor.storage.object_store import ObjectStore
+from compactor.storage.object_store import WRITE_PIECE_BYTES, ObjectStore
 from compactor.storage.values import Version
 
 log = logging.getLogger(__name__)
@@ -51,13 +51,6 @@ FOOTER_READ_BYTES = 64 * 1024
 # A slice needing more than this share of a layer's bytes downloads (and caches) the whole layer.
 SLICE_MAX_FRACTION = 0.5
 _PARQUET_MAGIC = b"PAR1"
-# A ranged GET's bytes go to the file in pieces of this size. In one write each (up to a whole
-# GET), the first job after a timeline was generated paid 1.37-1.56 s of system CPU against
-# 0.72-1.15 s in pieces of 64 KiB to 1 MiB, and later jobs now and then 0.75-1.13 s against at
-# most 0.57 s (docs/benchmarks.md). The difference was the copy into the page cache
-# (copy_folio_from_iter_atomic: 10.6% of a first run's samples, 0.7% in pieces), on a VM that
-# hands free memory back to its host. download_file writes in pieces of the same size.
-_WRITE_PIECE = 1 << 20
 
 
 T = TypeVar("T")
@@ -244,12 +237,12 @@ class LayerCache:
 
 
 def _write_at(fd: int, data: bytes, offset: int) -> None:
-    """``data`` written at ``offset`` of ``fd``, in pieces of at most ``_WRITE_PIECE`` bytes (a
+    """``data`` written at ``offset`` of ``fd``, in pieces of at most ``WRITE_PIECE_BYTES`` (a
     write may take less than it was given)."""
     view = memoryview(data)
     done = 0
     while done < len(view):
-        done += os.pwrite(fd, view[done : done + _WRITE_PIECE], offset + done)
+        done += os.pwrite(fd, view[done : done + WRITE_PIECE_BYTES], offset + done)
 
 
 class DownloadAbandoned(CompactorError):

@@ -55,7 +55,13 @@ T = TypeVar("T")
 # S3 caps DeleteObjects at 1000 keys and multipart uploads at 10000 parts.
 DELETE_BATCH = 1000
 MAX_PARTS = 10_000
-_DOWNLOAD_CHUNK = 1024 * 1024
+WRITE_PIECE_BYTES = 1 << 20
+"""What a download writes to its file at a time (``download_file`` here, the row groups of a
+``compactor.storage.layer_cache.LayerDownload``). Written whole, a ranged GET of up to 16 MiB cost
+the first job after a timeline was generated 1.37-1.56 s of system CPU against 0.72-1.15 s in
+pieces of 64 KiB to 1 MiB, and later jobs now and then 0.75-1.13 s against at most 0.57 s
+(docs/benchmarks.md): the copy into the page cache (``copy_folio_from_iter_atomic``, 10.6% of a
+first run's samples, 0.7% in pieces), on a VM that hands free memory back to its host."""
 # A user-metadata entry put on conditional writes so that an ambiguous outcome (the request
 # landed but its response was lost, and the retry then hit 412) can be resolved exactly.
 WRITE_TOKEN_META = "compactor-write-token"
@@ -785,7 +791,7 @@ class ObjectStore:
                     digest = hashlib.sha256()
                     received = 0
                     with os.fdopen(fd, "wb") as out:
-                        for chunk in body.iter_chunks(_DOWNLOAD_CHUNK):
+                        for chunk in body.iter_chunks(WRITE_PIECE_BYTES):
                             digest.update(chunk)
                             out.write(chunk)
                             received += len(chunk)
