@@ -504,7 +504,7 @@ def render(results: dict[str, Any]) -> str:
         f"| put_bytes, {store['object_bytes'] // MIB} MiB object | {store['put_bytes_mb_s']:.0f} |",
         f"| get_bytes, {store['object_bytes'] // MIB} MiB object | {store['get_bytes_mb_s']:.0f} |",
         f"| upload_file, {store['file_bytes'] // MIB} MiB (multipart) | {store['upload_file_mb_s']:.0f} |",
-        f"| download_file, {store['file_bytes'] // MIB} MiB (sha256, fsync) | {store['download_file_mb_s']:.0f} |",
+        f"| download_file, {store['file_bytes'] // MIB} MiB (XXH3-128, fsync) | {store['download_file_mb_s']:.0f} |",
         "",
     ]
     if results["workloads"]:

@@ -1,6 +1,6 @@
 """A local cache of layer objects, keyed by object key.
 
-A whole file appears under its final name only after its size and sha256 matched the manifest,
+A whole file appears under its final name only after its size and checksum matched the manifest,
 so presence means verified. Downloads go to a unique temporary name and are renamed into place
 (``ObjectStore.download_file``), which keeps several worker processes on one node safe sharing
 the directory.
@@ -9,12 +9,12 @@ A sub-job reads one slice of its layers' keys: when the row groups holding that 
 small part of a layer, only they are fetched (ranged GETs, after the footer), into a sparse file
 of the layer's size with the bytes at their own offsets. Such a *slice file* holds the footer and
 those row groups only; it is read for that key range alone, and the pages it holds are verified
-by their checksums (the whole file's sha256 cannot be, without the rest of it).
+by their checksums (the whole file's checksum cannot be, without the rest of it).
 
 A compaction does not wait for its layers to download before it merges them: it fetches them
 as a ``LayerDownload``, row group by row group (ranged GETs, in the order the merge needs them),
 into a sparse file that readers read while later groups are still on their way, each group once
-it has landed. A download that wanted every row group is the whole file: its sha256 (hashed as
+it has landed. A download that wanted every row group is the whole file: its checksum (hashed as
 the groups land, in file order) is checked before it is renamed into place, so a whole file in
 the cache still means a verified one.
 
@@ -33,13 +33,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pyarrow as pa
 
+from compactor.storage.checksum import Checksum, Hasher, file_checksum, hasher
 from compactor.storage.errors import CompactorError, CorruptLayer, NotFound
 from compactor.storage.keys import KeyRange
-from compactor.storage.layer_file import Footer, LayerReader, RowGroup, file_sha256, footer_from_tail, footer_length
+from compactor.storage.layer_file import Footer, LayerReader, RowGroup, footer_from_tail, footer_length
 from compactor.storage.manifest import LayerEntry
 from compactor.storage.object_store import WRITE_PIECE_BYTES, ObjectStore
 from compactor.storage.values import Version
@@ -146,7 +147,7 @@ class LayerCache:
             if sliced is not None:
                 return sliced
         try:
-            self.store.download_file(entry.object_key, path, expected_size=entry.size, expected_sha256=entry.sha256)
+            self.store.download_file(entry.object_key, path, expected_size=entry.size, expected=entry.checksum)
         except NotFound:
             raise missing_layer(entry) from None
         except CorruptLayer as err:
@@ -281,7 +282,7 @@ class LayerDownload:
         self._groups: list[RowGroup] = []
         self._spans: list[tuple[int, int]] = []
         self._position: dict[int, int] = {}
-        self._hash: Any = None
+        self._hash: Hasher | None = None
         self._footer = b""
         if fetch is None:
             self.whole = final == cache.path_for(entry)
@@ -297,7 +298,8 @@ class LayerDownload:
         starts = [4, *(end for _, end in self._spans)]
         ends = [*(start for start, _ in self._spans), size - footer.length]
         if self.whole and starts == ends:
-            self._hash = hashlib.sha256(_PARQUET_MAGIC)
+            self._hash = hasher(entry.checksum.algorithm)
+            self._hash.update(_PARQUET_MAGIC)
         self._footer = tail[len(tail) - footer.length :]
         self.path = final.with_name(f"{final.name}.{uuid.uuid4().hex}.partial")
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
@@ -367,18 +369,18 @@ class LayerDownload:
         return False
 
     def _verify(self) -> None:
-        """Every wanted group is here: a whole file must have the manifest's sha256."""
+        """Every wanted group is here: a whole file must have the manifest's checksum."""
         if not self.whole:
             return
+        expected = self.entry.checksum
         if self._hash is not None:
             self._hash.update(self._footer)
-            digest = self._hash.hexdigest()
+            actual = Checksum(expected.algorithm, self._hash.hexdigest())
         else:
-            digest = file_sha256(self.path)
-        if digest != self.entry.sha256.lower():
+            actual = file_checksum(self.path, expected.algorithm)
+        if actual != expected:
             raise CorruptLayer(
-                f"corrupt layer {self.entry.name} (object {self.entry.object_key}): "
-                f"sha256 {digest}, expected {self.entry.sha256}"
+                f"corrupt layer {self.entry.name} (object {self.entry.object_key}): {actual}, expected {expected}"
             )
 
     def _publish(self) -> None:

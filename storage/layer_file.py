@@ -13,8 +13,8 @@ bytes], ...]``, one entry per row group; bytes = payloads plus 31 per row). Data
 zstd-compressed and carry CRC32 checksums, verified on every read. The footer has no checksum of
 its own, so the reader cross-checks its row counts and index on open, and each decoded row group
 against its index entry; a damaged file fails with CorruptLayer instead of yielding wrong
-versions (every single-bit flip of a small file is tested). The sha256 kept in the manifest
-(``verify_file``) covers the whole file.
+versions (every single-bit flip of a small file is tested). The checksum kept in the manifest
+(``compactor.storage.checksum``) covers the whole file.
 
 The writer buffers about ``row_group_bytes`` of versions before handing them to Parquet as one
 row group. The reader skips row groups whose index entry misses the requested key range and
@@ -26,10 +26,8 @@ costs a batch or two per layer.
 import bisect
 import contextlib
 import functools
-import hashlib
 import itertools
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,7 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from compactor.storage.errors import CompactorError, CorruptLayer, InvalidInput, one_line
+from compactor.storage.checksum import hasher
+from compactor.storage.errors import CorruptLayer, InvalidInput, one_line
 from compactor.storage.keys import KEY_SIZE, KeyRange, format_key
 from compactor.storage.layer_name import LayerName
 from compactor.storage.values import ValueKind, Version
@@ -110,7 +109,7 @@ class LayerFileInfo:
     path: Path | None
     """The local file; None for a layer written only to its ``sink``."""
     size: int
-    sha256: str  # hex digest of the complete file
+    xxh3_128: str  # hex digest of the complete file (``compactor.storage.checksum``)
     sink: LayerSink | None = None
     """Where the file was streamed while written, if anywhere: its upload is not complete yet."""
 
@@ -260,12 +259,12 @@ def _schema_text(schema: pa.Schema) -> str:
 
 class _HashingSink:
     """File object handed to Parquet: hashes and counts the bytes on their way to disk (and to
-    ``stream``), so the sha256 and size are known at close without reading the file back."""
+    ``stream``), so the checksum and size are known at close without reading the file back."""
 
     def __init__(self, file: BinaryIO | None, stream: LayerSink | None) -> None:
         self._file = file
         self._stream = stream
-        self._hash = hashlib.sha256()
+        self._hash = hasher("xxh3_128")
         self.size = 0
         self.closed = False
 
@@ -955,41 +954,3 @@ def _slice_to_range(batch: pa.RecordBatch, key_range: KeyRange, first: bytes, la
 def _count_below(keys: pa.Array, bound: bytes) -> int:
     mask = pc.less(keys, pa.scalar(bound, pa.binary(KEY_SIZE)))
     return int(pc.sum(mask.cast(pa.int64())).as_py() or 0)
-
-
-# --- whole-file verification -------------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def verify_file(
-    path: Path,
-    expected_size: int,
-    expected_sha256: str,
-    *,
-    name: LayerName | str | None = None,
-    object_key: str = "",
-) -> None:
-    """Raise CorruptLayer unless the file has exactly the expected size and sha256."""
-    label = str(name) if name is not None else Path(path).name
-    where = f"object {object_key}" if object_key else f"file {path}"
-
-    def corrupt(detail: str) -> CorruptLayer:
-        return CorruptLayer(f"corrupt layer {label} ({where}): {detail}")
-
-    try:
-        size = os.stat(path).st_size
-        if size != expected_size:
-            raise corrupt(f"size {size} bytes, expected {expected_size}")
-        digest = file_sha256(path)
-    except FileNotFoundError:
-        raise corrupt("missing") from None
-    except CompactorError:
-        raise
-    except OSError as err:
-        raise corrupt(f"cannot read: {one_line(err)}") from None
-    if digest != expected_sha256.lower():
-        raise corrupt(f"sha256 {digest} does not match the expected {expected_sha256}")

@@ -7,15 +7,27 @@ written. Every field crossing the wire is validated here.
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
+from compactor.storage.checksum import Checksum
 from compactor.storage.errors import InvalidInput
 from compactor.storage.ids import HexId
 from compactor.storage.keys import KeyRange, parse_key
 from compactor.storage.layer_name import LayerName
 from compactor.storage.lsn import LSN_MAX
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Written by this version. Format 2 brought XXH3-128 layer checksums; a format 1 manifest (every
+layer with a SHA-256) is read as it is, and its successor is written as format 2."""
+READABLE_VERSIONS = (1, 2)
 
 Lsn = Annotated[int, Field(ge=0, le=LSN_MAX)]
 
@@ -44,14 +56,41 @@ class Strict(BaseModel):
 
 
 class LayerEntry(Strict):
+    """A layer of the timeline and its object; exactly one checksum (``compactor.storage.checksum``):
+    ``xxh3_128`` for layers written since manifest format 2, ``sha256`` for those before."""
+
     name: LayerNameStr
     object_key: str
     size: int = Field(ge=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    xxh3_128: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+    @model_validator(mode="after")
+    def _one_checksum(self) -> "LayerEntry":
+        if (self.xxh3_128 is None) == (self.sha256 is None):
+            raise ValueError(f"layer entry {self.name} needs exactly one checksum (xxh3_128 or sha256)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_absent_checksum(self, handler: SerializerFunctionWrapHandler) -> object:
+        # Only the checksum the entry has: an entry read from a format 1 manifest is written back
+        # as it was, and a null never reads as a checksum.
+        data = handler(self)
+        for field in ("xxh3_128", "sha256"):
+            if data.get(field) is None:
+                del data[field]
+        return data
 
     @property
     def layer(self) -> LayerName:
         return LayerName.parse(self.name)
+
+    @property
+    def checksum(self) -> Checksum:
+        if self.xxh3_128 is not None:
+            return Checksum("xxh3_128", self.xxh3_128)
+        assert self.sha256 is not None  # _one_checksum
+        return Checksum("sha256", self.sha256)
 
 
 class GcInfo(Strict):
@@ -105,7 +144,7 @@ class Manifest(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "Manifest":
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in READABLE_VERSIONS:
             raise ValueError(f"unsupported manifest format version {self.format_version}")
         for name, entry in self.layers.items():
             if entry.name != name:
@@ -133,5 +172,6 @@ class Manifest(Strict):
         data = self.model_dump()
         data.update(changes)
         data["number"] = self.number + 1
+        data["format_version"] = FORMAT_VERSION
         data["written_at"] = datetime.now(UTC)
         return Manifest.model_validate(data)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -34,6 +33,7 @@ from botocore.config import Config
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 from urllib3.exceptions import ProtocolError
 
+from compactor.storage.checksum import Algorithm, Checksum, hasher
 from compactor.storage.errors import CompactorError, CorruptLayer, InvalidInput, NotFound, StoreError
 from compactor.storage.settings import Settings
 
@@ -766,20 +766,23 @@ class ObjectStore:
         path: str | os.PathLike[str],
         *,
         expected_size: int | None = None,
-        expected_sha256: str | None = None,
-    ) -> str:
-        """Stream the object to ``path`` and return its sha256 (hex).
+        expected: Checksum | None = None,
+    ) -> Checksum:
+        """Stream the object to ``path`` and return its checksum: of the algorithm ``expected``
+        has, else XXH3-128, as layers are written (``compactor.storage.checksum``).
 
         The bytes go to a temporary file beside ``path`` that is renamed into place only once
-        complete (and, if given, of the expected size and digest), so a partial download never
+        complete (and, if given, of the expected size and checksum), so a partial download never
         looks complete. A retry restarts the download. NotFound on 404; CorruptLayer if the
-        size or digest differs from what was expected.
+        size or checksum differs from what was expected.
         """
         dest = Path(path)
         dest.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
 
-        def download() -> tuple[str, int]:
+        algorithm: Algorithm = expected.algorithm if expected is not None else "xxh3_128"
+
+        def download() -> tuple[Checksum, int]:
             resp = self._client.get_object(Bucket=self._bucket, Key=key)
             body = resp["Body"]
             try:
@@ -788,7 +791,7 @@ class ObjectStore:
                     raise CorruptLayer(f"object {self._where(key)} has {length} bytes, expected {expected_size}")
                 fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
                 try:
-                    digest = hashlib.sha256()
+                    digest = hasher(algorithm)
                     received = 0
                     with os.fdopen(fd, "wb") as out:
                         for chunk in body.iter_chunks(WRITE_PIECE_BYTES):
@@ -799,13 +802,11 @@ class ObjectStore:
                         os.fsync(out.fileno())
                     if expected_size is not None and received != expected_size:
                         raise CorruptLayer(f"object {self._where(key)} has {received} bytes, expected {expected_size}")
-                    hexdigest = digest.hexdigest()
-                    if expected_sha256 is not None and hexdigest != expected_sha256.lower():
-                        raise CorruptLayer(
-                            f"object {self._where(key)} has sha256 {hexdigest}, expected {expected_sha256}"
-                        )
+                    actual = Checksum(algorithm, digest.hexdigest())
+                    if expected is not None and actual != expected:
+                        raise CorruptLayer(f"object {self._where(key)} has {actual}, expected {expected}")
                     os.replace(tmp, dest)
-                    return hexdigest, received
+                    return actual, received
                 except BaseException:
                     Path(tmp).unlink(missing_ok=True)
                     raise
@@ -813,11 +814,11 @@ class ObjectStore:
                 body.close()
 
         try:
-            hexdigest, size = self._call("download", "get", key, download, lambda result: result[1])
+            checksum, size = self._call("download", "get", key, download, lambda result: result[1])
         except bexc.ClientError as err:
             raise self._map_client_error("download", key, err) from err
         self.observer.download(time.perf_counter() - started, size)
-        return hexdigest
+        return checksum
 
     # ------------------------------------------------------------------ listing
 

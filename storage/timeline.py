@@ -137,7 +137,7 @@ class Storage:
             entry = self.upload_layer(manifest.tenant_id, manifest.timeline_id, name, file)
         else:
             file.sink.complete()
-            entry = LayerEntry(name=str(name), object_key=file.sink.key, size=file.size, sha256=file.sha256)
+            entry = LayerEntry(name=str(name), object_key=file.sink.key, size=file.size, xxh3_128=file.xxh3_128)
         self._reached("in_upload")
         return entry
 
@@ -156,8 +156,8 @@ class Storage:
         if file.path is None:
             raise ValueError(f"layer {name} was written to its upload only: there is no file to upload")
         key = new_layer_key(tenant_id, timeline_id)
-        self.objects.upload_file(file.path, key, metadata={"sha256": file.sha256, "layer": str(name)})
-        return LayerEntry(name=str(name), object_key=key, size=file.path.stat().st_size, sha256=file.sha256)
+        self.objects.upload_file(file.path, key, metadata={"xxh3_128": file.xxh3_128, "layer": str(name)})
+        return LayerEntry(name=str(name), object_key=key, size=file.path.stat().st_size, xxh3_128=file.xxh3_128)
 
     def write_layer(self, tenant_id: str, timeline_id: str, name: LayerName, versions: Iterable[Version]) -> LayerEntry:
         with tempfile.TemporaryDirectory(dir=self._scratch()) as tmp:

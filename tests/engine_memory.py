@@ -1,7 +1,6 @@
 """An in-memory ``LayerIO`` for engine tests: layer files are real Parquet files written by the
 engine's writers and read back on upload, but nothing touches the network."""
 
-import hashlib
 import itertools
 import json
 import tempfile
@@ -9,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import xxhash
 
 from compactor.storage.errors import RedoError
 from compactor.storage.keys import KeyRange, key_from_int
@@ -85,8 +85,10 @@ class MemoryIO:
             for name, versions in parsed.layers:
                 key = f"{tl_id}/{name}-{next(_ids)}"
                 self.objects[key] = versions
-                digest = hashlib.sha256(key.encode()).hexdigest()
-                entries[str(name)] = LayerEntry(name=str(name), object_key=key, size=100 * len(versions), sha256=digest)
+                digest = xxhash.xxh3_128(key.encode()).hexdigest()
+                entries[str(name)] = LayerEntry(
+                    name=str(name), object_key=key, size=100 * len(versions), xxh3_128=digest
+                )
             self.manifests[tl_id] = Manifest(
                 tenant_id=parsed.tenant_id,
                 timeline_id=tl_id,
@@ -141,7 +143,9 @@ class MemoryIO:
             file.sink.complete()
             key = file.sink.key
             # What was streamed is the layer, byte for byte.
-            assert hashlib.sha256(file.sink.data).hexdigest() == file.sha256 and len(file.sink.data) == file.size
+            assert (
+                xxhash.xxh3_128(bytes(file.sink.data)).hexdigest() == file.xxh3_128 and len(file.sink.data) == file.size
+            )
             with tempfile.NamedTemporaryFile() as streamed:
                 streamed.write(file.sink.data)
                 streamed.flush()
@@ -150,7 +154,7 @@ class MemoryIO:
             assert file.path is not None
             self.objects[key] = list(LayerReader(file.path, name=name).iter_versions())
         self.uploads += 1
-        return LayerEntry(name=str(name), object_key=key, size=file.size, sha256=file.sha256)
+        return LayerEntry(name=str(name), object_key=key, size=file.size, xxh3_128=file.xxh3_128)
 
     def delete_uploads(self, entries: list[LayerEntry]) -> None:
         for entry in entries:

@@ -11,7 +11,7 @@ After every scenario :func:`check_invariants` asserts, for the scenario's timeli
 - every meta job ended in a clear state (failed ones with a one-line error);
 - the manifest chain is valid: numbers contiguous from the boundary to the newest, each one
   parseable, each one a valid layer map (``check_valid_layermap``);
-- every object the newest manifest references is in the bucket, and checks out (size, sha256);
+- every object the newest manifest references is in the bucket, and checks out (size, checksum);
 - every retained read equals the reference reader's;
 - after ``collect_orphans(grace_s=0, now=time.time() + 600)`` no unreferenced layer object is left.
 
@@ -388,7 +388,7 @@ def check_invariants(
     summary.referenced_objects_lost += len(missing)
     assert not missing, f"referenced objects missing or of the wrong size: {missing}"
 
-    # 4. every retained read exact (a fresh cache: every layer is downloaded and its sha256 checked)
+    # 4. every retained read exact (a fresh cache: every layer is downloaded and its checksum checked)
     reads = 0
     for lsn in retained_lsns(timelines[tid]):
         expected = reference_read(timelines, tid, lsn)

@@ -4,6 +4,7 @@ fetched is caught."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 import threading
 from pathlib import Path
@@ -51,7 +52,7 @@ def layer(tmp_path: Path, store: ObjectStore, damage_key: int | None = None, n_k
         path.write_bytes(bytes(data))
     key = f"tenants/t/timelines/l/layers/{name}-{'d' if damage_key is not None else 'x'}"
     store.upload_file(path, key)
-    return LayerEntry(name=str(name), object_key=key, size=info.size, sha256=info.sha256)
+    return LayerEntry(name=str(name), object_key=key, size=info.size, xxh3_128=info.xxh3_128)
 
 
 @pytest.fixture
@@ -123,7 +124,7 @@ def test_a_slice_between_two_row_groups_reads_nothing(store: ObjectStore, tmp_pa
         info = writer.finish(name)
     store.upload_file(path, "tenants/t/timelines/l/layers/gap")
     entry = LayerEntry(
-        name=str(name), object_key="tenants/t/timelines/l/layers/gap", size=info.size, sha256=info.sha256
+        name=str(name), object_key="tenants/t/timelines/l/layers/gap", size=info.size, xxh3_128=info.xxh3_128
     )
     cache = LayerCache(store, tmp_path / "cache")
     assert list(cache.batches(entry, keys(150, 250))) == []
@@ -158,14 +159,14 @@ def test_a_download_is_read_while_its_row_groups_land_and_ends_as_the_verified_w
     rows = _rows([first, *read])
     assert rows == [key_from_int(k) for k in range(N_KEYS)]
     assert waited == list(range(groups))  # each group was waited for before it was read
-    # The file landed whole: it is the cached copy, its sha256 checked, no partial file left.
+    # The file landed whole: it is the cached copy, its checksum checked, no partial file left.
     assert cache.fetch(entry) == cache.path_for(entry)
     assert [p.name for p in (tmp_path / "cache").iterdir() if "partial" in p.name] == []
 
 
 def test_a_download_in_gets_bigger_than_a_write_lands_byte_for_byte(store: ObjectStore, tmp_path: Path) -> None:
     """A ranged GET of the whole 2.6 MiB layer goes to the file in pieces: every byte where it
-    belongs (the sha256 is taken of the bytes received, not of the file)."""
+    belongs (the checksum is taken of the bytes received, not of the file)."""
     entry = layer(tmp_path, store, n_keys=1300)
     assert entry.size > 2.5 * (1 << 20)
     cache = LayerCache(store, tmp_path / "cache")
@@ -175,10 +176,33 @@ def test_a_download_in_gets_bigger_than_a_write_lands_byte_for_byte(store: Objec
     assert cache.path_for(entry).read_bytes() == store.get_bytes(entry.object_key)
 
 
-def test_a_download_whose_object_is_not_the_manifests_fails_its_readers_and_caches_nothing(
+def legacy(entry: LayerEntry, store: ObjectStore) -> LayerEntry:
+    """``entry`` as a manifest of format 1 has it: checked by the object's SHA-256."""
+    digest = hashlib.sha256(store.get_bytes(entry.object_key)).hexdigest()
+    return LayerEntry(name=entry.name, object_key=entry.object_key, size=entry.size, sha256=digest)
+
+
+def test_a_layer_written_before_xxh3_checksums_downloads_checked_by_its_sha256(
     store: ObjectStore, tmp_path: Path
 ) -> None:
-    entry = layer(tmp_path, store).model_copy(update={"sha256": "0" * 64})
+    entry = legacy(layer(tmp_path, store), store)
+    cache = LayerCache(store, tmp_path / "cache")
+    download = cache.download(entry)
+    while download.fetch_next(max_bytes=1):
+        pass
+    assert cache.fetch(entry) == cache.path_for(entry)  # landed whole, checked
+    assert cache.path_for(entry).read_bytes() == store.get_bytes(entry.object_key)
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
+def test_a_download_whose_object_is_not_the_manifests_fails_its_readers_and_caches_nothing(
+    store: ObjectStore, tmp_path: Path, algorithm: str
+) -> None:
+    entry = layer(tmp_path, store)
+    if algorithm == "sha256":
+        entry = legacy(entry, store)
+    digits = len(getattr(entry, algorithm))
+    entry = entry.model_copy(update={algorithm: "0" * digits})
     cache = LayerCache(store, tmp_path / "cache")
     download = cache.download(entry)
     failure: list[BaseException] = []
@@ -192,11 +216,12 @@ def test_a_download_whose_object_is_not_the_manifests_fails_its_readers_and_cach
 
     reader = threading.Thread(target=read_last)
     reader.start()
-    with pytest.raises(CorruptLayer, match="sha256"):
+    expected = f"{algorithm} [0-9a-f]{{{digits}}}, expected {algorithm} 0{{{digits}}}"
+    with pytest.raises(CorruptLayer, match=expected):
         while download.fetch_next(max_bytes=1):
             pass
     reader.join(timeout=30)
-    assert failure and "sha256" in str(failure[0])  # the waiting reader was woken with the error
+    assert failure and algorithm in str(failure[0])  # the waiting reader was woken with the error
     assert list((tmp_path / "cache").glob("*.parquet*")) == []
 
 

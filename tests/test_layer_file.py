@@ -1,6 +1,5 @@
 """The layer file format: round trips, range reads, order and range validation, corruption."""
 
-import hashlib
 import json
 import random
 import subprocess
@@ -14,19 +13,19 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from compactor.storage.checksum import file_checksum
 from compactor.storage.errors import CorruptLayer, InvalidInput
 from compactor.storage.keys import KEY_MAX, KEY_MIN, KeyRange, key_from_int
 from compactor.storage.layer_file import (
     SCHEMA,
     LayerReader,
     LayerWriter,
-    file_sha256,
     payload_bytes,
     payload_lengths,
-    verify_file,
     versions_to_batch,
 )
 from compactor.storage.layer_name import LayerName
@@ -85,7 +84,7 @@ def test_tiny_image_layer_round_trip(tmp_path: Path) -> None:
         info = writer.finish(name)
     assert info.path == path
     assert info.size == path.stat().st_size
-    assert info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert info.xxh3_128 == xxhash.xxh3_128(path.read_bytes()).hexdigest()
     with LayerReader(path) as reader:  # the name comes from the footer
         assert reader.name == name
         assert reader.num_rows == 1
@@ -124,7 +123,7 @@ def test_a_layer_written_to_its_sink_alone_is_the_file_it_would_write(tmp_path: 
     # No local file, and the sink holds the layer, byte for byte as the file writer wrote it.
     assert info.path is None and info.sink is sink and sink.ended == ""
     assert bytes(sink.data) == path.read_bytes()
-    assert info.size == len(sink.data) and info.sha256 == hashlib.sha256(sink.data).hexdigest()
+    assert info.size == len(sink.data) and info.xxh3_128 == xxhash.xxh3_128(bytes(sink.data)).hexdigest()
     info.remove_file()  # nothing to remove
     # Aborted, the sink is told; a writer needs somewhere to write.
     with pytest.raises(RuntimeError), LayerWriter(None, sink=(aborted := _Sink())) as writer:
@@ -499,31 +498,6 @@ def test_every_single_bit_flip_is_detected_or_harmless(tmp_path: Path) -> None:
     assert outcomes["corrupt"] > outcomes["same"] > 0
 
 
-# --- verify_file ---------------------------------------------------------------------------------
-
-
-def test_verify_file(layer: tuple[Path, list[Version]]) -> None:
-    path, _ = layer
-    size, digest = path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()
-    assert file_sha256(path) == digest
-    verify_file(path, size, digest, name=DELTA, object_key=OBJECT_KEY)
-    verify_file(path, size, digest.upper(), name=DELTA, object_key=OBJECT_KEY)
-    with pytest.raises(CorruptLayer) as err:
-        verify_file(path, size + 1, digest, name=DELTA, object_key=OBJECT_KEY)
-    assert_names_layer(err.value, "size")
-    with pytest.raises(CorruptLayer) as err:
-        verify_file(path, size, "0" * 64, name=DELTA, object_key=OBJECT_KEY)
-    assert_names_layer(err.value, "sha256")
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 1
-    path.write_bytes(data)
-    with pytest.raises(CorruptLayer):
-        verify_file(path, size, digest, name=DELTA, object_key=OBJECT_KEY)
-    with pytest.raises(CorruptLayer) as err:
-        verify_file(path.with_name("gone"), size, digest, name=DELTA, object_key=OBJECT_KEY)
-    assert_names_layer(err.value, "missing")
-
-
 # --- larger layers -------------------------------------------------------------------------------
 
 
@@ -561,7 +535,7 @@ def test_64_mib_round_trip(tmp_path: Path) -> None:
             assert got == want
             count += 1
         assert count == reader.num_rows
-    assert info.size > 25 * MIB and info.sha256 == file_sha256(path)
+    assert info.size > 25 * MIB and info.xxh3_128 == file_checksum(path, "xxh3_128").hexdigest
     assert time.monotonic() - started < 20
 
 

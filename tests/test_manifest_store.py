@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from compactor.storage import layout
+from compactor.storage.checksum import Checksum
 from compactor.storage.errors import InvalidInput, ManifestConflict, NotFound
-from compactor.storage.manifest import Manifest
+from compactor.storage.manifest import LayerEntry, Manifest
 from compactor.storage.manifest_store import CorruptManifest, ManifestRaceLost, ManifestStore
 from compactor.storage.object_store import ObjectStore
 from compactor.storage.settings import Settings
@@ -190,6 +191,49 @@ def test_corrupt_manifest_names_its_key(manifest_store: ManifestStore, object_st
     object_store.put_bytes(layout.boundary_key(tenant, timeline), b"{}")
     with pytest.raises(CorruptManifest, match="boundary"):
         ms.boundary(tenant, timeline)
+
+
+_DELTA = "000000000000000000000000000000000000-FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF__0000000000000010-0000000000000020"
+_IMAGE = "000000000000000000000000000000000000-FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF__0000000000000030"
+
+
+def test_a_format_1_manifest_is_read_and_its_successor_is_format_2(
+    manifest_store: ManifestStore, object_store: ObjectStore
+) -> None:
+    """Manifests written before XXH3-128 layer checksums: their layers keep their SHA-256, a
+    commit writes the next manifest as format 2, and a reader of either sees the same layers."""
+    ms = manifest_store
+    tenant, timeline = new_ids()
+    old_key, new_key = layout.new_layer_key(tenant, timeline), layout.new_layer_key(tenant, timeline)
+    old_layer = {"name": _DELTA, "object_key": old_key, "size": 10, "sha256": "ab" * 32}
+    stored = {"format_version": 1, "tenant_id": tenant, "timeline_id": timeline, "number": 0}
+    object_store.put_bytes(
+        layout.manifest_key(tenant, timeline, 0), json.dumps({**stored, "layers": {_DELTA: old_layer}}).encode()
+    )
+    old = ms.latest(tenant, timeline)
+    assert old is not None and old.format_version == 1
+    assert old.layers[_DELTA].checksum == Checksum("sha256", "ab" * 32)
+
+    new_layer = LayerEntry(name=_IMAGE, object_key=new_key, size=20, xxh3_128="cd" * 16)
+    ms.commit(tenant, timeline, lambda m: m.successor(layers={**m.layers, _IMAGE: new_layer}))
+    written = json.loads(object_store.get_bytes(layout.manifest_key(tenant, timeline, 1)))
+    assert written["format_version"] == 2
+    assert written["layers"][_DELTA] == old_layer  # as it was read: no null checksum beside it
+    assert written["layers"][_IMAGE] == {"name": _IMAGE, "object_key": new_key, "size": 20, "xxh3_128": "cd" * 16}
+    latest = ms.latest(tenant, timeline)
+    assert latest is not None and latest.layers == {_DELTA: old.layers[_DELTA], _IMAGE: new_layer}
+
+    # A manifest of a format this version does not know, or an entry without exactly one
+    # checksum, is refused in one line.
+    object_store.put_bytes(
+        layout.manifest_key(tenant, timeline, 2), json.dumps({**stored, "number": 2, "format_version": 3}).encode()
+    )
+    with pytest.raises(CorruptManifest, match="unsupported manifest format version 3") as info:
+        ms.latest(tenant, timeline)
+    assert "\n" not in str(info.value)
+    for checksums in ({}, {"sha256": "ab" * 32, "xxh3_128": "cd" * 16}):
+        with pytest.raises(ValueError, match="needs exactly one checksum"):
+            LayerEntry(name=_IMAGE, object_key="k", size=1, **checksums)
 
 
 # ---------------------------------------------------------------------------- prune and ABA

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import xxhash
 from botocore.awsrequest import AWSPreparedRequest, AWSResponse
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
 import compactor.storage.object_store as object_store_module
+from compactor.storage.checksum import Checksum
 from compactor.storage.errors import CorruptLayer, NotFound, StoreError
 from compactor.storage.object_store import AlreadyExists, ObjectStore, PreconditionFailed, is_transient
 from compactor.storage.settings import Settings
@@ -197,10 +199,10 @@ def test_delete_many_reports_per_key_errors(object_store: ObjectStore) -> None:
 # ---------------------------------------------------------------------------- files
 
 
-def _write_random(path: Path, size: int) -> str:
+def _write_random(path: Path, size: int) -> Checksum:
     data = os.urandom(size)
     path.write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
+    return Checksum("xxh3_128", xxhash.xxh3_128(data).hexdigest())
 
 
 def test_multipart_upload_round_trip(object_store: ObjectStore, tmp_path: Path) -> None:
@@ -208,15 +210,15 @@ def test_multipart_upload_round_trip(object_store: ObjectStore, tmp_path: Path) 
     digest = _write_random(src, 20 * MIB + 123)
     creates = Attempts(object_store, "CreateMultipartUpload")
     parts = Attempts(object_store, "UploadPart")
-    object_store.upload_file(src, "big/object", metadata={"sha256": digest})
+    object_store.upload_file(src, "big/object", metadata={"xxh3_128": digest.hexdigest})
     assert creates.count == 1
     assert parts.count == 5  # 4 full 5 MiB parts and a short last one
     info = object_store.head("big/object")
-    assert info is not None and info.size == 20 * MIB + 123 and info.metadata["sha256"] == digest
+    assert info is not None and info.size == 20 * MIB + 123 and info.metadata["xxh3_128"] == digest.hexdigest
 
     dest = tmp_path / "down" / "big"
-    assert object_store.download_file("big/object", dest, expected_size=info.size, expected_sha256=digest) == digest
-    assert hashlib.sha256(dest.read_bytes()).hexdigest() == digest
+    assert object_store.download_file("big/object", dest, expected_size=info.size, expected=digest) == digest
+    assert xxhash.xxh3_128(dest.read_bytes()).hexdigest() == digest.hexdigest
     assert [p.name for p in dest.parent.iterdir()] == ["big"]
 
 
@@ -282,9 +284,15 @@ def test_download_checks_size_and_digest(object_store: ObjectStore, tmp_path: Pa
     dest = tmp_path / "out"
     with pytest.raises(CorruptLayer, match="has 10 bytes, expected 11"):
         object_store.download_file("obj", dest, expected_size=11)
-    with pytest.raises(CorruptLayer, match="sha256"):
-        object_store.download_file("obj", dest, expected_sha256="0" * 64)
+    with pytest.raises(CorruptLayer, match=r"has xxh3_128 [0-9a-f]{32}, expected xxh3_128 0{32}"):
+        object_store.download_file("obj", dest, expected=Checksum("xxh3_128", "0" * 32))
+    # A layer written before XXH3-128 checksums is checked by its SHA-256.
+    with pytest.raises(CorruptLayer, match=r"has sha256 [0-9a-f]{64}, expected sha256 0{64}"):
+        object_store.download_file("obj", dest, expected=Checksum("sha256", "0" * 64))
     assert list(tmp_path.iterdir()) == []
+    legacy = Checksum("sha256", hashlib.sha256(b"0123456789").hexdigest())
+    assert object_store.download_file("obj", dest, expected=legacy) == legacy
+    assert dest.read_bytes() == b"0123456789"
 
 
 def test_download_retry_restarts(object_store: ObjectStore, tmp_path: Path) -> None:
@@ -292,7 +300,7 @@ def test_download_retry_restarts(object_store: ObjectStore, tmp_path: Path) -> N
     object_store.put_bytes("obj", payload)
     gets = Attempts(object_store, "GetObject", [read_timeout, slow_down])
     dest = tmp_path / "out"
-    assert object_store.download_file("obj", dest) == hashlib.sha256(payload).hexdigest()
+    assert object_store.download_file("obj", dest) == Checksum("xxh3_128", xxhash.xxh3_128(payload).hexdigest())
     assert gets.count == 3
     assert dest.read_bytes() == payload
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -1,7 +1,8 @@
 """Cutting meta jobs into sub-job slices, and the auto-trigger, on hand-built manifests."""
 
-import hashlib
 import itertools
+
+import xxhash
 
 from compactor.coordinator.jobs.split import RowGroups, slices
 from compactor.coordinator.jobs.trigger import should_trigger
@@ -18,7 +19,7 @@ MiB = 1024 * 1024
 
 def entry(name: LayerName, size: int) -> LayerEntry:
     key = f"x/{name}"
-    return LayerEntry(name=str(name), object_key=key, size=size, sha256=hashlib.sha256(key.encode()).hexdigest())
+    return LayerEntry(name=str(name), object_key=key, size=size, xxh3_128=xxhash.xxh3_128(key.encode()).hexdigest())
 
 
 def manifest(layers: list[tuple[LayerName, int]], cutoff: int = 100, **extra: object) -> Manifest:

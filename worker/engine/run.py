@@ -236,7 +236,7 @@ def run(plan: JobPlan, io: LayerIO, settings: EngineSettings, hooks: Hooks | Non
             # this job removes, say): it is dropped only when every version it holds survives
             # elsewhere (``on_cut``), otherwise it replaces the layer of that name.
             existing = manifest.layers.get(str(name))
-            return existing is not None and file is not None and existing.sha256 == file.sha256
+            return existing is not None and file is not None and existing.xxh3_128 == file.xxh3_128
 
         def on_cut(name: LayerName, file: LayerFileInfo) -> WriterResult:
             if discard(name, file):
