@@ -63,6 +63,18 @@ def cpu_seconds(root: int) -> float:
     return total / _CLOCK_TICKS
 
 
+def host_steal_seconds() -> float:
+    """CPU-seconds since boot that this machine's virtual CPUs were ready to run but the host ran
+    something else (the ``steal`` column of ``/proc/stat``, every CPU); 0 where not reported. A
+    run that lost much of it did not measure a quiet machine."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        if fields[0] == "cpu":
+            return int(fields[8]) / _CLOCK_TICKS
+    return 0.0
+
+
 class CpuCaps:
     """One cgroup per node under :data:`CPU_CONTROLLER`, each with a quota of ``cpus`` CPUs,
     removed on :meth:`close` (its processes go back to the root cgroup first, so this works

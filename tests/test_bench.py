@@ -6,11 +6,12 @@ import time
 from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench.cgroups import CPU_CONTROLLER, CpuCaps, cpu_seconds, process_tree
-from bench.run import render_scale_out, scale_spec
+from bench.run import check_targets, render_scale_out, scale_spec
 from compactor.coordinator.local.workload import KEY_BASE, preset
 from compactor.coordinator.local.workload import generate as generate_workload
 from compactor.storage.keys import key_from_int
@@ -108,6 +109,29 @@ def test_scale_out_tables_render_runs_from_before_the_store_was_measured() -> No
     assert "L0 compaction" in lines[0]
     assert lines[-3].endswith("| 1.0 | - | 1000 | 1 | - | 1.00 |")
     assert lines[-2].endswith("| 1.0 | 0.3 | 1000 | 1 | 6 | 1.00 |")
+
+
+def test_target_lines_say_what_the_host_took_during_the_runs() -> None:
+    """A ratio's line tells how much CPU the host gave other guests during the reported runs,
+    where that was measured; results from before it was render as they did."""
+
+    def run(wall: float, steal: float | None) -> dict[str, float]:
+        measured = {"wall_s": wall, "mb_s": 235 / wall, "input_bytes": 235e6, "cpu_s": 2.5, "s3_cpu_s": 2.0}
+        return measured if steal is None else {**measured, "host_steal_s": steal}
+
+    def workload(steal: tuple[float, float] | None) -> dict[str, Any]:
+        compaction, copy = run(4.0, steal and steal[0]), run(3.2, steal and steal[1])
+        return {"workload": "pages", "compaction": compaction, "copy_through": copy, "ratio": 0.8}
+
+    results: dict[str, Any] = {"meta": {"machine": {"nproc": 2}}, "growth": []}
+    lines = check_targets({**results, "workloads": [workload((0.7, 0.05))]})
+    assert lines[0] == (
+        "FAIL pages: 0.80 of copy-through (target >= 0.9; the cores allow 1.42; "
+        "host steal: 0.70 s in the compaction, 0.05 s in the copy-through)"
+    )
+    assert check_targets({**results, "workloads": [workload(None)]})[0] == (
+        "FAIL pages: 0.80 of copy-through (target >= 0.9; the cores allow 1.42)"
+    )
 
 
 def test_kinds_benchmark_measures_l0_and_image_against_copy_through(tmp_path: Path) -> None:
